@@ -1,0 +1,92 @@
+//! ns per check of `MemoryStore` against governor's keyed limiter, for one
+//! hot key and for 1 M distinct keys.
+//!
+//! Run with `cargo bench -p tollgate --bench rate_limit`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::rate_limit::{BucketKey, Check, Key, MemoryStore, Quota, Store};
+
+const KEYS: u32 = 1_000_000;
+
+fn ip(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
+}
+
+fn check(policy: &Arc<str>, key: IpAddr, quota: Quota) -> Check {
+    Check {
+        bucket: BucketKey {
+            policy: policy.clone(),
+            key: Key::ip(key),
+        },
+        quota,
+        cost: 1,
+        enforce: true,
+    }
+}
+
+fn decide(store: &MemoryStore, checks: &[Check]) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut fut = std::pin::pin!(store.check(checks));
+    match std::future::Future::poll(fut.as_mut(), &mut cx) {
+        std::task::Poll::Ready(Ok(d)) => d.allowed,
+        _ => unreachable!("the memory store is always ready"),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    // Large enough that every check is allowed: both limiters do the full
+    // read-compute-write.
+    let quota = Quota::per_second(1_000_000_000);
+    let gov_quota = governor::Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap());
+    let policy: Arc<str> = "ip".into();
+
+    let mut group = c.benchmark_group("hot_key");
+    let store = MemoryStore::with_clock(tollgate::rate_limit::TokioClock::new());
+    let hot = check(&policy, ip(1), quota);
+    group.bench_function("tollgate_memory", |b| {
+        b.iter(|| decide(&store, black_box(std::slice::from_ref(&hot))))
+    });
+    let gov = governor::DefaultKeyedRateLimiter::<IpAddr>::keyed(gov_quota);
+    group.bench_function("governor_keyed", |b| {
+        b.iter(|| gov.check_key(black_box(&ip(1))).is_ok())
+    });
+    let tenant = check(&"tenant".into(), ip(2), quota);
+    let pair = [hot.clone(), tenant];
+    group.bench_function("tollgate_memory_two_policies", |b| {
+        b.iter(|| decide(&store, black_box(&pair)))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("distinct_keys_1m");
+    let store = MemoryStore::with_clock(tollgate::rate_limit::TokioClock::new());
+    let checks: Vec<Check> = (0..KEYS).map(|i| check(&policy, ip(i), quota)).collect();
+    let mut i = 0usize;
+    group.bench_function("tollgate_memory", |b| {
+        b.iter(|| {
+            i = (i + 1) % checks.len();
+            decide(&store, std::slice::from_ref(&checks[i]))
+        })
+    });
+    let gov = governor::DefaultKeyedRateLimiter::<IpAddr>::keyed(gov_quota);
+    let mut i = 0u32;
+    group.bench_function("governor_keyed", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            gov.check_key(&ip(i)).is_ok()
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(4));
+    targets = bench
+}
+criterion_main!(benches);

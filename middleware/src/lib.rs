@@ -1,0 +1,70 @@
+//! Tower layers for running an HTTP API as many stateless replicas.
+//!
+//! Tollgate is a set of composable [`tower`](https://docs.rs/tower) layers:
+//!
+//! - [`client_ip`]: who is calling, from the socket peer and, only behind
+//!   trusted proxies, `X-Forwarded-For` / `Forwarded`;
+//! - [`rate_limit`]: GCRA rate limiting with named policies (per IP, per
+//!   tenant, per trust level, …) decided all-or-nothing against a pluggable
+//!   [`Store`](rate_limit::Store), answering with the IETF `RateLimit`
+//!   header fields and RFC 9457 problem details.
+//!
+//! # Example
+//!
+//! The smallest useful stack: per-IP limiting of an axum router.
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use axum::{Router, routing::get, extract::connect_info::MockConnectInfo};
+//! use tollgate::client_ip::{SetClientIpLayer, TrustedProxies};
+//! use tollgate::rate_limit::{ByClientIp, MemoryStore, Policy, Quota, RateLimitLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let limit = RateLimitLayer::new(MemoryStore::new())
+//!     .with_policy(Policy::new("ip", ByClientIp::new(), Quota::per_minute(2)));
+//!
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(SetClientIpLayer::new(TrustedProxies::none()))
+//!             .layer(limit),
+//!     )
+//!     // In a real server: `into_make_service_with_connect_info::<SocketAddr>()`.
+//!     .layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000))));
+//!
+//! let get = || http::Request::get("/").body(axum::body::Body::empty()).unwrap();
+//! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), 200);
+//! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), 200);
+//! let res = app.oneshot(get()).await.unwrap();
+//! assert_eq!(res.status(), 429);
+//! assert_eq!(res.headers()["retry-after"], "30");
+//! # }
+//! ```
+//!
+//! # Ordering
+//!
+//! Layers read what layers above them put into request extensions, so the
+//! recommended [`ServiceBuilder`](https://docs.rs/tower/latest/tower/struct.ServiceBuilder.html)
+//! order, outermost first, is: client IP → request id → trace → metrics →
+//! rate limit → tenant. Putting metrics above the limiter means 429s are
+//! counted; putting the limiter above the tenant transaction means a
+//! rejected request never touches the database.
+//!
+//! # Feature flags
+//!
+//! - `memory` (default): [`MemoryStore`](rate_limit::MemoryStore), the
+//!   in-process GCRA store.
+//! - `metrics`: decision counters through the [`metrics`](https://docs.rs/metrics) facade.
+//! - `full`: everything.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
+
+#[macro_use]
+mod macros;
+
+pub mod client_ip;
+pub mod problem;
+pub mod rate_limit;

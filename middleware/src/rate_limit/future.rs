@@ -1,0 +1,218 @@
+//! [`ResponseFuture`]: checking the store, then calling the inner service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use smallvec::SmallVec;
+use tower_service::Service;
+
+use super::body::ResponseBody;
+use super::headers;
+use super::policy::FailurePolicy;
+use super::service::Shared;
+use super::store::{Check, Decisions, Store};
+use crate::problem::Problem;
+
+pin_project! {
+    /// Response future of [`RateLimit`](super::RateLimit).
+    pub struct ResponseFuture<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: Store,
+    {
+        #[pin]
+        state: State<S, St, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: Store,
+    {
+        /// Waiting for the store's decision.
+        Checking {
+            #[pin]
+            check: St::Future,
+            pending: Option<Pending<S, St, ReqBody>>,
+        },
+        /// Allowed (or failed open): waiting for the inner service.
+        Calling {
+            #[pin]
+            future: S::Future,
+            fields: Option<(HeaderValue, HeaderValue)>,
+        },
+        /// Answered without the inner service.
+        Rejected {
+            response: Option<Response<Bytes>>,
+        },
+    }
+}
+
+/// What the request needs once the store has decided.
+struct Pending<S, St, ReqBody> {
+    req: Request<ReqBody>,
+    inner: S,
+    checks: SmallVec<[Check; 4]>,
+    /// The policy of each check.
+    index: SmallVec<[usize; 4]>,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: Store,
+{
+    pub(crate) fn checking(
+        check: St::Future,
+        req: Request<ReqBody>,
+        inner: S,
+        checks: SmallVec<[Check; 4]>,
+        index: SmallVec<[usize; 4]>,
+        shared: Arc<Shared<St>>,
+    ) -> Self {
+        let pending = Pending {
+            req,
+            inner,
+            checks,
+            index,
+            shared,
+        };
+        Self {
+            state: State::Checking {
+                check,
+                pending: Some(pending),
+            },
+        }
+    }
+
+    pub(crate) fn calling(future: S::Future, fields: Option<(HeaderValue, HeaderValue)>) -> Self {
+        Self {
+            state: State::Calling { future, fields },
+        }
+    }
+
+    pub(crate) fn rejected(problem: Problem) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(problem.into_response()),
+            },
+        }
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Future for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    St: Store,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Checking { check, pending } => {
+                    let result = ready!(check.poll(cx));
+                    let Pending {
+                        req,
+                        mut inner,
+                        checks,
+                        index,
+                        shared,
+                    } = pending.take().expect("polled after completion");
+                    let fields = match result {
+                        Ok(decisions) => {
+                            record(&shared, &index, &checks, &decisions);
+                            if !decisions.allowed {
+                                let res = headers::rejection(
+                                    &shared.policies,
+                                    &index,
+                                    &checks,
+                                    &decisions,
+                                );
+                                return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                            }
+                            headers::fields(&shared.policies, &index, &checks, &decisions)
+                        }
+                        Err(error) => match shared.failure {
+                            FailurePolicy::Open => {
+                                tracing::warn!(%error, "rate-limit store failed; allowing (fail open)");
+                                None
+                            }
+                            FailurePolicy::Closed => {
+                                tracing::warn!(%error, "rate-limit store failed; rejecting (fail closed)");
+                                let res = Problem::new(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "Service Unavailable",
+                                )
+                                .with_detail(
+                                    "the rate limiter cannot decide right now; retry shortly",
+                                )
+                                .into_response();
+                                return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                            }
+                        },
+                    };
+                    let future = inner.call(req);
+                    state.set(State::Calling { future, fields });
+                }
+                StateProj::Calling { future, fields } => {
+                    let mut res = ready!(future.poll(cx))?;
+                    if let Some(fields) = fields.take() {
+                        headers::append(res.headers_mut(), fields);
+                    }
+                    return Poll::Ready(Ok(res.map(ResponseBody::inner)));
+                }
+                StateProj::Rejected { response } => {
+                    let res = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                }
+            }
+        }
+    }
+}
+
+/// Logs shadow rejections (and, with the `metrics` feature, counts every
+/// decision).
+fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions: &Decisions) {
+    for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
+        let policy = &shared.policies[i];
+        let outcome = match (decision.allowed, check.enforce) {
+            (true, _) => "allowed",
+            (false, true) => "rejected",
+            (false, false) => {
+                tracing::debug!(policy = %policy.name, key = %check.bucket.key, "shadow rejection");
+                "shadow_rejected"
+            }
+        };
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "tollgate_ratelimit_decisions_total",
+            "policy" => policy.name.to_string(),
+            "route_class" => policy.route_class.as_deref().unwrap_or("").to_owned(),
+            "outcome" => outcome,
+        )
+        .increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = outcome;
+    }
+}
+
+impl<S, St, ReqBody> std::fmt::Debug for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: Store,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

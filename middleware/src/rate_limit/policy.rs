@@ -1,0 +1,192 @@
+//! Named policies and what to do when the store fails.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::request::Parts;
+
+use super::key::KeyExtractor;
+use super::quota::Quota;
+
+/// The class of a route (`auth`, `read`, `write`, …), put into request
+/// extensions by the application so a per-request quota function can pick a
+/// quota by class.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteClass(pub Arc<str>);
+
+impl RouteClass {
+    /// A route class named `name`.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+}
+
+type QuotaFn = dyn Fn(&Parts) -> Quota + Send + Sync;
+type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
+
+/// One named limit: what to count (a [`KeyExtractor`]), how much is allowed
+/// (a [`Quota`], fixed or chosen per request) and what a request costs.
+///
+/// The name appears in the `RateLimit-Policy` and `RateLimit` header items
+/// and in the problem body's `violated-policies`; it also namespaces the
+/// policy's keys in the store, so two policies with the same name share
+/// buckets.
+///
+/// ```
+/// use tollgate::rate_limit::{ByClientIp, Policy, Quota};
+///
+/// let login = Policy::new("login", ByClientIp::new(), "5/min".parse().unwrap())
+///     .with_route_class("auth");
+/// assert_eq!(login.name(), "login");
+/// ```
+#[derive(Clone)]
+pub struct Policy {
+    pub(crate) name: Arc<str>,
+    /// `name` as a structured-field string (quoted, escaped), computed once.
+    pub(crate) sf_name: Arc<str>,
+    pub(crate) route_class: Option<Arc<str>>,
+    pub(crate) extractor: Arc<dyn KeyExtractor>,
+    quota: Quota,
+    quota_fn: Option<Arc<QuotaFn>>,
+    cost_fn: Option<Arc<CostFn>>,
+    pub(crate) shadow: bool,
+}
+
+impl Policy {
+    /// A policy counting `extractor`'s keys against `quota`.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty or has characters outside printable ASCII (it goes
+    /// into HTTP header fields).
+    pub fn new(name: impl Into<Arc<str>>, extractor: impl KeyExtractor, quota: Quota) -> Self {
+        let name = name.into();
+        assert!(
+            !name.is_empty() && name.bytes().all(|b| (0x20..0x7f).contains(&b)),
+            "a policy name is non-empty printable ASCII, got {name:?}"
+        );
+        let sf_name = format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""));
+        Self {
+            name,
+            sf_name: sf_name.into(),
+            route_class: None,
+            extractor: Arc::new(extractor),
+            quota,
+            quota_fn: None,
+            cost_fn: None,
+            shadow: false,
+        }
+    }
+
+    /// Chooses the quota per request (a trust level, a route class, a plan).
+    /// The quota given to [`new`](Self::new) is then only a fallback for
+    /// documentation.
+    #[must_use]
+    pub fn with_quota_fn(mut self, f: impl Fn(&Parts) -> Quota + Send + Sync + 'static) -> Self {
+        self.quota_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Charges requests `f(req)` units instead of 1 (an expensive export may
+    /// cost 10). A cost of 0 is never rejected.
+    #[must_use]
+    pub fn with_cost_fn(mut self, f: impl Fn(&Parts) -> u32 + Send + Sync + 'static) -> Self {
+        self.cost_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Labels the policy's decisions with a route class.
+    #[must_use]
+    pub fn with_route_class(mut self, class: impl Into<Arc<str>>) -> Self {
+        self.route_class = Some(class.into());
+        self
+    }
+
+    /// Shadow mode: decide and count, never reject. Use it to tune a new
+    /// limit on live traffic. Shadow policies add no response headers.
+    #[must_use]
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the policy is in shadow mode.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    pub(crate) fn quota_for(&self, req: &Parts) -> Quota {
+        self.quota_fn.as_ref().map_or(self.quota, |f| f(req))
+    }
+
+    pub(crate) fn cost_for(&self, req: &Parts) -> u32 {
+        self.cost_fn.as_ref().map_or(1, |f| f(req))
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("route_class", &self.route_class)
+            .field("quota", &self.quota)
+            .field("per_request_quota", &self.quota_fn.is_some())
+            .field("per_request_cost", &self.cost_fn.is_some())
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the limiter does when its store fails or times out. Whatever the
+/// choice, the request path never answers 500 because of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Let the request through, unlimited (availability first).
+    #[default]
+    Open,
+    /// Answer `503 Service Unavailable` with a problem body (protection
+    /// first, e.g. for a login route).
+    Closed,
+}
+
+impl FromStr for FailurePolicy {
+    type Err = ParseFailurePolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            _ => Err(ParseFailurePolicyError(s.to_owned())),
+        }
+    }
+}
+
+/// A failure policy string was not `open` or `closed`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid failure policy `{0}` (expected open or closed)")]
+pub struct ParseFailurePolicyError(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::Global;
+
+    #[test]
+    fn names_are_quoted_for_structured_fields() {
+        let p = Policy::new(r#"a"b\c"#, Global, Quota::per_second(1));
+        assert_eq!(&*p.sf_name, r#""a\"b\\c""#);
+    }
+
+    #[test]
+    #[should_panic(expected = "printable ASCII")]
+    fn refuses_control_characters() {
+        let _ = Policy::new("a\nb", Global, Quota::per_second(1));
+    }
+}

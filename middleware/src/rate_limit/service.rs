@@ -1,0 +1,418 @@
+//! [`RateLimit`], the middleware.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use smallvec::SmallVec;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::policy::{FailurePolicy, Policy};
+use super::store::{BucketKey, Check, Store};
+
+/// What every clone of one layer's service shares.
+#[derive(Debug)]
+pub(crate) struct Shared<St> {
+    pub(crate) store: St,
+    pub(crate) policies: Vec<Policy>,
+    pub(crate) failure: FailurePolicy,
+}
+
+impl<St> Shared<St> {
+    pub(crate) fn new(store: St, policies: Vec<Policy>, failure: FailurePolicy) -> Self {
+        Self {
+            store,
+            policies,
+            failure,
+        }
+    }
+}
+
+/// Middleware that rate-limits requests by its policies.
+///
+/// See the [module docs](crate::rate_limit) for an example.
+#[derive(Debug)]
+pub struct RateLimit<S, St> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+// === impl RateLimit ===
+
+impl<S, St> RateLimit<S, St> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St>>) -> Self {
+        Self { inner, shared }
+    }
+
+    define_inner_service_accessors!();
+}
+
+impl<S: Clone, St> Clone for RateLimit<S, St> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    St: Store,
+{
+    type Response = Response<super::ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, St, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The key depends on the request, so the decision is made in `call`.
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let mut checks: SmallVec<[Check; 4]> = SmallVec::new();
+        let mut index: SmallVec<[usize; 4]> = SmallVec::new();
+        for (i, policy) in self.shared.policies.iter().enumerate() {
+            match policy.extractor.extract(&parts) {
+                Ok(Some(key)) => {
+                    checks.push(Check {
+                        bucket: BucketKey {
+                            policy: policy.name.clone(),
+                            key,
+                        },
+                        quota: policy.quota_for(&parts),
+                        cost: policy.cost_for(&parts),
+                        enforce: !policy.shadow,
+                    });
+                    index.push(i);
+                }
+                Ok(None) => {}
+                Err(rejection) => return ResponseFuture::rejected(rejection.into_problem()),
+            }
+        }
+        let req = Request::from_parts(parts, body);
+
+        // Take the service that was driven to readiness, leave a clone.
+        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        if checks.is_empty() {
+            return ResponseFuture::calling(inner.call(req), None);
+        }
+        let check = self.shared.store.check(&checks);
+        ResponseFuture::checking(check, req, inner, checks, index, self.shared.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use http::{HeaderMap, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::client_ip::{SetClientIpLayer, TrustedProxies};
+    use crate::rate_limit::{
+        ByClientIp, Decisions, Global, Key, KeyRejection, MemoryStore, Quota, RateLimitLayer,
+        StoreError, StoreErrorKind,
+    };
+
+    fn app<St: Store + Clone>(layer: RateLimitLayer<St>) -> axum::Router {
+        axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetClientIpLayer::new("10.0.0.0/8".parse().unwrap()))
+                    .layer(layer),
+            )
+            .layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 1], 1))))
+    }
+
+    async fn get(app: &axum::Router, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::get("/");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    fn ip_layer(quota: Quota) -> RateLimitLayer<MemoryStore> {
+        RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
+            "ip",
+            ByClientIp::new(),
+            quota,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejects_with_headers_and_problem_then_refills() {
+        let app = app(ip_layer(Quota::per_minute(2)));
+        let (status, headers, _) = get(&app, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["ratelimit-policy"], r#""ip";q=2;w=60"#);
+        assert_eq!(headers["ratelimit"], r#""ip";r=1;t=30"#);
+        let (_, headers, _) = get(&app, &[]).await;
+        assert_eq!(headers["ratelimit"], r#""ip";r=0;t=60"#);
+
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let (status, headers, body) = get(&app, &[]).await;
+        assert_eq!(status, 429);
+        // 29.5 s to wait: rounded up, and equal to the `t` of the violated policy.
+        assert_eq!(headers["retry-after"], "30");
+        assert_eq!(headers["ratelimit"], r#""ip";r=0;t=30"#);
+        assert_eq!(headers["ratelimit-policy"], r#""ip";q=2;w=60"#);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["type"], crate::rate_limit::QUOTA_EXCEEDED);
+        assert_eq!(body["status"], 429);
+        assert_eq!(body["violated-policies"], serde_json::json!(["ip"]));
+
+        tokio::time::advance(Duration::from_millis(29_500)).await;
+        assert_eq!(get(&app, &[]).await.0, 200);
+        assert_eq!(get(&app, &[]).await.0, 429);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_never_zero() {
+        let app = app(ip_layer(Quota::per_second(100).with_burst(1)));
+        assert_eq!(get(&app, &[]).await.0, 200);
+        let (status, headers, _) = get(&app, &[]).await;
+        assert_eq!(status, 429);
+        assert_eq!(headers["retry-after"], "1");
+        assert_eq!(headers["ratelimit"], r#""ip";r=0;t=1"#);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spoofed_forwarded_for_from_untrusted_peer_changes_nothing() {
+        // The peer 192.0.2.1 is not in 10.0.0.0/8.
+        let app = app(ip_layer(Quota::per_minute(1)));
+        assert_eq!(get(&app, &[("x-forwarded-for", "1.1.1.1")]).await.0, 200);
+        for fake in ["2.2.2.2", "3.3.3.3", "10.0.0.1"] {
+            assert_eq!(get(&app, &[("x-forwarded-for", fake)]).await.0, 429);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forwarded_for_from_trusted_peer_is_the_client() {
+        let layer = ip_layer(Quota::per_minute(1));
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetClientIpLayer::new("10.0.0.0/8".parse().unwrap()))
+                    .layer(layer),
+            )
+            .layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 9], 1))));
+        assert_eq!(
+            get(&app, &[("x-forwarded-for", "198.51.100.1")]).await.0,
+            200
+        );
+        assert_eq!(
+            get(&app, &[("x-forwarded-for", "198.51.100.1")]).await.0,
+            429
+        );
+        // Another client behind the same proxy has its own quota.
+        assert_eq!(
+            get(&app, &[("x-forwarded-for", "198.51.100.2")]).await.0,
+            200
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stacked_layers_each_add_their_items() {
+        let store = MemoryStore::new();
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetClientIpLayer::new(TrustedProxies::none()))
+                    .layer(RateLimitLayer::new(store.clone()).with_policy(Policy::new(
+                        "ip",
+                        ByClientIp::new(),
+                        Quota::per_minute(5),
+                    )))
+                    .layer(RateLimitLayer::new(store).with_policy(Policy::new(
+                        "global",
+                        Global,
+                        Quota::per_hour(1000),
+                    ))),
+            )
+            .layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 1], 1))));
+        let (_, headers, _) = get(&app, &[]).await;
+        let lines: Vec<_> = headers.get_all("ratelimit").iter().collect();
+        assert_eq!(lines, [r#""global";r=999;t=4"#, r#""ip";r=4;t=12"#]);
+        assert_eq!(headers.get_all("ratelimit-policy").iter().count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn several_policies_are_all_or_nothing() {
+        let layer = RateLimitLayer::new(MemoryStore::new())
+            .with_policy(Policy::new("ip", ByClientIp::new(), Quota::per_minute(10)))
+            .with_policy(Policy::new("route", Global, Quota::per_minute(1)));
+        let app = app(layer);
+        assert_eq!(get(&app, &[]).await.0, 200);
+        for _ in 0..3 {
+            let (status, headers, body) = get(&app, &[]).await;
+            assert_eq!(status, 429);
+            // The IP was not charged by the rejected requests.
+            assert_eq!(headers["ratelimit"], r#""ip";r=9;t=6, "route";r=0;t=60"#);
+            assert!(body.contains(r#""violated-policies":["route"]"#));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_policies_count_but_never_reject() {
+        let layer = RateLimitLayer::new(MemoryStore::new())
+            .with_policy(Policy::new("ip", ByClientIp::new(), Quota::per_minute(1)).shadow(true));
+        let app = app(layer);
+        for _ in 0..5 {
+            let (status, headers, _) = get(&app, &[]).await;
+            assert_eq!(status, 200);
+            assert!(headers.get("ratelimit").is_none());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_request_quota_and_cost() {
+        let layer = RateLimitLayer::new(MemoryStore::new()).with_policy(
+            Policy::new("plan", Global, Quota::per_minute(1))
+                .with_quota_fn(|req| {
+                    if req.headers.contains_key("x-premium") {
+                        Quota::per_minute(100)
+                    } else {
+                        Quota::per_minute(10)
+                    }
+                })
+                .with_cost_fn(|req| {
+                    if req.uri.query() == Some("export") {
+                        5
+                    } else {
+                        1
+                    }
+                }),
+        );
+        let app = app(layer);
+        let (_, headers, _) = get(&app, &[]).await;
+        assert_eq!(headers["ratelimit"], r#""plan";r=9;t=6"#);
+        let (_, headers, _) = get(&app, &[("x-premium", "1")]).await;
+        assert_eq!(headers["ratelimit-policy"], r#""plan";q=100;w=60"#);
+        let res = app
+            .clone()
+            .oneshot(Request::get("/?export").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        // The bucket holds 6.6 s of charges (6 s standard + 0.6 s premium); the
+        // export adds 5 × 6 s.
+        assert_eq!(res.headers()["ratelimit"], r#""plan";r=3;t=37"#);
+    }
+
+    #[tokio::test]
+    async fn extractor_rejection_and_skip() {
+        let layer = RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
+            "tenant",
+            |req: &http::request::Parts| match req.headers.get("x-tenant") {
+                None => Ok(None),
+                Some(v) if v.as_bytes().iter().all(u8::is_ascii_alphanumeric) => {
+                    Ok(Some(Key::from(v.to_str().unwrap())))
+                }
+                Some(_) => Err(KeyRejection::bad_request("tenant must be alphanumeric")),
+            },
+            Quota::per_minute(1),
+        ));
+        let app = app(layer);
+        // Skipped: no limit, no headers.
+        for _ in 0..3 {
+            let (status, headers, _) = get(&app, &[]).await;
+            assert_eq!(status, 200);
+            assert!(headers.get("ratelimit").is_none());
+        }
+        let (status, headers, body) = get(&app, &[("x-tenant", "a-b")]).await;
+        assert_eq!(status, 400);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert!(body.contains("tenant must be alphanumeric"));
+        assert_eq!(get(&app, &[("x-tenant", "ab")]).await.0, 200);
+        assert_eq!(get(&app, &[("x-tenant", "ab")]).await.0, 429);
+    }
+
+    /// A store that always fails, as a dead remote store would.
+    #[derive(Clone, Debug)]
+    struct Broken;
+
+    impl Store for Broken {
+        type Future = std::future::Ready<Result<Decisions, StoreError>>;
+        fn check(&self, _: &[Check]) -> Self::Future {
+            std::future::ready(Err(StoreError::new(StoreErrorKind::Connection, "refused")))
+        }
+    }
+
+    #[tokio::test]
+    async fn store_failure_follows_the_failure_policy() {
+        let policy = Policy::new("ip", ByClientIp::new(), Quota::per_minute(1));
+        let open = app(RateLimitLayer::new(Broken).with_policy(policy.clone()));
+        for _ in 0..3 {
+            assert_eq!(get(&open, &[]).await.0, 200);
+        }
+        let closed = app(RateLimitLayer::new(Broken)
+            .with_policy(policy)
+            .with_failure_policy(FailurePolicy::Closed));
+        let (status, headers, _) = get(&closed, &[]).await;
+        assert_eq!(status, 503);
+        assert_eq!(headers["content-type"], "application/problem+json");
+    }
+
+    #[tokio::test]
+    async fn poll_ready_only_forwards() {
+        let (mock, mut handle) = tower_test_mock();
+        let mut svc = ip_layer(Quota::per_minute(1)).layer(mock);
+        handle.allow(0);
+        assert!(futures_poll_ready(&mut svc).is_pending());
+        handle.allow(1);
+        assert!(futures_poll_ready(&mut svc).is_ready());
+    }
+
+    type Mock = tower_test::mock::Mock<Request<Body>, Response<Body>>;
+
+    fn tower_test_mock() -> (
+        Mock,
+        tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    ) {
+        tower_test::mock::pair()
+    }
+
+    fn futures_poll_ready(
+        svc: &mut RateLimit<Mock, MemoryStore>,
+    ) -> Poll<Result<(), tower::BoxError>> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        Service::<Request<Body>>::poll_ready(svc, &mut cx)
+    }
+
+    #[allow(dead_code)]
+    fn error_is_infallible_under_axum() {
+        fn assert_infallible<S: Service<Request<Body>, Error = Infallible>>(_: S) {}
+        assert_infallible(ip_layer(Quota::per_minute(1)).layer(axum::Router::new()));
+    }
+
+    use tower_layer::Layer as _;
+}
