@@ -100,6 +100,7 @@ impl Quota {
         self.replenish_interval() * self.burst.get()
     }
 
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn gcra(&self) -> Gcra {
         Gcra::new(self.replenish_interval(), self.burst.get())
     }

@@ -315,22 +315,22 @@ mod tests {
         // 60 per minute, burst 3: one unit per second.
         let c = check("ip", "a", Quota::per_minute(60).with_burst(3), 1);
         for remaining in [2, 1, 0] {
-            let d = decide(&store, &[c.clone()]);
+            let d = decide(&store, std::slice::from_ref(&c));
             assert!(d.allowed);
             assert_eq!(d.each[0].remaining, remaining);
         }
-        let d = decide(&store, &[c.clone()]).each[0];
+        let d = decide(&store, std::slice::from_ref(&c)).each[0];
         assert!(!d.allowed);
         assert_eq!(d.retry_after, Duration::from_secs(1));
         assert_eq!(d.reset_after, Duration::from_secs(3));
         clock.advance(Duration::from_millis(999));
-        let d = decide(&store, &[c.clone()]).each[0];
+        let d = decide(&store, std::slice::from_ref(&c)).each[0];
         assert_eq!(
             (d.allowed, d.retry_after),
             (false, Duration::from_millis(1))
         );
         clock.advance(Duration::from_millis(1));
-        let d = decide(&store, &[c.clone()]).each[0];
+        let d = decide(&store, std::slice::from_ref(&c)).each[0];
         assert_eq!((d.allowed, d.remaining), (true, 0));
         assert_eq!(d.reset_after, Duration::from_secs(3));
         // Other keys and other policies are untouched.

@@ -1,0 +1,32 @@
+# Tollgate: `make run` serves the reference server, `make test` runs every
+# check CI runs. Both start PostgreSQL and Redis on loopback when needed.
+
+CARGO ?= cargo
+
+.PHONY: run test services fmt lint docs unit bench
+
+run: services
+	$(CARGO) run --release -p tollgate-server
+
+test: services fmt lint docs unit
+
+services:
+	bash scripts/services.sh
+
+fmt:
+	$(CARGO) fmt --all --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+
+docs:
+	RUSTDOCFLAGS="-D warnings -D rustdoc::broken_intra_doc_links" \
+		$(CARGO) doc --no-deps --all-features --workspace
+
+unit:
+	$(CARGO) test --workspace --all-features
+
+# Criterion (ns per check, tollgate vs governor) and memory per key.
+bench:
+	$(CARGO) bench -p tollgate --bench rate_limit
+	$(CARGO) run --release -p tollgate --example memory_footprint

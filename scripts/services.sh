@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Makes sure what Tollgate needs runs on loopback: PostgreSQL (15, Debian's
+# cluster 15/main on 127.0.0.1:5432) and Redis (127.0.0.1:6379).
+# Installs what is missing (Debian, as root or with sudo) and leaves
+# services that already answer alone. Used by `make run` and `make test`.
+set -euo pipefail
+
+PG_VERSION=${PG_VERSION:-15}
+PG_CLUSTER=${PG_CLUSTER:-main}
+PG_PORT=${PG_PORT:-5432}
+REDIS_PORT=${REDIS_PORT:-6379}
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Waits up to $1 tenths of a second for the command that follows to succeed.
+wait_for() {
+    local tries=$1; shift
+    for _ in $(seq "$tries"); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+postgres() {
+    if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
+        log "postgres already answers on 127.0.0.1:$PG_PORT"
+        return
+    fi
+    if ! command -v pg_ctlcluster >/dev/null || [ ! -x "/usr/lib/postgresql/$PG_VERSION/bin/postgres" ]; then
+        log "installing postgresql-$PG_VERSION"
+        apt_install "postgresql-$PG_VERSION" postgresql-client-common
+    fi
+    if ! pg_lsclusters -h | awk '{print $1"/"$2}' | grep -qx "$PG_VERSION/$PG_CLUSTER"; then
+        log "creating cluster $PG_VERSION/$PG_CLUSTER"
+        as_root pg_createcluster "$PG_VERSION" "$PG_CLUSTER" -p "$PG_PORT" >/dev/null
+    fi
+    log "starting postgres $PG_VERSION/$PG_CLUSTER"
+    as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start || true
+    if ! wait_for 300 pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
+        log "postgres did not come up on 127.0.0.1:$PG_PORT"; exit 1
+    fi
+    log "postgres ready on 127.0.0.1:$PG_PORT"
+}
+
+redis() {
+    if command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+        log "redis already answers on 127.0.0.1:$REDIS_PORT"
+        return
+    fi
+    if ! command -v redis-server >/dev/null; then
+        log "installing redis-server"
+        apt_install redis-server redis-tools
+    fi
+    log "starting redis on 127.0.0.1:$REDIS_PORT"
+    # No persistence: rate-limit state is short-lived by design.
+    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+        --save '' --appendonly no --logfile /tmp/tollgate-redis.log
+    if ! wait_for 100 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping; then
+        log "redis did not come up on 127.0.0.1:$REDIS_PORT"; exit 1
+    fi
+    log "redis ready on 127.0.0.1:$REDIS_PORT"
+}
+
+postgres
+redis

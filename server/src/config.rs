@@ -1,0 +1,241 @@
+//! Configuration from environment variables, parsed once at start-up.
+//!
+//! A bad value stops the server with a message naming the variable, the
+//! value and the expected format: a typo in a limit must not silently run
+//! the fleet with a default.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tollgate::client_ip::{ForwardedHeader, TrustedProxies};
+use tollgate::rate_limit::{QUOTA_FORMAT, Quota};
+
+/// Everything the server reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `LISTEN_ADDR`: where the API listens. Loopback by default so a
+    /// development server is not exposed by accident.
+    pub listen_addr: SocketAddr,
+    /// `TRUSTED_PROXIES` and `CLIENT_IP_HEADER`: whose forwarding header is
+    /// believed. Nobody by default, so a client cannot choose its own IP.
+    pub trusted_proxies: TrustedProxies,
+    /// `RATE_LIMIT_IPV6_PREFIX`: IPv6 clients share a quota per prefix of
+    /// this length, since one host usually holds a whole /64.
+    pub ipv6_prefix: u8,
+    /// `RATE_LIMIT_IP`: the per-IP quota of public routes.
+    pub rate_limit_ip: Quota,
+    /// `RATE_LIMIT_SHADOW`: count would-be rejections without rejecting,
+    /// to tune limits on live traffic.
+    pub rate_limit_shadow: bool,
+    /// `LOG_FORMAT`: `text` for people, `json` for log pipelines.
+    pub log_format: LogFormat,
+    /// `SHUTDOWN_TIMEOUT` (ms): how long in-flight requests may take to
+    /// finish after SIGTERM before the server exits anyway; an idle
+    /// keep-alive connection must not hold a deploy hostage.
+    pub shutdown_timeout: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A variable held a value the server cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {var}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    /// The variable's name.
+    pub var: &'static str,
+    /// What it held.
+    pub value: String,
+    /// The format it must follow.
+    pub expected: String,
+}
+
+/// Each variable: name, default, expected format. The README's table is
+/// generated from the same facts by hand; keep them in step.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "LISTEN_ADDR",
+        "127.0.0.1:8080",
+        "a socket address, e.g. 0.0.0.0:8080",
+    ),
+    (
+        "TRUSTED_PROXIES",
+        "",
+        "comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,192.168.1.10",
+    ),
+    (
+        "CLIENT_IP_HEADER",
+        "x-forwarded-for",
+        "x-forwarded-for or forwarded",
+    ),
+    (
+        "RATE_LIMIT_IPV6_PREFIX",
+        "64",
+        "a prefix length from 0 to 128",
+    ),
+    ("RATE_LIMIT_IP", "100/min", QUOTA_FORMAT),
+    ("RATE_LIMIT_SHADOW", "false", "true or false"),
+    ("LOG_FORMAT", "text", "text or json"),
+    ("SHUTDOWN_TIMEOUT", "30000", "milliseconds, a whole number"),
+];
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup` (tests pass a map instead of
+    /// mutating the process environment).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |name: &'static str| Var {
+            name,
+            value: lookup(name).filter(|v| !v.trim().is_empty()),
+        };
+        let header: ForwardedHeader =
+            var("CLIENT_IP_HEADER").parse_or(ForwardedHeader::default())?;
+        let proxies = var("TRUSTED_PROXIES");
+        let trusted_proxies = match &proxies.value {
+            None => TrustedProxies::none(),
+            // The library's error says *why* (a /0 trusts everyone).
+            Some(v) => v.parse::<TrustedProxies>().map_err(|e| {
+                let mut err = proxies.error();
+                err.expected = format!("{} ({e})", err.expected);
+                err
+            })?,
+        }
+        .with_header(header);
+        let ipv6_prefix = var("RATE_LIMIT_IPV6_PREFIX").parse_or(64u8)?;
+        if ipv6_prefix > 128 {
+            return Err(var("RATE_LIMIT_IPV6_PREFIX").error());
+        }
+        Ok(Self {
+            listen_addr: var("LISTEN_ADDR").parse_or(SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            trusted_proxies,
+            ipv6_prefix,
+            rate_limit_ip: var("RATE_LIMIT_IP").parse_or(Quota::per_minute(100))?,
+            rate_limit_shadow: var("RATE_LIMIT_SHADOW").parse_bool_or(false)?,
+            log_format: match var("LOG_FORMAT").value.as_deref().map(str::trim) {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(_) => return Err(var("LOG_FORMAT").error()),
+            },
+            shutdown_timeout: Duration::from_millis(var("SHUTDOWN_TIMEOUT").parse_or(30_000u64)?),
+        })
+    }
+}
+
+/// One variable as read.
+struct Var {
+    name: &'static str,
+    value: Option<String>,
+}
+
+impl Var {
+    fn error(&self) -> ConfigError {
+        let expected = VARIABLES
+            .iter()
+            .find(|(name, ..)| *name == self.name)
+            .map_or("", |(.., format)| format);
+        ConfigError {
+            var: self.name,
+            value: self.value.clone().unwrap_or_default(),
+            expected: expected.to_owned(),
+        }
+    }
+
+    fn parse_or<T: FromStr>(&self, default: T) -> Result<T, ConfigError> {
+        match &self.value {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| self.error()),
+        }
+    }
+
+    fn parse_bool_or(&self, default: bool) -> Result<bool, ConfigError> {
+        match self.value.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => Ok(false),
+            Some(_) => Err(self.error()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.rate_limit_ip, Quota::per_minute(100));
+        assert!(!c.rate_limit_shadow);
+        assert_eq!(c.trusted_proxies, TrustedProxies::none());
+        assert_eq!(c.ipv6_prefix, 64);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn reads_every_variable() {
+        let c = parse(&[
+            ("LISTEN_ADDR", "0.0.0.0:9000"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            ("CLIENT_IP_HEADER", "Forwarded"),
+            ("RATE_LIMIT_IPV6_PREFIX", "56"),
+            ("RATE_LIMIT_IP", "5/s,burst=10"),
+            ("RATE_LIMIT_SHADOW", "true"),
+            ("LOG_FORMAT", "json"),
+            ("SHUTDOWN_TIMEOUT", "500"),
+        ])
+        .unwrap();
+        assert_eq!(c.listen_addr.port(), 9000);
+        assert!(c.trusted_proxies.is_trusted("10.1.1.1".parse().unwrap()));
+        assert_eq!(c.ipv6_prefix, 56);
+        assert_eq!(c.rate_limit_ip, Quota::per_second(5).with_burst(10));
+        assert!(c.rate_limit_shadow);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn errors_name_variable_value_and_format() {
+        for (var, value) in [
+            ("LISTEN_ADDR", "localhost"),
+            ("TRUSTED_PROXIES", "0.0.0.0/0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/99"),
+            ("CLIENT_IP_HEADER", "x-real-ip"),
+            ("RATE_LIMIT_IPV6_PREFIX", "129"),
+            ("RATE_LIMIT_IP", "lots"),
+            ("RATE_LIMIT_SHADOW", "maybe"),
+            ("LOG_FORMAT", "xml"),
+            ("SHUTDOWN_TIMEOUT", "5s"),
+        ] {
+            let err = parse(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert_eq!(err.value, value);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(var) && msg.contains(value) && msg.contains("expected"),
+                "{msg}"
+            );
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The server's routes.
+
+pub mod api;
+pub mod health;
+
+use crate::error::AppError;
+
+/// Answers unknown paths with a problem body.
+pub async fn not_found() -> AppError {
+    AppError::NotFound
+}

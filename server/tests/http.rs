@@ -1,0 +1,225 @@
+//! Starts the real `tollgate-server` binary on a free loopback port and
+//! talks HTTP to it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running server, killed when dropped (also when a test fails).
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts the binary with `env` on 127.0.0.1:0 and waits (bounded) for
+    /// the address it logs.
+    fn start(env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-server"));
+        cmd.env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .env_remove("LOG_FORMAT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start tollgate-server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                // Keep draining so the server never blocks on a full pipe.
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("server did not log its address within 20 s");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn liveness_is_never_limited() {
+    let server = Server::start(&[("RATE_LIMIT_IP", "1/min")]);
+    let http = client();
+    for path in ["/health", "/healthz"].iter().cycle().take(10) {
+        let res = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().contains_key("x-request-id"));
+        assert!(!res.headers().contains_key("ratelimit"));
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["status"], "pass");
+    }
+}
+
+#[tokio::test]
+async fn ping_answers_until_the_quota_is_spent_then_429() {
+    let server = Server::start(&[("RATE_LIMIT_IP", "3/min")]);
+    let http = client();
+    for remaining in [2, 1, 0] {
+        let res = http.get(server.url("/api/v1/ping")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["ratelimit-policy"], r#""ip";q=3;w=60"#);
+        let limit = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            limit.starts_with(&format!(r#""ip";r={remaining};t="#)),
+            "{limit}"
+        );
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["pong"], true);
+        assert_eq!(body["client_ip"], "127.0.0.1");
+    }
+    let res = http.get(server.url("/api/v1/ping")).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    let retry_after: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry_after), "retry-after {retry_after}");
+    assert_eq!(
+        res.headers()["ratelimit"],
+        format!(r#""ip";r=0;t={retry_after}"#).as_str()
+    );
+    assert_eq!(res.headers()["ratelimit-policy"], r#""ip";q=3;w=60"#);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(res.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["violated-policies"], serde_json::json!(["ip"]));
+}
+
+#[tokio::test]
+async fn a_changing_forwarded_for_from_an_untrusted_peer_does_not_reset_the_limit() {
+    // 127.0.0.1 is not a trusted proxy (TRUSTED_PROXIES is empty).
+    let server = Server::start(&[("RATE_LIMIT_IP", "2/min")]);
+    let http = client();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let res = http
+            .get(server.url("/api/v1/ping"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .header("forwarded", format!("for=203.0.113.{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_forwards_the_client_address() {
+    let server = Server::start(&[
+        ("RATE_LIMIT_IP", "1/min"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+    ]);
+    let http = client();
+    let ping = |ip: &'static str| {
+        http.get(server.url("/api/v1/ping"))
+            .header("x-forwarded-for", ip)
+            .send()
+    };
+    let res = ping("198.51.100.1").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["client_ip"], "198.51.100.1");
+    assert_eq!(ping("198.51.100.1").await.unwrap().status(), 429);
+    assert_eq!(ping("198.51.100.2").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn shadow_mode_never_rejects() {
+    let server = Server::start(&[("RATE_LIMIT_IP", "1/min"), ("RATE_LIMIT_SHADOW", "true")]);
+    let http = client();
+    for _ in 0..4 {
+        let res = http.get(server.url("/api/v1/ping")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_get_a_problem_body() {
+    let server = Server::start(&[]);
+    let res = client().get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+}
+
+#[test]
+fn bad_configuration_exits_naming_the_variable() {
+    for (var, value) in [
+        ("RATE_LIMIT_IP", "lots"),
+        ("RATE_LIMIT_IP", "0/min"),
+        ("TRUSTED_PROXIES", "0.0.0.0/0"),
+        ("LISTEN_ADDR", "nowhere"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate-server"))
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(var), "{stderr}");
+        assert!(stderr.contains(value), "{stderr}");
+        assert!(stderr.contains("expected"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let mut server = Server::start(&[]);
+    let res = client().get(server.url("/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let status = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server still running 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
