@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use tollgate::rate_limit::{BucketKey, Check, Key, ManualClock, MemoryStore, Quota, Store};
+use tollgate::rate_limit::{Check, Key, ManualClock, MemoryStore, PolicyName, Quota, Store};
 
 const KEYS: u32 = 1_000_000;
 
@@ -25,17 +25,15 @@ fn rss_bytes() -> u64 {
 fn main() {
     let clock = ManualClock::new();
     let store = MemoryStore::with_clock(clock.clone());
-    let policy: std::sync::Arc<str> = "ip".into();
+    let policy = PolicyName::new("ip");
     let quota = Quota::per_minute(100);
     let before = rss_bytes();
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     for i in 0..KEYS {
         let check = Check {
-            bucket: BucketKey {
-                policy: policy.clone(),
-                key: Key::ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))),
-            },
+            policy,
+            key: Key::ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))),
             quota,
             cost: 1,
             enforce: true,

@@ -190,14 +190,14 @@ fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions:
             (true, _) => "allowed",
             (false, true) => "rejected",
             (false, false) => {
-                tracing::debug!(policy = %policy.name, key = %check.bucket.key, "shadow rejection");
+                tracing::debug!(policy = %policy.name, key = %check.key, "shadow rejection");
                 "shadow_rejected"
             }
         };
         #[cfg(feature = "metrics")]
         metrics::counter!(
             "tollgate_ratelimit_decisions_total",
-            "policy" => policy.name.to_string(),
+            "policy" => policy.name.as_str(),
             "route_class" => policy.route_class.as_deref().unwrap_or("").to_owned(),
             "outcome" => outcome,
         )

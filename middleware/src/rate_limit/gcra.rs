@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 /// GCRA parameters of one quota, in nanoseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Gcra {
     /// Replenish interval: the cost of one unit.
     t: u64,
@@ -52,6 +52,7 @@ impl Gcra {
 
     /// Evaluates a request of `cost` units at `now` against `tat` (`None`:
     /// a key never seen or evicted).
+#[inline]
     pub(crate) fn evaluate(self, tat: Option<u64>, now: u64, cost: u32) -> Outcome {
         let base = tat.map_or(now, |tat| tat.max(now));
         let charge = self.charge(cost);
@@ -83,6 +84,7 @@ impl Gcra {
     }
 
     /// The charge of a request of `cost`, to undo it.
+#[inline]
     pub(crate) fn charge(self, cost: u32) -> u64 {
         self.t.saturating_mul(u64::from(cost))
     }

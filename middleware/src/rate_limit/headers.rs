@@ -84,7 +84,7 @@ pub(crate) fn rejection(
     let mut retry_after = 1;
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         if check.enforce && !decision.allowed {
-            violated.push(serde_json::Value::from(policies[i].name()));
+            violated.push(serde_json::Value::from(policies[i].name().as_str()));
             retry_after = retry_after.max(ceil_secs(decision.retry_after));
         }
     }

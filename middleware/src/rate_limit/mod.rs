@@ -91,15 +91,17 @@ mod service;
 mod store;
 
 pub use body::ResponseBody;
+#[cfg(feature = "memory")]
+pub use clock::MonotonicClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use future::ResponseFuture;
 pub use headers::QUOTA_EXCEEDED;
 pub use key::{ByClientIp, Global, Key, KeyExtractor, KeyRejection};
 pub use layer::RateLimitLayer;
-pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, RouteClass};
+pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName, RouteClass};
 pub use quota::{ParseQuotaError, QUOTA_FORMAT, Quota};
 pub use service::RateLimit;
-pub use store::{BucketKey, Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
+pub use store::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};

@@ -22,6 +22,77 @@ impl RouteClass {
     }
 }
 
+/// A policy's name, interned: copying it and comparing it cost nothing, and
+/// equal names are the same `PolicyName`, so policies of the same name share
+/// buckets in a store.
+///
+/// Names are configuration (a handful per process), so interned names live
+/// for the rest of the process.
+///
+/// ```
+/// use tollgate::rate_limit::PolicyName;
+///
+/// assert_eq!(PolicyName::new("ip"), PolicyName::new("ip"));
+/// assert_eq!(PolicyName::new("ip").as_str(), "ip");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyName(&'static Interned);
+
+#[derive(PartialEq, Eq, Hash)]
+struct Interned {
+    /// Unique per name in this process: hashing a name is hashing a number.
+    id: u32,
+    name: Box<str>,
+}
+
+impl PolicyName {
+    /// The interned `name`.
+    pub fn new(name: &str) -> Self {
+        static NAMES: std::sync::Mutex<Vec<&'static Interned>> = std::sync::Mutex::new(Vec::new());
+        let mut names = NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(found) = names.iter().find(|i| &*i.name == name) {
+            return Self(found);
+        }
+        let id = u32::try_from(names.len()).expect("fewer than 2^32 policy names");
+        let interned: &'static Interned = Box::leak(Box::new(Interned {
+            id,
+            name: name.into(),
+        }));
+        names.push(interned);
+        Self(interned)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &'static str {
+        &self.0.name
+    }
+
+    /// A number unique to this name within the process.
+    pub fn id(&self) -> u32 {
+        self.0.id
+    }
+}
+
+impl From<&str> for PolicyName {
+    fn from(name: &str) -> Self {
+        Self::new(name)
+    }
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 type QuotaFn = dyn Fn(&Parts) -> Quota + Send + Sync;
 type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
 
@@ -38,11 +109,11 @@ type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
 ///
 /// let login = Policy::new("login", ByClientIp::new(), "5/min".parse().unwrap())
 ///     .with_route_class("auth");
-/// assert_eq!(login.name(), "login");
+/// assert_eq!(login.name().as_str(), "login");
 /// ```
 #[derive(Clone)]
 pub struct Policy {
-    pub(crate) name: Arc<str>,
+    pub(crate) name: PolicyName,
     /// `name` as a structured-field string (quoted, escaped), computed once.
     pub(crate) sf_name: Arc<str>,
     pub(crate) route_class: Option<Arc<str>>,
@@ -60,15 +131,14 @@ impl Policy {
     ///
     /// If `name` is empty or has characters outside printable ASCII (it goes
     /// into HTTP header fields).
-    pub fn new(name: impl Into<Arc<str>>, extractor: impl KeyExtractor, quota: Quota) -> Self {
-        let name = name.into();
+    pub fn new(name: &str, extractor: impl KeyExtractor, quota: Quota) -> Self {
         assert!(
             !name.is_empty() && name.bytes().all(|b| (0x20..0x7f).contains(&b)),
             "a policy name is non-empty printable ASCII, got {name:?}"
         );
         let sf_name = format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""));
         Self {
-            name,
+            name: PolicyName::new(name),
             sf_name: sf_name.into(),
             route_class: None,
             extractor: Arc::new(extractor),
@@ -112,8 +182,8 @@ impl Policy {
     }
 
     /// The policy's name.
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn name(&self) -> PolicyName {
+        self.name
     }
 
     /// Whether the policy is in shadow mode.

@@ -30,6 +30,8 @@ pub struct Quota {
     count: NonZeroU32,
     period: Duration,
     burst: NonZeroU32,
+    /// Derived from the three above once, not on every check.
+    gcra: Gcra,
 }
 
 impl Quota {
@@ -45,6 +47,7 @@ impl Quota {
             count,
             period,
             burst: count,
+            gcra: Gcra::new(period / count.get(), count.get()),
         }
     }
 
@@ -71,6 +74,7 @@ impl Quota {
     #[must_use]
     pub fn with_burst(mut self, burst: u32) -> Self {
         self.burst = NonZeroU32::new(burst).expect("a burst needs to be above zero");
+        self.gcra = Gcra::new(self.replenish_interval(), burst);
         self
     }
 
@@ -102,7 +106,7 @@ impl Quota {
 
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn gcra(&self) -> Gcra {
-        Gcra::new(self.replenish_interval(), self.burst.get())
+        self.gcra
     }
 }
 

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::policy::{FailurePolicy, Policy};
-use super::store::{BucketKey, Check, Store};
+use super::store::{Check, Store};
 
 /// What every clone of one layer's service shares.
 #[derive(Debug)]
@@ -79,10 +79,8 @@ where
             match policy.extractor.extract(&parts) {
                 Ok(Some(key)) => {
                     checks.push(Check {
-                        bucket: BucketKey {
-                            policy: policy.name.clone(),
-                            key,
-                        },
+                        policy: policy.name,
+                        key,
                         quota: policy.quota_for(&parts),
                         cost: policy.cost_for(&parts),
                         enforce: !policy.shadow,
@@ -124,7 +122,7 @@ mod tests {
     use crate::client_ip::{SetClientIpLayer, TrustedProxies};
     use crate::rate_limit::{
         ByClientIp, Decisions, Global, Key, KeyRejection, MemoryStore, Quota, RateLimitLayer,
-        StoreError, StoreErrorKind,
+        StoreError, StoreErrorKind, TokioClock,
     };
 
     fn app<St: Store + Clone>(layer: RateLimitLayer<St>) -> axum::Router {
@@ -157,12 +155,13 @@ mod tests {
         )
     }
 
-    fn ip_layer(quota: Quota) -> RateLimitLayer<MemoryStore> {
-        RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
-            "ip",
-            ByClientIp::new(),
-            quota,
-        ))
+    /// A store on tokio's clock, which `start_paused` tests control.
+    fn paused_store() -> MemoryStore<TokioClock> {
+        MemoryStore::with_clock(TokioClock::new())
+    }
+
+    fn ip_layer(quota: Quota) -> RateLimitLayer<MemoryStore<TokioClock>> {
+        RateLimitLayer::new(paused_store()).with_policy(Policy::new("ip", ByClientIp::new(), quota))
     }
 
     #[tokio::test(start_paused = true)]
@@ -241,7 +240,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stacked_layers_each_add_their_items() {
-        let store = MemoryStore::new();
+        let store = paused_store();
         let app = axum::Router::new()
             .route("/", axum::routing::get(|| async { "ok" }))
             .layer(
@@ -267,7 +266,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn several_policies_are_all_or_nothing() {
-        let layer = RateLimitLayer::new(MemoryStore::new())
+        let layer = RateLimitLayer::new(paused_store())
             .with_policy(Policy::new("ip", ByClientIp::new(), Quota::per_minute(10)))
             .with_policy(Policy::new("route", Global, Quota::per_minute(1)));
         let app = app(layer);
@@ -283,7 +282,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shadow_policies_count_but_never_reject() {
-        let layer = RateLimitLayer::new(MemoryStore::new())
+        let layer = RateLimitLayer::new(paused_store())
             .with_policy(Policy::new("ip", ByClientIp::new(), Quota::per_minute(1)).shadow(true));
         let app = app(layer);
         for _ in 0..5 {
@@ -295,7 +294,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn per_request_quota_and_cost() {
-        let layer = RateLimitLayer::new(MemoryStore::new()).with_policy(
+        let layer = RateLimitLayer::new(paused_store()).with_policy(
             Policy::new("plan", Global, Quota::per_minute(1))
                 .with_quota_fn(|req| {
                     if req.headers.contains_key("x-premium") {
@@ -329,7 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn extractor_rejection_and_skip() {
-        let layer = RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
+        let layer = RateLimitLayer::new(paused_store()).with_policy(Policy::new(
             "tenant",
             |req: &http::request::Parts| match req.headers.get("x-tenant") {
                 None => Ok(None),
@@ -401,7 +400,7 @@ mod tests {
     }
 
     fn futures_poll_ready(
-        svc: &mut RateLimit<Mock, MemoryStore>,
+        svc: &mut RateLimit<Mock, MemoryStore<TokioClock>>,
     ) -> Poll<Result<(), tower::BoxError>> {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);

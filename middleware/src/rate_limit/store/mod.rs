@@ -21,22 +21,17 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use super::key::Key;
+use super::policy::PolicyName;
 use super::quota::Quota;
-
-/// A policy's key in a store: the policy name namespaces the key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BucketKey {
-    /// The policy name.
-    pub policy: Arc<str>,
-    /// The key within the policy.
-    pub key: Key,
-}
 
 /// One policy's part of a request.
 #[derive(Debug, Clone)]
 pub struct Check {
-    /// Whose bucket.
-    pub bucket: BucketKey,
+    /// The policy's name: it namespaces the key, so policies of the same
+    /// name share buckets.
+    pub policy: PolicyName,
+    /// The key within the policy.
+    pub key: Key,
     /// The quota to apply.
     pub quota: Quota,
     /// Units this request costs.
@@ -66,7 +61,7 @@ pub struct Decisions {
     /// Whether every enforced check allowed, so the batch was charged.
     pub allowed: bool,
     /// Per check, in the order given.
-    pub each: SmallVec<[Decision; 4]>,
+    pub each: SmallVec<[Decision; 2]>,
 }
 
 /// A store decides batches of checks.
