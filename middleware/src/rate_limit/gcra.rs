@@ -52,7 +52,6 @@ impl Gcra {
 
     /// Evaluates a request of `cost` units at `now` against `tat` (`None`:
     /// a key never seen or evicted).
-#[inline]
     pub(crate) fn evaluate(self, tat: Option<u64>, now: u64, cost: u32) -> Outcome {
         let base = tat.map_or(now, |tat| tat.max(now));
         let charge = self.charge(cost);
@@ -84,7 +83,6 @@ impl Gcra {
     }
 
     /// The charge of a request of `cost`, to undo it.
-#[inline]
     pub(crate) fn charge(self, cost: u32) -> u64 {
         self.t.saturating_mul(u64::from(cost))
     }

@@ -42,7 +42,6 @@ impl Key {
 impl Key {
     /// Feeds the key and a namespace to `state` in as few writes as
     /// possible: one for an IPv4 address, where a derived `Hash` makes five.
-#[inline]
     pub(crate) fn hash_in(&self, namespace: u32, state: &mut impl std::hash::Hasher) {
         let ns = u64::from(namespace) << 32;
         match &self.0 {

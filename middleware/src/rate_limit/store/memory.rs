@@ -37,7 +37,6 @@ impl std::hash::Hash for Slot {
 }
 
 impl Slot {
-#[inline]
     fn of(check: &Check) -> Self {
         Self {
             policy: check.policy.id(),
@@ -181,7 +180,6 @@ impl<C: Clock> MemoryStore<C> {
         self.inner.buckets.is_empty()
     }
 
-#[inline]
     fn decide(&self, checks: &[Check]) -> Decisions {
         let now = nanos(self.inner.clock.now());
         if let [check] = checks {
@@ -237,7 +235,6 @@ impl<C: Clock> MemoryStore<C> {
 impl<C> Inner<C> {
     /// One check: one lookup, then compare-and-swap on the bucket while
     /// holding it, as governor does.
-#[inline]
     fn decide_one(&self, check: &Check, now: u64) -> Decisions {
         let gcra = check.quota.gcra();
         let slot = Slot::of(check);
@@ -337,12 +334,10 @@ impl<C> fmt::Debug for MemoryStore<C> {
     }
 }
 
-#[inline]
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-#[inline]
 fn single(outcome: Outcome, batch_allowed: bool) -> Decisions {
     let mut each = SmallVec::new();
     each.push(decision(outcome));
@@ -352,7 +347,6 @@ fn single(outcome: Outcome, batch_allowed: bool) -> Decisions {
     }
 }
 
-#[inline]
 fn decision(outcome: Outcome) -> Decision {
     Decision {
         allowed: outcome.allowed,
