@@ -19,7 +19,7 @@ use tollgate::client_ip::SetClientIpLayer;
 use tollgate::rate_limit::{ByClientIp, MemoryStore, Policy, RateLimitLayer};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Config;
 
@@ -66,19 +66,22 @@ pub fn app(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(
-                    TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                        let request_id = req
-                            .headers()
-                            .get("x-request-id")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-");
-                        tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            uri = %req.uri(),
-                            request_id,
-                        )
-                    }),
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request<_>| {
+                            let request_id = req
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-");
+                            tracing::info_span!(
+                                "request",
+                                method = %req.method(),
+                                uri = %req.uri(),
+                                request_id,
+                            )
+                        })
+                        // One line per request at the default level.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(SetClientIpLayer::new(config.trusted_proxies.clone())),
