@@ -94,6 +94,16 @@ impl Config {
 
     /// Reads variables through `lookup` (tests pass a map instead of
     /// mutating the process environment).
+    ///
+    /// ```
+    /// use tollgate_server::config::Config;
+    ///
+    /// let config = Config::from_lookup(|var| (var == "RATE_LIMIT_IP").then(|| "5/s".to_owned())).unwrap();
+    /// assert_eq!(config.rate_limit_ip.count(), 5);
+    ///
+    /// let err = Config::from_lookup(|var| (var == "RATE_LIMIT_IP").then(|| "fast".to_owned())).unwrap_err();
+    /// assert!(err.to_string().starts_with(r#"invalid RATE_LIMIT_IP="fast": expected N/PERIOD"#));
+    /// ```
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let var = |name: &'static str| Var {
             name,
