@@ -15,7 +15,7 @@ use super::body::ResponseBody;
 use super::headers;
 use super::policy::FailurePolicy;
 use super::service::Shared;
-use super::store::{Check, Decisions, Store};
+use super::store::{Check, Decisions, Store, StoreError};
 use crate::problem::Problem;
 
 pin_project! {
@@ -129,38 +129,11 @@ where
                         index,
                         shared,
                     } = pending.take().expect("polled after completion");
-                    let fields = match result {
-                        Ok(decisions) => {
-                            record(&shared, &index, &checks, &decisions);
-                            if !decisions.allowed {
-                                let res = headers::rejection(
-                                    &shared.policies,
-                                    &index,
-                                    &checks,
-                                    &decisions,
-                                );
-                                return Poll::Ready(Ok(res.map(ResponseBody::full)));
-                            }
-                            headers::fields(&shared.policies, &index, &checks, &decisions)
+                    let fields = match verdict(&shared, &index, &checks, result) {
+                        Verdict::Allow(fields) => fields,
+                        Verdict::Reject(res) => {
+                            return Poll::Ready(Ok(res.map(ResponseBody::full)));
                         }
-                        Err(error) => match shared.failure {
-                            FailurePolicy::Open => {
-                                tracing::warn!(%error, "rate-limit store failed; allowing (fail open)");
-                                None
-                            }
-                            FailurePolicy::Closed => {
-                                tracing::warn!(%error, "rate-limit store failed; rejecting (fail closed)");
-                                let res = Problem::new(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "Service Unavailable",
-                                )
-                                .with_detail(
-                                    "the rate limiter cannot decide right now; retry shortly",
-                                )
-                                .into_response();
-                                return Poll::Ready(Ok(res.map(ResponseBody::full)));
-                            }
-                        },
                     };
                     let future = inner.call(req);
                     state.set(State::Calling { future, fields });
@@ -178,6 +151,89 @@ where
                 }
             }
         }
+    }
+}
+
+/// What to do with a request once the store has answered.
+enum Verdict {
+    /// Call the inner service, then add these header fields.
+    Allow(Option<(HeaderValue, HeaderValue)>),
+    /// Answer with this response.
+    Reject(Response<Bytes>),
+}
+
+fn verdict<St>(
+    shared: &Shared<St>,
+    index: &[usize],
+    checks: &[Check],
+    result: Result<Decisions, StoreError>,
+) -> Verdict {
+    match result {
+        Ok(decisions) => {
+            shared.store_answered();
+            decided(shared, index, checks, &decisions)
+        }
+        Err(error) => {
+            shared.store_failed(&error);
+            fail_over(shared, index, checks, &error)
+        }
+    }
+}
+
+fn decided<St>(
+    shared: &Shared<St>,
+    index: &[usize],
+    checks: &[Check],
+    decisions: &Decisions,
+) -> Verdict {
+    record(shared, index, checks, decisions);
+    if decisions.allowed {
+        Verdict::Allow(headers::fields(&shared.policies, index, checks, decisions))
+    } else {
+        Verdict::Reject(headers::rejection(
+            &shared.policies,
+            index,
+            checks,
+            decisions,
+        ))
+    }
+}
+
+/// The store failed: each policy's failure policy decides. One closed
+/// policy rejects the request; local policies are decided by the local
+/// store; open ones let it through.
+fn fail_over<St>(
+    shared: &Shared<St>,
+    index: &[usize],
+    checks: &[Check],
+    error: &StoreError,
+) -> Verdict {
+    let mut local_index: SmallVec<[usize; 4]> = SmallVec::new();
+    let mut local_checks: SmallVec<[Check; 4]> = SmallVec::new();
+    for (&i, check) in index.iter().zip(checks) {
+        match shared.failure_of(i) {
+            FailurePolicy::Closed if check.enforce => {
+                tracing::debug!(%error, policy = %check.policy, "failing closed");
+                let res = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")
+                    .with_detail("the rate limiter cannot decide right now; retry shortly")
+                    .into_response();
+                return Verdict::Reject(res);
+            }
+            FailurePolicy::Local => {
+                let mut check = check.clone();
+                check.quota = check.quota.divided_by(shared.fallback.replicas);
+                local_checks.push(check);
+                local_index.push(i);
+            }
+            _ => {}
+        }
+    }
+    if local_checks.is_empty() {
+        return Verdict::Allow(None);
+    }
+    match shared.fallback.decide(&local_checks) {
+        Some(decisions) => decided(shared, &local_index, &local_checks, &decisions),
+        None => Verdict::Allow(None),
     }
 }
 

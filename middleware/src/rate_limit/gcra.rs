@@ -10,7 +10,7 @@
 //! why idle keys can be evicted without changing any decision.
 
 // Every store uses this; with no store compiled in, nothing does.
-#![cfg_attr(not(feature = "memory"), allow(dead_code))]
+#![cfg_attr(not(any(feature = "memory", feature = "redis")), allow(dead_code))]
 
 use std::time::Duration;
 
@@ -80,6 +80,18 @@ impl Gcra {
                 },
             }
         }
+    }
+
+    /// The replenish interval, in nanoseconds.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn interval(self) -> u64 {
+        self.t
+    }
+
+    /// `interval * burst`, in nanoseconds.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn capacity(self) -> u64 {
+        self.capacity
     }
 
     /// The charge of a request of `cost`, to undo it.

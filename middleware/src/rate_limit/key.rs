@@ -42,6 +42,7 @@ impl Key {
 impl Key {
     /// Feeds the key and a namespace to `state` in as few writes as
     /// possible: one for an IPv4 address, where a derived `Hash` makes five.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn hash_in(&self, namespace: u32, state: &mut impl std::hash::Hasher) {
         let ns = u64::from(namespace) << 32;
         match &self.0 {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::policy::{FailurePolicy, Policy};
-use super::service::{RateLimit, Shared};
+use super::service::{Fallback, RateLimit, Shared};
 
 /// Applies [`RateLimit`] to a service: a store, the policies decided
 /// together, and a [`FailurePolicy`].
@@ -16,6 +16,9 @@ pub struct RateLimitLayer<St> {
     store: St,
     policies: Vec<Policy>,
     failure: FailurePolicy,
+    /// Shared by every service this layer makes (axum's `route_layer`
+    /// makes one per route), so the local fallback counts them together.
+    fallback: Arc<Fallback>,
 }
 
 impl<St> RateLimitLayer<St> {
@@ -26,6 +29,7 @@ impl<St> RateLimitLayer<St> {
             store,
             policies: Vec::new(),
             failure: FailurePolicy::default(),
+            fallback: Arc::new(Fallback::new(1)),
         }
     }
 
@@ -36,10 +40,20 @@ impl<St> RateLimitLayer<St> {
         self
     }
 
-    /// Sets what to do when the store fails.
+    /// Sets what to do when the store fails (each policy may override it).
     #[must_use]
     pub fn with_failure_policy(mut self, failure: FailurePolicy) -> Self {
         self.failure = failure;
+        self
+    }
+
+    /// For [`FailurePolicy::Local`]: divide quotas by `replicas` while
+    /// deciding locally, so a fleet of that many replicas, each counting
+    /// alone, still lets about the quota through. 1 (the default) keeps
+    /// quotas whole: each replica then allows the full quota.
+    #[must_use]
+    pub fn with_fallback_replicas(mut self, replicas: u32) -> Self {
+        self.fallback = Arc::new(Fallback::new(replicas));
         self
     }
 }
@@ -54,6 +68,7 @@ impl<S, St: Clone> Layer<S> for RateLimitLayer<St> {
                 self.store.clone(),
                 self.policies.clone(),
                 self.failure,
+                self.fallback.clone(),
             )),
         )
     }

@@ -105,3 +105,9 @@ pub use store::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::{
+    DEFAULT_REDIS_TIMEOUT, RedisConfig, RedisFuture, RedisStats, RedisStore, RedisStoreBuilder,
+    RedisTarget,
+};

@@ -122,6 +122,7 @@ pub struct Policy {
     quota_fn: Option<Arc<QuotaFn>>,
     cost_fn: Option<Arc<CostFn>>,
     pub(crate) shadow: bool,
+    pub(crate) failure: Option<FailurePolicy>,
 }
 
 impl Policy {
@@ -146,6 +147,7 @@ impl Policy {
             quota_fn: None,
             cost_fn: None,
             shadow: false,
+            failure: None,
         }
     }
 
@@ -181,6 +183,14 @@ impl Policy {
         self
     }
 
+    /// Overrides the layer's [`FailurePolicy`] for this policy: a login
+    /// route may fail closed while reads fail open.
+    #[must_use]
+    pub fn with_failure_policy(mut self, failure: FailurePolicy) -> Self {
+        self.failure = Some(failure);
+        self
+    }
+
     /// The policy's name.
     pub fn name(&self) -> PolicyName {
         self.name
@@ -209,6 +219,7 @@ impl fmt::Debug for Policy {
             .field("per_request_quota", &self.quota_fn.is_some())
             .field("per_request_cost", &self.cost_fn.is_some())
             .field("shadow", &self.shadow)
+            .field("failure", &self.failure)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +235,12 @@ pub enum FailurePolicy {
     /// Answer `503 Service Unavailable` with a problem body (protection
     /// first, e.g. for a login route).
     Closed,
+    /// Decide with a local in-memory store instead (insurance): limits
+    /// still hold per replica, optionally with quotas divided by the
+    /// expected replica count (see
+    /// [`RateLimitLayer::with_fallback_replicas`](super::RateLimitLayer::with_fallback_replicas)).
+    /// Without the `memory` feature this acts as `Open`.
+    Local,
 }
 
 impl FromStr for FailurePolicy {
@@ -233,6 +250,7 @@ impl FromStr for FailurePolicy {
         match s.trim().to_ascii_lowercase().as_str() {
             "open" => Ok(Self::Open),
             "closed" => Ok(Self::Closed),
+            "local" => Ok(Self::Local),
             _ => Err(ParseFailurePolicyError(s.to_owned())),
         }
     }
@@ -240,7 +258,7 @@ impl FromStr for FailurePolicy {
 
 /// A failure policy string was not `open` or `closed`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid failure policy `{0}` (expected open or closed)")]
+#[error("invalid failure policy `{0}` (expected open, closed or local)")]
 pub struct ParseFailurePolicyError(String);
 
 #[cfg(test)]

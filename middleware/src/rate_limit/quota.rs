@@ -78,6 +78,18 @@ impl Quota {
         self
     }
 
+    /// This quota shared among `n` replicas deciding alone: count and burst
+    /// divided by `n`, at least 1 each. Used by the local fallback.
+    #[must_use]
+    pub fn divided_by(self, n: u32) -> Self {
+        if n <= 1 {
+            return self;
+        }
+        let count = (self.count.get() / n).max(1);
+        let burst = (self.burst.get() / n).max(1);
+        Self::new(count, self.period).with_burst(burst)
+    }
+
     /// Requests per period.
     pub fn count(&self) -> u32 {
         self.count.get()
@@ -230,6 +242,15 @@ mod tests {
             assert!(err.contains(QUOTA_FORMAT), "{bad}: {err}");
             assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn divided_among_replicas() {
+        let q = Quota::per_minute(100).with_burst(30);
+        assert_eq!(q.divided_by(3), Quota::per_minute(33).with_burst(10));
+        assert_eq!(q.divided_by(1), q);
+        assert_eq!(q.divided_by(0), q);
+        assert_eq!(Quota::per_second(2).divided_by(5), Quota::per_second(1));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! [`RateLimit`], the middleware.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -17,14 +18,76 @@ pub(crate) struct Shared<St> {
     pub(crate) store: St,
     pub(crate) policies: Vec<Policy>,
     pub(crate) failure: FailurePolicy,
+    pub(crate) fallback: Arc<Fallback>,
+    /// Whether the last store call failed, so failure and recovery are
+    /// logged once per transition, not once per request.
+    failing: AtomicBool,
 }
 
 impl<St> Shared<St> {
-    pub(crate) fn new(store: St, policies: Vec<Policy>, failure: FailurePolicy) -> Self {
+    pub(crate) fn new(
+        store: St,
+        policies: Vec<Policy>,
+        failure: FailurePolicy,
+        fallback: Arc<Fallback>,
+    ) -> Self {
         Self {
             store,
             policies,
             failure,
+            fallback,
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// The failure policy of `policy`.
+    pub(crate) fn failure_of(&self, policy: usize) -> FailurePolicy {
+        self.policies[policy].failure.unwrap_or(self.failure)
+    }
+
+    pub(crate) fn store_failed(&self, error: &super::StoreError) {
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, "rate-limit store failing; applying the failure policy");
+        }
+    }
+
+    pub(crate) fn store_answered(&self) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("rate-limit store answering again");
+        }
+    }
+}
+
+/// The local store of [`FailurePolicy::Local`], made on first use.
+#[derive(Debug)]
+pub(crate) struct Fallback {
+    /// Quotas are divided by this while deciding locally.
+    pub(crate) replicas: u32,
+    #[cfg(feature = "memory")]
+    store: std::sync::OnceLock<super::MemoryStore>,
+}
+
+impl Fallback {
+    pub(crate) fn new(replicas: u32) -> Self {
+        Self {
+            replicas: replicas.max(1),
+            #[cfg(feature = "memory")]
+            store: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Decides `checks` locally, or `None` without the `memory` feature.
+    pub(crate) fn decide(&self, checks: &[Check]) -> Option<super::Decisions> {
+        #[cfg(feature = "memory")]
+        {
+            let store = self.store.get_or_init(super::MemoryStore::new);
+            // The memory store's future is always ready.
+            store.check(checks).into_inner().ok()
+        }
+        #[cfg(not(feature = "memory"))]
+        {
+            let _ = checks;
+            None
         }
     }
 }

@@ -8,6 +8,15 @@
 
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{
+    DEFAULT_REDIS_TIMEOUT, RedisConfig, RedisFuture, RedisStats, RedisStore, RedisStoreBuilder,
+    RedisTarget,
+};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

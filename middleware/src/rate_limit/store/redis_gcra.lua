@@ -1,0 +1,105 @@
+-- Tollgate GCRA, the arithmetic of gcra.rs, for a batch of requests.
+--
+-- Time is (seconds, nanoseconds) so nanosecond arithmetic stays exact in
+-- Lua's doubles: every quantity the script computes is an offset from now,
+-- bounded by a quota's capacity (far below 2^53 ns). A key stores its
+-- theoretical arrival time as "seconds:nanoseconds" and expires when that
+-- time passes, since a key at or before now decides like a missing one.
+--
+-- ARGV[1], ARGV[2]: now as seconds and nanoseconds, or "" to use TIME.
+-- ARGV[3]: number of groups (requests). Then per group: its number of
+-- checks, then per check: t (ns per unit), capacity (t * burst, ns), cost,
+-- enforce (1 or 0). KEYS: one per check, in order.
+--
+-- A group is decided all-or-nothing: when an enforced check denies, no
+-- check of the group is charged. Groups are decided in order, each seeing
+-- what the ones before it charged.
+--
+-- Returns, per group: allowed (1/0), then per check: allowed, remaining,
+-- reset_after (ns), retry_after (ns).
+
+local now_s, now_ns
+if ARGV[1] ~= '' then
+  now_s = tonumber(ARGV[1])
+  now_ns = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now_s = tonumber(t[1])
+  now_ns = tonumber(t[2]) * 1000
+end
+
+local BILLION = 1000000000
+
+-- A stored time as ns after now (negative when past).
+local function offset(stored)
+  local s, ns = string.match(stored, '^(%d+):(%d+)$')
+  if not s then
+    return 0
+  end
+  return (tonumber(s) - now_s) * BILLION + (tonumber(ns) - now_ns)
+end
+
+-- now + off (off >= 0) as "seconds:nanoseconds".
+local function encode(off)
+  local ns = now_ns + off
+  local carry = math.floor(ns / BILLION)
+  return string.format('%d:%d', now_s + carry, ns - carry * BILLION)
+end
+
+local out = {}
+local arg = 4
+local key = 1
+for _ = 1, tonumber(ARGV[3]) do
+  local n = tonumber(ARGV[arg])
+  arg = arg + 1
+  local checks = {}
+  local group_allowed = true
+  for c = 1, n do
+    local t = tonumber(ARGV[arg])
+    local cap = tonumber(ARGV[arg + 1])
+    local cost = tonumber(ARGV[arg + 2])
+    local enforce = ARGV[arg + 3] == '1'
+    arg = arg + 4
+    local stored = redis.call('GET', KEYS[key])
+    local base = 0
+    if stored then
+      base = math.max(offset(stored), 0)
+    end
+    local charge = t * cost
+    local new = base + charge
+    local allowed = new <= cap
+    if enforce and not allowed then
+      group_allowed = false
+    end
+    checks[c] = { KEYS[key], t, cap, charge, base, new, allowed }
+    key = key + 1
+  end
+  out[#out + 1] = group_allowed and 1 or 0
+  for c = 1, n do
+    local k, t, cap, charge, base, new, allowed = unpack(checks[c])
+    if allowed and group_allowed then
+      -- Charged. The key lives exactly as long as its state matters.
+      redis.call('SET', k, encode(new), 'PX', math.max(math.ceil(new / 1000000), 1))
+      out[#out + 1] = 1
+      out[#out + 1] = math.floor((cap - new) / t)
+      out[#out + 1] = new
+      out[#out + 1] = 0
+    elseif allowed then
+      -- Would pass, but the group was denied: reported as it stands.
+      out[#out + 1] = 1
+      out[#out + 1] = math.floor((cap - base) / t)
+      out[#out + 1] = base
+      out[#out + 1] = 0
+    else
+      out[#out + 1] = 0
+      out[#out + 1] = math.floor(math.max(cap - base, 0) / t)
+      out[#out + 1] = base
+      if charge > cap then
+        out[#out + 1] = cap
+      else
+        out[#out + 1] = new - cap
+      end
+    end
+  end
+end
+return out

@@ -1,0 +1,289 @@
+//! `RedisStore` against a real Redis: the one `make test` starts on
+//! 127.0.0.1:6379 (or `REDIS_URL`), and, for tests that kill or pause
+//! Redis, a `redis-server` of their own on a free loopback port.
+#![cfg(feature = "redis")]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::time::Instant;
+use tollgate::rate_limit::{
+    Check, Decisions, Key, ManualClock, MemoryStore, PolicyName, Quota, RedisStore, RedisTarget,
+    Store, StoreErrorKind,
+};
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn prefix(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "t-{test}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn check(policy: &str, key: impl Into<Key>, quota: Quota, cost: u32) -> Check {
+    Check {
+        policy: PolicyName::new(policy),
+        key: key.into(),
+        quota,
+        cost,
+        enforce: true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random sequences of (key, cost, time step), each request under two
+    /// policies decided together: identical decisions from both stores.
+    #[test]
+    fn same_decisions_as_the_memory_store(
+        count in 1u32..40,
+        period_ms in 1u64..3_000,
+        burst in 1u32..15,
+        tenant_count in 1u32..20,
+        steps in proptest::collection::vec((0u8..3, 1u32..20, 0u64..300, any::<bool>()), 1..80),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let quota = Quota::new(count, Duration::from_millis(period_ms)).with_burst(burst);
+            let tenant_quota = Quota::per_second(tenant_count);
+            let clock = ManualClock::new();
+            let memory = MemoryStore::with_clock(clock.clone());
+            let redis = RedisStore::builder(RedisTarget::Single(redis_url()))
+                .prefix(prefix("prop"))
+                .clock(clock.clone())
+                // Compare every decision with Redis itself.
+                .local_cache(false)
+                .build()
+                .unwrap();
+            for (key, cost, step_ms, shadow_tenant) in steps {
+                clock.advance(Duration::from_millis(step_ms));
+                let mut tenant = check("tenant", "t", tenant_quota, 1);
+                tenant.enforce = !shadow_tenant;
+                let checks = [check("ip", key.to_string(), quota, cost), tenant];
+                let expected: Decisions = memory.check(&checks).await.unwrap();
+                let got = redis.check(&checks).await.unwrap();
+                prop_assert_eq!(got, expected);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_checks_are_coalesced_into_few_script_calls() {
+    let store = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("batch"))
+        .build()
+        .unwrap();
+    // Warm the connection so the burst below queues behind real calls.
+    assert!(
+        store
+            .check(&[check("ip", "warm", Quota::per_minute(10), 1)])
+            .await
+            .unwrap()
+            .allowed
+    );
+    let checks: Vec<_> = (0..400u32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+                store
+                    .check(&[check("ip", ip, Quota::per_minute(10), 1)])
+                    .await
+            })
+        })
+        .collect();
+    for c in checks {
+        let d = c.await.unwrap().unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.each[0].remaining, 9);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.requests_sent, 401);
+    assert!(
+        stats.script_calls < 200,
+        "400 concurrent checks took {} script calls",
+        stats.script_calls
+    );
+}
+
+#[tokio::test]
+async fn a_denied_key_is_answered_locally_until_its_wait_has_passed() {
+    let clock = ManualClock::new();
+    let store = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("cache"))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let quota = Quota::per_minute(1);
+    let abuser = [check("ip", "abuser", quota, 1)];
+    assert!(store.check(&abuser).await.unwrap().allowed);
+    let d = store.check(&abuser).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.each[0].retry_after, Duration::from_secs(60));
+    let calls = store.stats().script_calls;
+    for _ in 0..1000 {
+        let d = store.check(&abuser).await.unwrap();
+        assert!(!d.allowed);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.script_calls, calls, "the flood reached Redis");
+    assert_eq!(stats.local_denials, 1000);
+    // Others still go to Redis.
+    assert!(
+        store
+            .check(&[check("ip", "other", quota, 1)])
+            .await
+            .unwrap()
+            .allowed
+    );
+    // Once the wait has passed, Redis decides again (and allows).
+    clock.advance(Duration::from_secs(60));
+    assert!(store.check(&abuser).await.unwrap().allowed);
+    assert_eq!(store.stats().local_denials, 1000);
+}
+
+/// A `redis-server` of the test's own on a free loopback port.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: Option<u16>) -> Self {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (make test installs it)");
+        let own = Self { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        own
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_dead_redis_opens_the_breaker_and_a_restarted_one_is_used_again() {
+    let redis = OwnRedis::start(None);
+    let port = redis.port;
+    let store = RedisStore::builder(RedisTarget::Single(redis.url()))
+        .prefix(prefix("dead"))
+        .build()
+        .unwrap();
+    let c = [check("ip", "a", Quota::per_hour(1000), 1)];
+    assert!(store.check(&c).await.unwrap().allowed);
+    assert!(store.is_available());
+
+    redis.stop();
+    let mut errors = 0;
+    for _ in 0..10 {
+        if store.check(&c).await.is_err() {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 10);
+    assert!(!store.is_available(), "the breaker did not open");
+    // With the breaker open a check fails at once, without a timeout.
+    let started = Instant::now();
+    let err = store.check(&c).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Connection);
+    assert!(started.elapsed() < Duration::from_millis(5));
+    assert!(store.stats().short_circuited > 0);
+
+    let _redis = OwnRedis::start(Some(port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.is_available() {
+        assert!(
+            Instant::now() < deadline,
+            "store did not return to Redis within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.check(&c).await.unwrap().allowed);
+}
+
+#[tokio::test]
+async fn a_stalled_redis_trips_the_timeout_not_seconds() {
+    let redis = OwnRedis::start(None);
+    let store = RedisStore::builder(RedisTarget::Single(redis.url()))
+        .prefix(prefix("stall"))
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let c = [check("ip", "a", Quota::per_hour(1000), 1)];
+    assert!(store.check(&c).await.unwrap().allowed);
+
+    redis.signal("-STOP");
+    let started = Instant::now();
+    let err = store.check(&c).await.unwrap_err();
+    let waited = started.elapsed();
+    redis.signal("-CONT");
+    assert_eq!(err.kind(), StoreErrorKind::Timeout);
+    assert!(
+        waited >= Duration::from_millis(50) && waited < Duration::from_millis(250),
+        "waited {waited:?}"
+    );
+}
