@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tollgate::client_ip::{ForwardedHeader, TrustedProxies};
-use tollgate::rate_limit::{QUOTA_FORMAT, Quota};
+use tollgate::rate_limit::{FailurePolicy, QUOTA_FORMAT, Quota};
 
 /// Everything the server reads from its environment.
 #[derive(Debug, Clone)]
@@ -28,12 +28,41 @@ pub struct Config {
     /// `RATE_LIMIT_SHADOW`: count would-be rejections without rejecting,
     /// to tune limits on live traffic.
     pub rate_limit_shadow: bool,
+    /// `RATE_LIMIT_STORE` and the `REDIS_*` / `RATE_LIMIT_REDIS_*`
+    /// variables: where limits are counted.
+    pub store: StoreConfig,
+    /// `RATE_LIMIT_FAILURE_MODE`: what the limiter does when its store
+    /// fails. `local` by default: limits keep holding per replica.
+    pub failure_mode: FailurePolicy,
+    /// `RATE_LIMIT_FALLBACK_REPLICAS`: quotas are divided by this while a
+    /// replica decides alone, so the fleet as a whole stays near its quota.
+    pub fallback_replicas: u32,
     /// `LOG_FORMAT`: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// `SHUTDOWN_TIMEOUT` (ms): how long in-flight requests may take to
     /// finish after SIGTERM before the server exits anyway; an idle
     /// keep-alive connection must not hold a deploy hostage.
     pub shutdown_timeout: Duration,
+}
+
+/// Where rate limits are counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process: each replica counts alone.
+    Memory,
+    /// In Redis: one count for the whole fleet.
+    Redis {
+        /// `REDIS_URL`.
+        url: String,
+        /// `RATE_LIMIT_REDIS_CLUSTER`: cluster nodes, empty for a single
+        /// server.
+        cluster_nodes: Vec<String>,
+        /// `RATE_LIMIT_REDIS_PREFIX`: key prefix and hash tag, so several
+        /// deployments can share one Redis.
+        prefix: String,
+        /// `RATE_LIMIT_REDIS_TIMEOUT_MS`: per-check timeout.
+        timeout: Duration,
+    },
 }
 
 /// How log lines are written.
@@ -82,6 +111,33 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     ("RATE_LIMIT_IP", "100/min", QUOTA_FORMAT),
     ("RATE_LIMIT_SHADOW", "false", "true or false"),
+    ("RATE_LIMIT_STORE", "memory", "memory or redis"),
+    (
+        "REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "a redis://, rediss:// or unix:// URL",
+    ),
+    (
+        "RATE_LIMIT_REDIS_PREFIX",
+        "tollgate",
+        "letters, digits, '-', '_' or '.'",
+    ),
+    (
+        "RATE_LIMIT_REDIS_CLUSTER",
+        "false",
+        "true, false, or comma-separated node URLs (redis://host:port,…)",
+    ),
+    (
+        "RATE_LIMIT_REDIS_TIMEOUT_MS",
+        "50",
+        "milliseconds, a whole number above 0",
+    ),
+    ("RATE_LIMIT_FAILURE_MODE", "local", "open, closed or local"),
+    (
+        "RATE_LIMIT_FALLBACK_REPLICAS",
+        "1",
+        "a whole number above 0",
+    ),
     ("LOG_FORMAT", "text", "text or json"),
     ("SHUTDOWN_TIMEOUT", "30000", "milliseconds, a whole number"),
 ];
@@ -132,6 +188,12 @@ impl Config {
             ipv6_prefix,
             rate_limit_ip: var("RATE_LIMIT_IP").parse_or(Quota::per_minute(100))?,
             rate_limit_shadow: var("RATE_LIMIT_SHADOW").parse_bool_or(false)?,
+            store: store_config(&var)?,
+            failure_mode: var("RATE_LIMIT_FAILURE_MODE").parse_or(FailurePolicy::Local)?,
+            fallback_replicas: match var("RATE_LIMIT_FALLBACK_REPLICAS").parse_or(1u32)? {
+                0 => return Err(var("RATE_LIMIT_FALLBACK_REPLICAS").error()),
+                n => n,
+            },
             log_format: match var("LOG_FORMAT").value.as_deref().map(str::trim) {
                 None | Some("text") => LogFormat::Text,
                 Some("json") => LogFormat::Json,
@@ -140,6 +202,67 @@ impl Config {
             shutdown_timeout: Duration::from_millis(var("SHUTDOWN_TIMEOUT").parse_or(30_000u64)?),
         })
     }
+}
+
+fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, ConfigError> {
+    let kind = var("RATE_LIMIT_STORE");
+    match kind.value.as_deref().map(str::trim) {
+        None | Some("memory") => return Ok(StoreConfig::Memory),
+        Some("redis") => {}
+        Some(_) => return Err(kind.error()),
+    }
+    let is_url = |v: &str| {
+        ["redis://", "rediss://", "unix://"]
+            .iter()
+            .any(|p| v.starts_with(p))
+    };
+    let url_var = var("REDIS_URL");
+    let url = url_var
+        .value
+        .clone()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    if !is_url(url.trim()) {
+        return Err(url_var.error());
+    }
+    let cluster = var("RATE_LIMIT_REDIS_CLUSTER");
+    let cluster_nodes = match cluster.value.as_deref().map(str::trim) {
+        None => Vec::new(),
+        Some(v) => match cluster.parse_bool_or(false) {
+            Ok(true) => vec![url.clone()],
+            Ok(false) => Vec::new(),
+            Err(_) => {
+                let nodes: Vec<String> = v.split(',').map(|n| n.trim().to_owned()).collect();
+                if nodes.iter().any(|n| !is_url(n)) {
+                    return Err(cluster.error());
+                }
+                nodes
+            }
+        },
+    };
+    let prefix_var = var("RATE_LIMIT_REDIS_PREFIX");
+    let prefix = prefix_var
+        .value
+        .clone()
+        .unwrap_or_else(|| "tollgate".to_owned());
+    // Braces would break the hash tag; spaces and colons the key layout.
+    if prefix.is_empty()
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(prefix_var.error());
+    }
+    let timeout_var = var("RATE_LIMIT_REDIS_TIMEOUT_MS");
+    let timeout = match timeout_var.parse_or(50u64)? {
+        0 => return Err(timeout_var.error()),
+        ms => Duration::from_millis(ms),
+    };
+    Ok(StoreConfig::Redis {
+        url: url.trim().to_owned(),
+        cluster_nodes,
+        prefix,
+        timeout,
+    })
 }
 
 /// One variable as read.
@@ -201,6 +324,56 @@ mod tests {
         assert_eq!(c.ipv6_prefix, 64);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.store, StoreConfig::Memory);
+        assert_eq!(c.failure_mode, FailurePolicy::Local);
+        assert_eq!(c.fallback_replicas, 1);
+    }
+
+    #[test]
+    fn redis_store() {
+        let c = parse(&[("RATE_LIMIT_STORE", "redis")]).unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig::Redis {
+                url: "redis://127.0.0.1:6379".into(),
+                cluster_nodes: vec![],
+                prefix: "tollgate".into(),
+                timeout: Duration::from_millis(50),
+            }
+        );
+        let c = parse(&[
+            ("RATE_LIMIT_STORE", "redis"),
+            ("REDIS_URL", "redis://10.0.0.5:7000"),
+            ("RATE_LIMIT_REDIS_CLUSTER", "true"),
+            ("RATE_LIMIT_REDIS_PREFIX", "api-prod"),
+            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "20"),
+            ("RATE_LIMIT_FAILURE_MODE", "closed"),
+            ("RATE_LIMIT_FALLBACK_REPLICAS", "3"),
+        ])
+        .unwrap();
+        let StoreConfig::Redis {
+            cluster_nodes,
+            prefix,
+            timeout,
+            ..
+        } = c.store
+        else {
+            panic!("not redis")
+        };
+        assert_eq!(cluster_nodes, ["redis://10.0.0.5:7000"]);
+        assert_eq!(prefix, "api-prod");
+        assert_eq!(timeout, Duration::from_millis(20));
+        assert_eq!(c.failure_mode, FailurePolicy::Closed);
+        assert_eq!(c.fallback_replicas, 3);
+        let c = parse(&[
+            ("RATE_LIMIT_STORE", "redis"),
+            ("RATE_LIMIT_REDIS_CLUSTER", "redis://a:1, redis://b:2"),
+        ])
+        .unwrap();
+        let StoreConfig::Redis { cluster_nodes, .. } = c.store else {
+            panic!("not redis")
+        };
+        assert_eq!(cluster_nodes, ["redis://a:1", "redis://b:2"]);
     }
 
     #[test]
@@ -236,9 +409,21 @@ mod tests {
             ("RATE_LIMIT_IP", "lots"),
             ("RATE_LIMIT_SHADOW", "maybe"),
             ("LOG_FORMAT", "xml"),
+            ("RATE_LIMIT_STORE", "etcd"),
+            ("RATE_LIMIT_FAILURE_MODE", "maybe"),
+            ("RATE_LIMIT_FALLBACK_REPLICAS", "0"),
             ("SHUTDOWN_TIMEOUT", "5s"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+        }
+        for (var, value) in [
+            ("REDIS_URL", "http://localhost"),
+            ("RATE_LIMIT_REDIS_PREFIX", "a{b}"),
+            ("RATE_LIMIT_REDIS_CLUSTER", "maybe"),
+            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "0"),
+        ] {
+            let err = parse(&[("RATE_LIMIT_STORE", "redis"), (var, value)]).unwrap_err();
             assert_eq!(err.var, var);
             assert_eq!(err.value, value);
             let msg = err.to_string();

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod routes;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,30 +17,31 @@ use axum::Router;
 use axum::http::Request;
 use tokio::net::TcpListener;
 use tollgate::client_ip::SetClientIpLayer;
-use tollgate::rate_limit::{ByClientIp, MemoryStore, Policy, RateLimitLayer};
+use tollgate::rate_limit::{ByClientIp, Policy, RateLimitLayer, StoreError};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Config;
+use crate::store::AppStore;
 
 /// What handlers and layers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The configuration the server started with.
     pub config: Arc<Config>,
-    /// Rate-limit state for this replica.
-    pub store: MemoryStore,
+    /// Where rate limits are counted.
+    pub store: AppStore,
 }
 
 impl AppState {
-    /// State for `config`. Call within a Tokio runtime (the store starts
-    /// its idle-key sweeper).
-    pub fn new(config: Config) -> Self {
-        Self {
+    /// State for `config`. Call within a Tokio runtime (stores start
+    /// background tasks).
+    pub fn new(config: Config) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: AppStore::new(&config.store)?,
             config: Arc::new(config),
-            store: MemoryStore::new(),
-        }
+        })
     }
 }
 
@@ -55,8 +57,12 @@ pub fn app(state: AppState) -> Router {
     )
     .with_route_class("public")
     .shadow(config.rate_limit_shadow);
-    let public_api = routes::api::router()
-        .route_layer(RateLimitLayer::new(state.store.clone()).with_policy(per_ip));
+    let public_api = routes::api::router().route_layer(
+        RateLimitLayer::new(state.store.clone())
+            .with_failure_policy(config.failure_mode)
+            .with_fallback_replicas(config.fallback_replicas)
+            .with_policy(per_ip),
+    );
 
     Router::new()
         .merge(routes::health::router())
@@ -98,7 +104,16 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = config.shutdown_timeout;
-    let state = AppState::new(config);
+    let state = AppState::new(config).map_err(std::io::Error::other)?;
+    if let AppStore::Redis(redis) = &state.store {
+        // Not fatal: the failure policy covers a Redis that is down.
+        match redis.ping().await {
+            Ok(()) => tracing::info!("rate limits counted in redis"),
+            Err(err) => {
+                tracing::warn!(%err, "redis not reachable at start; failure policy applies")
+            }
+        }
+    }
     tracing::info!(%addr, "listening");
 
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();

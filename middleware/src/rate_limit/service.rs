@@ -444,6 +444,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn local_failure_policy_decides_with_a_local_store() {
+        let policy = Policy::new("ip", ByClientIp::new(), Quota::per_minute(4));
+        let local = app(RateLimitLayer::new(Broken)
+            .with_policy(policy.clone())
+            .with_failure_policy(FailurePolicy::Local));
+        let statuses: Vec<u16> = futures_statuses(&local, 6).await;
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+        let (_, headers, _) = get(&local, &[]).await;
+        assert_eq!(headers["ratelimit-policy"], r#""ip";q=4;w=60"#);
+
+        // Divided among two replicas: half the quota each.
+        let halved = app(RateLimitLayer::new(Broken)
+            .with_policy(policy)
+            .with_failure_policy(FailurePolicy::Local)
+            .with_fallback_replicas(2));
+        assert_eq!(futures_statuses(&halved, 3).await, [200, 200, 429]);
+    }
+
+    #[tokio::test]
+    async fn a_policy_may_override_the_failure_policy() {
+        let layer = RateLimitLayer::new(Broken)
+            .with_failure_policy(FailurePolicy::Open)
+            .with_policy(Policy::new("route", Global, Quota::per_minute(1)))
+            .with_policy(
+                Policy::new("login", ByClientIp::new(), Quota::per_minute(1))
+                    .with_failure_policy(FailurePolicy::Closed),
+            );
+        assert_eq!(futures_statuses(&app(layer), 2).await, [503, 503]);
+    }
+
+    async fn futures_statuses(app: &axum::Router, n: usize) -> Vec<u16> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(get(app, &[]).await.0.as_u16());
+        }
+        out
+    }
+
+    #[tokio::test]
     async fn poll_ready_only_forwards() {
         let (mock, mut handle) = tower_test_mock();
         let mut svc = ip_layer(Quota::per_minute(1)).layer(mock);
