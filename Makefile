@@ -26,7 +26,9 @@ docs:
 unit:
 	$(CARGO) test --workspace --all-features
 
-# Criterion (ns per check, tollgate vs governor) and memory per key.
-bench:
+# Criterion (ns per check, tollgate vs governor), memory per key, and the
+# load harness (every server configuration against bare axum, with wrk).
+bench: services
 	$(CARGO) bench -p tollgate --bench rate_limit
 	$(CARGO) run --release -p tollgate --example memory_footprint
+	bash load-tests/bench.sh

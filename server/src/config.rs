@@ -62,6 +62,13 @@ pub enum StoreConfig {
         prefix: String,
         /// `RATE_LIMIT_REDIS_TIMEOUT_MS`: per-check timeout.
         timeout: Duration,
+        /// `RATE_LIMIT_REDIS_MAX_BATCH`: requests per script call at most.
+        max_batch: usize,
+        /// `RATE_LIMIT_REDIS_MAX_IN_FLIGHT`: script calls in flight at once.
+        max_in_flight: usize,
+        /// `RATE_LIMIT_REDIS_LOCAL_CACHE`: answer denied keys locally until
+        /// their wait has passed.
+        local_cache: bool,
     },
 }
 
@@ -132,6 +139,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "50",
         "milliseconds, a whole number above 0",
     ),
+    (
+        "RATE_LIMIT_REDIS_MAX_BATCH",
+        "256",
+        "a whole number above 0",
+    ),
+    (
+        "RATE_LIMIT_REDIS_MAX_IN_FLIGHT",
+        "4",
+        "a whole number above 0",
+    ),
+    ("RATE_LIMIT_REDIS_LOCAL_CACHE", "true", "true or false"),
     ("RATE_LIMIT_FAILURE_MODE", "local", "open, closed or local"),
     (
         "RATE_LIMIT_FALLBACK_REPLICAS",
@@ -257,11 +275,21 @@ fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, Confi
         0 => return Err(timeout_var.error()),
         ms => Duration::from_millis(ms),
     };
+    let above_zero = |name: &'static str, default: usize| {
+        let v = var(name);
+        match v.parse_or(default)? {
+            0 => Err(v.error()),
+            n => Ok(n),
+        }
+    };
     Ok(StoreConfig::Redis {
         url: url.trim().to_owned(),
         cluster_nodes,
         prefix,
         timeout,
+        max_batch: above_zero("RATE_LIMIT_REDIS_MAX_BATCH", 256)?,
+        max_in_flight: above_zero("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", 2)?,
+        local_cache: var("RATE_LIMIT_REDIS_LOCAL_CACHE").parse_bool_or(true)?,
     })
 }
 
@@ -339,6 +367,9 @@ mod tests {
                 cluster_nodes: vec![],
                 prefix: "tollgate".into(),
                 timeout: Duration::from_millis(50),
+                max_batch: 256,
+                max_in_flight: 2,
+                local_cache: true,
             }
         );
         let c = parse(&[
@@ -422,6 +453,9 @@ mod tests {
             ("RATE_LIMIT_REDIS_PREFIX", "a{b}"),
             ("RATE_LIMIT_REDIS_CLUSTER", "maybe"),
             ("RATE_LIMIT_REDIS_TIMEOUT_MS", "0"),
+            ("RATE_LIMIT_REDIS_MAX_BATCH", "0"),
+            ("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", "many"),
+            ("RATE_LIMIT_REDIS_LOCAL_CACHE", "sometimes"),
         ] {
             let err = parse(&[("RATE_LIMIT_STORE", "redis"), (var, value)]).unwrap_err();
             assert_eq!(err.var, var);

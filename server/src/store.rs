@@ -32,6 +32,9 @@ impl AppStore {
                 cluster_nodes,
                 prefix,
                 timeout,
+                max_batch,
+                max_in_flight,
+                local_cache,
             } => {
                 let target = if cluster_nodes.is_empty() {
                     RedisTarget::Single(url.clone())
@@ -42,6 +45,9 @@ impl AppStore {
                     RedisStore::builder(target)
                         .prefix(prefix.clone())
                         .timeout(*timeout)
+                        .max_batch(*max_batch)
+                        .max_in_flight(*max_in_flight)
+                        .local_cache(*local_cache)
                         .build()?,
                 )
             }

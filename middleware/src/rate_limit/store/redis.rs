@@ -63,7 +63,7 @@ impl Default for RedisConfig {
             prefix: "tollgate".to_owned(),
             timeout: DEFAULT_REDIS_TIMEOUT,
             max_batch: 256,
-            max_in_flight: 4,
+            max_in_flight: 2,
             failure_threshold: 3,
             probe_interval: Duration::from_millis(500),
             local_cache: true,
@@ -384,6 +384,21 @@ impl RedisStoreBuilder {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.config.timeout = timeout;
+        self
+    }
+
+    /// Sets the most requests decided by one script call (1: one call per
+    /// request, the naive way).
+    #[must_use]
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.config.max_batch = max_batch.max(1);
+        self
+    }
+
+    /// Sets how many script calls may be in flight at once.
+    #[must_use]
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.config.max_in_flight = max_in_flight.max(1);
         self
     }
 

@@ -32,11 +32,12 @@ local BILLION = 1000000000
 
 -- A stored time as ns after now (negative when past).
 local function offset(stored)
-  local s, ns = string.match(stored, '^(%d+):(%d+)$')
-  if not s then
+  local colon = string.find(stored, ':', 1, true)
+  if not colon then
     return 0
   end
-  return (tonumber(s) - now_s) * BILLION + (tonumber(ns) - now_ns)
+  return (tonumber(string.sub(stored, 1, colon - 1)) - now_s) * BILLION
+    + (tonumber(string.sub(stored, colon + 1)) - now_ns)
 end
 
 -- now + off (off >= 0) as "seconds:nanoseconds".
@@ -49,42 +50,50 @@ end
 local out = {}
 local arg = 4
 local key = 1
+-- Per check of the current group, reused across groups: no table per check.
+local K, T, CAP, CHARGE, BASE, NEW, OK = {}, {}, {}, {}, {}, {}, {}
 for _ = 1, tonumber(ARGV[3]) do
   local n = tonumber(ARGV[arg])
   arg = arg + 1
-  local checks = {}
   local group_allowed = true
   for c = 1, n do
     local t = tonumber(ARGV[arg])
     local cap = tonumber(ARGV[arg + 1])
-    local cost = tonumber(ARGV[arg + 2])
+    local charge = t * tonumber(ARGV[arg + 2])
     local enforce = ARGV[arg + 3] == '1'
     arg = arg + 4
-    local stored = redis.call('GET', KEYS[key])
+    local k = KEYS[key]
+    key = key + 1
+    local stored = redis.call('GET', k)
     local base = 0
     if stored then
-      base = math.max(offset(stored), 0)
+      base = offset(stored)
+      if base < 0 then
+        base = 0
+      end
     end
-    local charge = t * cost
     local new = base + charge
     local allowed = new <= cap
     if enforce and not allowed then
       group_allowed = false
     end
-    checks[c] = { KEYS[key], t, cap, charge, base, new, allowed }
-    key = key + 1
+    K[c], T[c], CAP[c], CHARGE[c], BASE[c], NEW[c], OK[c] = k, t, cap, charge, base, new, allowed
   end
   out[#out + 1] = group_allowed and 1 or 0
   for c = 1, n do
-    local k, t, cap, charge, base, new, allowed = unpack(checks[c])
-    if allowed and group_allowed then
+    local t, cap, base, new = T[c], CAP[c], BASE[c], NEW[c]
+    if OK[c] and group_allowed then
       -- Charged. The key lives exactly as long as its state matters.
-      redis.call('SET', k, encode(new), 'PX', math.max(math.ceil(new / 1000000), 1))
+      local ms = math.ceil(new / 1000000)
+      if ms < 1 then
+        ms = 1
+      end
+      redis.call('SET', K[c], encode(new), 'PX', ms)
       out[#out + 1] = 1
       out[#out + 1] = math.floor((cap - new) / t)
       out[#out + 1] = new
       out[#out + 1] = 0
-    elseif allowed then
+    elseif OK[c] then
       -- Would pass, but the group was denied: reported as it stands.
       out[#out + 1] = 1
       out[#out + 1] = math.floor((cap - base) / t)
@@ -92,9 +101,13 @@ for _ = 1, tonumber(ARGV[3]) do
       out[#out + 1] = 0
     else
       out[#out + 1] = 0
-      out[#out + 1] = math.floor(math.max(cap - base, 0) / t)
+      if cap > base then
+        out[#out + 1] = math.floor((cap - base) / t)
+      else
+        out[#out + 1] = 0
+      end
       out[#out + 1] = base
-      if charge > cap then
+      if CHARGE[c] > cap then
         out[#out + 1] = cap
       else
         out[#out + 1] = new - cap

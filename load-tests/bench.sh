@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The benchmark harness: every configuration of the reference server against
+# bare axum, in one run, on loopback. Builds in release, pins the server and
+# the load generator to different cores, runs each configuration ROUNDS
+# times interleaved, and prints a markdown table of medians.
+#
+#   bash load-tests/bench.sh            # defaults: 3 rounds of 5 s, 64 connections
+#   ROUNDS=5 DURATION=10 bash load-tests/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+CONNECTIONS=${CONNECTIONS:-64}
+PORT=${PORT:-18080}
+REDIS_CLI="redis-cli -h 127.0.0.1 -p 6379"
+
+bash scripts/services.sh
+if ! command -v wrk >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+cargo build --release -q -p tollgate-server --bin tollgate-server --example baseline
+
+cores=$(nproc)
+server_cpu=0
+load_cpu=$(( cores > 1 ? 1 : 0 ))
+
+# name | binary | env | wrk extra args
+configs=(
+  "bare axum|baseline||"
+  "memory store|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua"
+  "redis store (batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua"
+  "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1 RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|-s load-tests/xff.lua"
+  "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h|"
+  "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h|"
+)
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true' EXIT
+
+to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
+        else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
+        else print v }'
+}
+
+evalsha_calls() {
+    $REDIS_CLI info commandstats | awk -F'[:=,]' '/^cmdstat_evalsha:/ { print $3; found=1 } END { if (!found) print 0 }'
+}
+
+for round in $(seq "$ROUNDS"); do
+    for i in "${!configs[@]}"; do
+        IFS='|' read -r name binary env wrk_args <<<"${configs[$i]}"
+        prefix="bench-$$-$round-$i"
+        if [ "$binary" = baseline ]; then
+            bin=target/release/examples/baseline
+        else
+            bin=target/release/tollgate-server
+        fi
+        # shellcheck disable=SC2086
+        env LISTEN_ADDR=127.0.0.1:$PORT RUST_LOG=warn RATE_LIMIT_REDIS_PREFIX=$prefix $env \
+            taskset -c "$server_cpu" "$bin" >"$tmp/server.log" 2>&1 &
+        server_pid=$!
+        for _ in $(seq 100); do
+            curl -s -o /dev/null "http://127.0.0.1:$PORT/api/v1/ping" && break
+            sleep 0.05
+        done
+        before=$(evalsha_calls)
+        # shellcheck disable=SC2086
+        taskset -c "$load_cpu" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency $wrk_args \
+            "http://127.0.0.1:$PORT/api/v1/ping" >"$tmp/wrk.txt"
+        after=$(evalsha_calls)
+        kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+        rps=$(awk '/^Requests\/sec:/ { print $2 }' "$tmp/wrk.txt")
+        total=$(awk '/requests in/ { print $1 }' "$tmp/wrk.txt")
+        p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$tmp/wrk.txt")")
+        p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$tmp/wrk.txt")")
+        errors=$(awk '/Non-2xx or 3xx responses:/ { print $5 } /Socket errors/ { print "socket-errors" }' "$tmp/wrk.txt" | head -1)
+        calls=$(( after - before ))
+        echo "$i|$round|$rps|$p50|$p99|$calls|$total|${errors:-0}" >>"$tmp/results"
+        printf 'round %s %-34s %10s req/s  p50 %6s ms  p99 %6s ms  evalsha %s\n' \
+            "$round" "$name" "$rps" "$p50" "$p99" "$calls" >&2
+    done
+done
+
+median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+bare=$(awk -F'|' '$1 == 0 { print $3 }' "$tmp/results" | median)
+echo
+echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, median of $ROUNDS interleaved rounds (\`bash load-tests/bench.sh\`):"
+echo
+echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request |"
+echo "|---|---|---|---|---|---|"
+for i in "${!configs[@]}"; do
+    IFS='|' read -r name _ _ _ <<<"${configs[$i]}"
+    rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
+    p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
+    p99=$(awk -F'|' -v i="$i" '$1 == i { print $5 }' "$tmp/results" | median)
+    per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
+    ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
+    printf '| %s | %.0f | %s | %.2f | %.2f | %.3f |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per"
+done
