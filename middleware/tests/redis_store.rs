@@ -4,8 +4,6 @@
 #![cfg(feature = "redis")]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -14,23 +12,10 @@ use tollgate::rate_limit::{
     Check, Decisions, Key, ManualClock, MemoryStore, PolicyName, Quota, RedisStore, RedisTarget,
     Store, StoreErrorKind,
 };
+use tollgate_test_support::{OwnRedis, unique_prefix as prefix};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-/// A prefix no other test (or earlier run) uses.
-fn prefix(test: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "t-{test}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 fn check(policy: &str, key: impl Into<Key>, quota: Quota, cost: u32) -> Check {
@@ -158,70 +143,6 @@ async fn a_denied_key_is_answered_locally_until_its_wait_has_passed() {
     assert_eq!(store.stats().local_denials, 1000);
 }
 
-/// A `redis-server` of the test's own on a free loopback port.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start(port: Option<u16>) -> Self {
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (make test installs it)");
-        let own = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        own
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_dead_redis_opens_the_breaker_and_a_restarted_one_is_used_again() {
     let redis = OwnRedis::start(None);
@@ -234,7 +155,7 @@ async fn a_dead_redis_opens_the_breaker_and_a_restarted_one_is_used_again() {
     assert!(store.check(&c).await.unwrap().allowed);
     assert!(store.is_available());
 
-    redis.stop();
+    drop(redis);
     let mut errors = 0;
     for _ in 0..10 {
         if store.check(&c).await.is_err() {

@@ -6,7 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OwnRedis, Server, client, unique_prefix};
+use common::{Server, client};
+use tollgate_test_support::{OwnRedis, unique_prefix};
 
 const QUOTA: usize = 20;
 

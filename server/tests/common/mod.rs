@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: the real binary on a free
-//! loopback port, and a `redis-server` of a test's own.
+//! loopback port.
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
@@ -67,66 +67,4 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap()
-}
-
-/// A `redis-server` of the test's own on a free loopback port, stopped when
-/// dropped.
-pub struct OwnRedis {
-    child: Child,
-    pub port: u16,
-}
-
-impl OwnRedis {
-    pub fn start(port: Option<u16>) -> Self {
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (make test installs it)");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, port }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A Redis key prefix no other test (or earlier run) uses.
-pub fn unique_prefix(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{test}-{}-{nanos}", std::process::id())
 }

@@ -1,0 +1,95 @@
+//! Helpers for Tollgate's integration tests: real services on loopback,
+//! never mocks.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A `redis-server` of the test's own on a loopback port, for tests that
+/// kill, pause or restart Redis; stopped when dropped.
+#[derive(Debug)]
+pub struct OwnRedis {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl OwnRedis {
+    /// Starts one on `port`, or on a free port, and waits (at most 5 s)
+    /// until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH` (`make test` installs it) or does
+    /// not start.
+    pub fn start(port: Option<u16>) -> Self {
+        let port = port.unwrap_or_else(free_port);
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (make test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, …) to the process.
+    ///
+    /// # Panics
+    ///
+    /// If `kill` fails.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} failed");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now.
+///
+/// # Panics
+///
+/// If no loopback port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A Redis key prefix that no other test, process or earlier run uses.
+pub fn unique_prefix(test: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "t-{test}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
