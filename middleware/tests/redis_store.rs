@@ -205,3 +205,51 @@ async fn a_stalled_redis_trips_the_timeout_not_seconds() {
         "waited {waited:?}"
     );
 }
+
+/// A three-node Redis Cluster of the test's own; every key of a deployment
+/// lives in the slot of its hash tag, so policies are still decided
+/// together.
+#[tokio::test]
+async fn cluster_mode_decides_like_a_single_server() {
+    let nodes: Vec<OwnRedis> = (0..3).map(|_| OwnRedis::start_cluster_node()).collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
+    let store = RedisStore::builder(RedisTarget::Cluster(urls))
+        .prefix(prefix("cluster"))
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    // The cluster needs a moment to agree on its slots.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let quota = Quota::per_minute(2);
+    let c = [
+        check("ip", "a", quota, 1),
+        check("tenant", "t", Quota::per_minute(5), 1),
+    ];
+    let first = loop {
+        match store.check(&c).await {
+            Ok(d) => break d,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "cluster never answered: {err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(first.allowed);
+    assert!(store.check(&c).await.unwrap().allowed);
+    let denied = store.check(&c).await.unwrap();
+    assert!(!denied.allowed);
+    // All or nothing across the two keys: the tenant was charged twice.
+    assert_eq!(denied.each[1].remaining, 3);
+}

@@ -24,10 +24,26 @@ impl OwnRedis {
     /// If `redis-server` is not on `PATH` (`make test` installs it) or does
     /// not start.
     pub fn start(port: Option<u16>) -> Self {
-        let port = port.unwrap_or_else(free_port);
+        Self::spawn(port.unwrap_or_else(free_port), &[])
+    }
+
+    /// Starts a cluster-enabled node on a free port, its cluster state in a
+    /// fresh temporary directory; join nodes with `redis-cli --cluster create`.
+    pub fn start_cluster_node() -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let dir = dir.to_string_lossy().into_owned();
+        Self::spawn(port, &["--cluster-enabled", "yes", "--dir", &dir])
+    }
+
+    fn spawn(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (make test installs it)");
