@@ -29,6 +29,6 @@ unit:
 # Criterion (ns per check, tollgate vs governor), memory per key, and the
 # load harness (every server configuration against bare axum, with wrk).
 bench: services
-	$(CARGO) bench -p tollgate --bench rate_limit
+	$(CARGO) bench -p tollgate --all-features --bench rate_limit
 	$(CARGO) run --release -p tollgate --example memory_footprint
 	bash load-tests/bench.sh

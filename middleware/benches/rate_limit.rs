@@ -1,7 +1,9 @@
 //! ns per check of `MemoryStore` against governor's keyed limiter, for one
-//! hot key and for 1 M distinct keys.
+//! hot key and for 1 M distinct keys; and, with the `redis` feature, the
+//! batched `RedisStore` against one script call per check.
 //!
-//! Run with `cargo bench -p tollgate --bench rate_limit`.
+//! Run with `cargo bench -p tollgate --all-features --bench rate_limit`
+//! (Redis on 127.0.0.1:6379 or `REDIS_URL`: `bash scripts/services.sh`).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -93,6 +95,59 @@ fn bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(4));
-    targets = bench
+    targets = bench, bench_redis
 }
 criterion_main!(benches);
+
+/// 64 concurrent checks of distinct keys against the Redis of
+/// `scripts/services.sh`: the batched store against one script call per
+/// check (the naive way), per check.
+#[cfg(feature = "redis")]
+fn bench_redis(c: &mut Criterion) {
+    use tollgate::rate_limit::{RedisStore, RedisTarget};
+
+    const CONCURRENT: u32 = 64;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let quota = Quota::per_second(1_000_000_000);
+    let policy = PolicyName::new("ip");
+    let mut group = c.benchmark_group("redis_64_concurrent");
+    group.throughput(criterion::Throughput::Elements(u64::from(CONCURRENT)));
+    for (name, naive) in [("batched", false), ("naive_one_call_per_check", true)] {
+        let store = runtime.block_on(async {
+            let mut builder = RedisStore::builder(RedisTarget::Single(url.clone()))
+                .prefix(format!("bench-{}-{name}", std::process::id()));
+            if naive {
+                builder = builder
+                    .max_batch(1)
+                    .max_in_flight(100_000)
+                    .local_cache(false);
+            }
+            builder.build().unwrap()
+        });
+        let mut round = 0u32;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                round = round.wrapping_add(1);
+                runtime.block_on(async {
+                    let checks: Vec<_> = (0..CONCURRENT)
+                        .map(|i| {
+                            let store = store.clone();
+                            let key = ip(round.wrapping_mul(CONCURRENT).wrapping_add(i) % KEYS);
+                            tokio::spawn(
+                                async move { store.check(&[check(policy, key, quota)]).await },
+                            )
+                        })
+                        .collect();
+                    for c in checks {
+                        assert!(c.await.unwrap().unwrap().allowed);
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "redis"))]
+fn bench_redis(_: &mut Criterion) {}
