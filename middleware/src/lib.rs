@@ -4,6 +4,8 @@
 //!
 //! - [`client_ip`]: who is calling, from the socket peer and, only behind
 //!   trusted proxies, `X-Forwarded-For` / `Forwarded`;
+//! - [`health`]: liveness, readiness from background checks, drain on
+//!   shutdown;
 //! - [`rate_limit`]: GCRA rate limiting with named policies (per IP, per
 //!   tenant, per trust level, …) decided all-or-nothing against a pluggable
 //!   [`Store`](rate_limit::Store), answering with the IETF `RateLimit`
@@ -66,5 +68,6 @@
 mod macros;
 
 pub mod client_ip;
+pub mod health;
 pub mod problem;
 pub mod rate_limit;

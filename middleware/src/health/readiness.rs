@@ -1,0 +1,489 @@
+//! [`Readiness`]: background checks, drain flag, and the probe routes.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use tokio::sync::watch;
+
+type CheckFn =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// Misses in a row before a check counts as failing: one slow answer
+/// should not pull a replica out of the load balancer.
+const MISSES_TO_FAIL: u32 = 2;
+
+/// The readiness of this process: named checks run in the background, and
+/// a drain flag set on shutdown.
+///
+/// Cloning is cheap; every clone sees the same state. The background task
+/// ends when the last clone is dropped.
+///
+/// See the [module docs](crate::health) for an example.
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    checks: Vec<Entry>,
+    draining: AtomicBool,
+    /// Results, replaced after each round; `None` before the first.
+    report: watch::Sender<Option<Vec<CheckReport>>>,
+    timeout: Duration,
+}
+
+struct Entry {
+    name: String,
+    critical: bool,
+    run: CheckFn,
+}
+
+/// Builds a [`Readiness`].
+pub struct ReadinessBuilder {
+    checks: Vec<Entry>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// One check's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    /// Answering.
+    Pass,
+    /// Missed once: still counted as passing.
+    Warn,
+    /// Missed twice or more in a row.
+    Fail,
+}
+
+/// One check's last result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// The check's name.
+    #[serde(skip)]
+    pub name: String,
+    /// Its state.
+    pub status: CheckStatus,
+    /// How long the last run took, in milliseconds.
+    #[serde(rename = "observedValue")]
+    pub latency_ms: f64,
+    /// Always `"ms"`.
+    #[serde(rename = "observedUnit")]
+    pub unit: &'static str,
+    /// The last error, if the last run failed.
+    #[serde(rename = "output", skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Whether the check gates readiness.
+    #[serde(rename = "affectsReadiness")]
+    pub critical: bool,
+    /// Misses in a row.
+    #[serde(skip)]
+    pub misses: u32,
+}
+
+/// The readiness of the process at one moment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `pass` when ready, else `fail`.
+    pub status: &'static str,
+    /// Why not ready, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<&'static str>,
+    /// Per check.
+    pub checks: std::collections::BTreeMap<String, [CheckReport; 1]>,
+}
+
+// === impl ReadinessBuilder ===
+
+impl ReadinessBuilder {
+    /// Adds a critical check: readiness fails while it fails. `check`
+    /// returns an error message on failure; it is cut off at the timeout.
+    #[must_use]
+    pub fn check<F, Fut>(self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.add(name.into(), true, check)
+    }
+
+    /// Adds a check that is reported but does not gate readiness.
+    #[must_use]
+    pub fn non_critical_check<F, Fut>(self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.add(name.into(), false, check)
+    }
+
+    fn add<F, Fut>(mut self, name: String, critical: bool, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push(Entry {
+            name,
+            critical,
+            run: Arc::new(move || Box::pin(check())),
+        });
+        self
+    }
+
+    /// How often checks run (default 5 s).
+    #[must_use]
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// How long one check may take (default 2 s): a check that does not
+    /// answer in time has missed.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Starts the background checks (the first round at once).
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn start(self) -> Readiness {
+        let (report, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            checks: self.checks,
+            draining: AtomicBool::new(false),
+            report,
+            timeout: self.timeout,
+        });
+        tokio::spawn(run_checks(Arc::downgrade(&inner), self.interval));
+        Readiness { inner }
+    }
+}
+
+impl fmt::Debug for ReadinessBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadinessBuilder")
+            .field(
+                "checks",
+                &self.checks.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Runs every check each `interval` until the readiness is dropped.
+async fn run_checks(inner: Weak<Inner>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let previous = inner.report.borrow().clone();
+        let mut round = tokio::task::JoinSet::new();
+        for (i, entry) in inner.checks.iter().enumerate() {
+            let run = entry.run.clone();
+            let timeout = inner.timeout;
+            round.spawn(async move {
+                let started = tokio::time::Instant::now();
+                let result = match tokio::time::timeout(timeout, run()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+                (i, result, started.elapsed())
+            });
+        }
+        let mut reports: Vec<CheckReport> = inner
+            .checks
+            .iter()
+            .map(|entry| CheckReport {
+                name: entry.name.clone(),
+                status: CheckStatus::Fail,
+                latency_ms: 0.0,
+                unit: "ms",
+                last_error: None,
+                critical: entry.critical,
+                misses: 0,
+            })
+            .collect();
+        while let Some(joined) = round.join_next().await {
+            let Ok((i, result, took)) = joined else {
+                continue;
+            };
+            let misses_before = previous.as_ref().map_or(0, |p| p[i].misses);
+            let report = &mut reports[i];
+            report.latency_ms = took.as_secs_f64() * 1000.0;
+            match result {
+                Ok(()) => report.status = CheckStatus::Pass,
+                Err(error) => {
+                    // Before the first pass, one miss is a failure.
+                    report.misses = misses_before + 1;
+                    report.status = if report.misses >= MISSES_TO_FAIL || previous.is_none() {
+                        CheckStatus::Fail
+                    } else {
+                        CheckStatus::Warn
+                    };
+                    report.last_error = Some(error);
+                }
+            }
+            let was = previous.as_ref().map(|p| p[i].status);
+            if was.is_some_and(|was| was != CheckStatus::Fail) && report.status == CheckStatus::Fail
+            {
+                tracing::warn!(check = %report.name, error = ?report.last_error, "readiness check failing");
+            } else if was == Some(CheckStatus::Fail) && report.status == CheckStatus::Pass {
+                tracing::info!(check = %report.name, "readiness check passing again");
+            }
+        }
+        inner.report.send_replace(Some(reports));
+    }
+}
+
+// === impl Readiness ===
+
+impl Readiness {
+    /// A builder with no checks, a 5 s interval and a 2 s timeout.
+    pub fn builder() -> ReadinessBuilder {
+        ReadinessBuilder {
+            checks: Vec::new(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Whether the process should receive traffic: the first round has
+    /// run, every critical check passes, and it is not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining()
+            && self.inner.report.borrow().as_ref().is_some_and(|checks| {
+                checks
+                    .iter()
+                    .all(|c| !c.critical || c.status != CheckStatus::Fail)
+            })
+    }
+
+    /// Marks the process as draining: readiness fails from now on, so the
+    /// load balancer stops sending traffic. Irreversible.
+    pub fn drain(&self) {
+        if !self.inner.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!("draining: readiness now fails");
+        }
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Waits until the first round of checks has finished.
+    pub async fn wait_first_round(&self) {
+        let mut rx = self.inner.report.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// The current state, as the readiness probe reports it.
+    pub fn report(&self) -> Report {
+        let ready = self.is_ready();
+        let checks = self.inner.report.borrow().clone();
+        let output = if self.is_draining() {
+            Some("draining")
+        } else if checks.is_none() {
+            Some("starting: first round of checks not finished")
+        } else if !ready {
+            Some("a critical check is failing")
+        } else {
+            None
+        };
+        Report {
+            status: if ready { "pass" } else { "fail" },
+            output,
+            checks: checks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| (c.name.clone(), [c]))
+                .collect(),
+        }
+    }
+
+    /// `/health`, `/healthz`, `/ready` and `/readyz`.
+    pub fn router<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
+        let readiness = self.clone();
+        let ready = move || {
+            let readiness = readiness.clone();
+            async move { readiness.report().into_response() }
+        };
+        Router::new()
+            .route("/health", get(live))
+            .route("/healthz", get(live))
+            .route("/ready", get(ready.clone()))
+            .route("/readyz", get(ready))
+    }
+}
+
+impl fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.is_ready())
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The media type of the health-check-response draft.
+const HEALTH_JSON: &str = "application/health+json";
+
+fn health_json(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(HEALTH_JSON));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+async fn live() -> Response {
+    health_json(StatusCode::OK, br#"{"status":"pass"}"#.to_vec())
+}
+
+impl IntoResponse for Report {
+    fn into_response(self) -> Response {
+        let status = if self.status == "pass" {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        health_json(status, serde_json::to_vec(&self).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    /// A check whose answer the test sets.
+    fn switch() -> (
+        Arc<AtomicBool>,
+        impl Fn() -> std::future::Ready<Result<(), String>> + Send + Sync + 'static,
+    ) {
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        (up, move || {
+            std::future::ready(if flag.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("down".to_owned())
+            })
+        })
+    }
+
+    async fn next_round(r: &Readiness) {
+        let mut rx = r.inner.report.subscribe();
+        rx.borrow_and_update();
+        let _ = rx.changed().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_ready_before_the_first_round_then_ready() {
+        let (_, check) = switch();
+        let r = Readiness::builder().check("db", check).start();
+        assert!(!r.is_ready());
+        assert_eq!(
+            r.report().output,
+            Some("starting: first round of checks not finished")
+        );
+        r.wait_first_round().await;
+        assert!(r.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fails_after_two_misses_and_recovers_after_one_success() {
+        let (up, check) = switch();
+        let r = Readiness::builder()
+            .check("db", check)
+            .interval(Duration::from_secs(1))
+            .start();
+        r.wait_first_round().await;
+        up.store(false, Ordering::SeqCst);
+        next_round(&r).await;
+        assert!(r.is_ready(), "one miss is a warning");
+        assert_eq!(r.report().checks["db"][0].status, CheckStatus::Warn);
+        next_round(&r).await;
+        assert!(!r.is_ready());
+        let report = r.report();
+        assert_eq!(report.checks["db"][0].status, CheckStatus::Fail);
+        assert_eq!(report.checks["db"][0].last_error.as_deref(), Some("down"));
+        up.store(true, Ordering::SeqCst);
+        next_round(&r).await;
+        assert!(r.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_check_times_out_and_probes_never_wait() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let r = Readiness::builder()
+            .check("stuck", move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<Result<(), String>>()
+            })
+            .timeout(Duration::from_millis(100))
+            .interval(Duration::from_secs(1))
+            .start();
+        r.wait_first_round().await;
+        let report = r.report();
+        assert_eq!(report.status, "fail");
+        assert!(
+            report.checks["stuck"][0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("no answer")
+        );
+        // Reading readiness runs nothing.
+        let before = runs.load(Ordering::SeqCst);
+        for _ in 0..100 {
+            let _ = r.report();
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_critical_checks_are_reported_but_do_not_gate() {
+        let (up, check) = switch();
+        up.store(false, Ordering::SeqCst);
+        let r = Readiness::builder()
+            .non_critical_check("cache", check)
+            .start();
+        r.wait_first_round().await;
+        assert!(r.is_ready());
+        let json = serde_json::to_value(r.report()).unwrap();
+        assert_eq!(json["checks"]["cache"][0]["status"], "fail");
+        assert_eq!(json["checks"]["cache"][0]["affectsReadiness"], false);
+        assert_eq!(json["checks"]["cache"][0]["observedUnit"], "ms");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_fails_readiness() {
+        let r = Readiness::builder().start();
+        r.wait_first_round().await;
+        assert!(r.is_ready());
+        r.drain();
+        assert!(!r.is_ready());
+        assert_eq!(r.report().output, Some("draining"));
+    }
+}
