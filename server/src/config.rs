@@ -39,6 +39,15 @@ pub struct Config {
     pub fallback_replicas: u32,
     /// `LOG_FORMAT`: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
+    /// `READY_CHECK_INTERVAL` (ms): how often readiness checks run in the
+    /// background.
+    pub ready_check_interval: Duration,
+    /// `READY_CHECK_TIMEOUT` (ms): how long one readiness check may take.
+    pub ready_check_timeout: Duration,
+    /// `SHUTDOWN_DRAIN_DELAY` (ms): after SIGTERM, how long the server
+    /// keeps serving with readiness failing, so the load balancer notices
+    /// before connections are refused.
+    pub shutdown_drain_delay: Duration,
     /// `SHUTDOWN_TIMEOUT` (ms): how long in-flight requests may take to
     /// finish after SIGTERM before the server exits anyway; an idle
     /// keep-alive connection must not hold a deploy hostage.
@@ -157,6 +166,21 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "a whole number above 0",
     ),
     ("LOG_FORMAT", "text", "text or json"),
+    (
+        "READY_CHECK_INTERVAL",
+        "5000",
+        "milliseconds, a whole number above 0",
+    ),
+    (
+        "READY_CHECK_TIMEOUT",
+        "2000",
+        "milliseconds, a whole number above 0",
+    ),
+    (
+        "SHUTDOWN_DRAIN_DELAY",
+        "5000",
+        "milliseconds, a whole number",
+    ),
     ("SHUTDOWN_TIMEOUT", "30000", "milliseconds, a whole number"),
 ];
 
@@ -217,8 +241,20 @@ impl Config {
                 Some("json") => LogFormat::Json,
                 Some(_) => return Err(var("LOG_FORMAT").error()),
             },
+            ready_check_interval: millis_above_zero(var("READY_CHECK_INTERVAL"), 5_000)?,
+            ready_check_timeout: millis_above_zero(var("READY_CHECK_TIMEOUT"), 2_000)?,
+            shutdown_drain_delay: Duration::from_millis(
+                var("SHUTDOWN_DRAIN_DELAY").parse_or(5_000u64)?,
+            ),
             shutdown_timeout: Duration::from_millis(var("SHUTDOWN_TIMEOUT").parse_or(30_000u64)?),
         })
+    }
+}
+
+fn millis_above_zero(var: Var, default: u64) -> Result<Duration, ConfigError> {
+    match var.parse_or(default)? {
+        0 => Err(var.error()),
+        ms => Ok(Duration::from_millis(ms)),
     }
 }
 
@@ -444,6 +480,9 @@ mod tests {
             ("RATE_LIMIT_FAILURE_MODE", "maybe"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "0"),
             ("SHUTDOWN_TIMEOUT", "5s"),
+            ("SHUTDOWN_DRAIN_DELAY", "-1"),
+            ("READY_CHECK_INTERVAL", "0"),
+            ("READY_CHECK_TIMEOUT", "soon"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

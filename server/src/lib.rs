@@ -17,7 +17,8 @@ use axum::Router;
 use axum::http::Request;
 use tokio::net::TcpListener;
 use tollgate::client_ip::SetClientIpLayer;
-use tollgate::rate_limit::{ByClientIp, Policy, RateLimitLayer, StoreError};
+use tollgate::health::Readiness;
+use tollgate::rate_limit::{ByClientIp, FailurePolicy, Policy, RateLimitLayer, StoreError};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -32,22 +33,43 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Where rate limits are counted.
     pub store: AppStore,
+    /// Whether this replica should get traffic.
+    pub readiness: Readiness,
 }
 
 impl AppState {
-    /// State for `config`. Call within a Tokio runtime (stores start
-    /// background tasks).
+    /// State for `config`, with its readiness checks started. Call within a
+    /// Tokio runtime (stores and checks run background tasks).
     pub fn new(config: Config) -> Result<Self, StoreError> {
+        let store = AppStore::new(&config.store)?;
+        let mut checks = Readiness::builder()
+            .interval(config.ready_check_interval)
+            .timeout(config.ready_check_timeout);
+        if let AppStore::Redis(redis) = &store {
+            let redis = redis.clone();
+            let ping = move || {
+                let redis = redis.clone();
+                async move { redis.ping().await.map_err(|e| e.to_string()) }
+            };
+            // Without Redis a replica still serves under `open` or `local`:
+            // then Redis is reported, not gating.
+            checks = if config.failure_mode == FailurePolicy::Closed {
+                checks.check("redis", ping)
+            } else {
+                checks.non_critical_check("redis", ping)
+            };
+        }
         Ok(Self {
-            store: AppStore::new(&config.store)?,
+            store,
+            readiness: checks.start(),
             config: Arc::new(config),
         })
     }
 }
 
 /// The router with every layer, outermost first: request id → trace →
-/// client IP; the per-IP limit sits on the public API routes only, so
-/// liveness is never limited.
+/// client IP → `Connection: close` while draining; the per-IP limit sits
+/// on the public API routes only, so health probes are never limited.
 pub fn app(state: AppState) -> Router {
     let config = &state.config;
     let per_ip = Policy::new(
@@ -65,7 +87,7 @@ pub fn app(state: AppState) -> Router {
     );
 
     Router::new()
-        .merge(routes::health::router())
+        .merge(state.readiness.router())
         .merge(public_api)
         .fallback(routes::not_found)
         .layer(
@@ -90,13 +112,35 @@ pub fn app(state: AppState) -> Router {
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(SetClientIpLayer::new(config.trusted_proxies.clone())),
+                .layer(SetClientIpLayer::new(config.trusted_proxies.clone()))
+                .layer(axum::middleware::map_response_with_state(
+                    state.readiness.clone(),
+                    close_when_draining,
+                )),
         )
         .with_state(state)
 }
 
-/// Serves on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish for at most the configured shutdown timeout.
+/// While draining, asks clients to close their connection after this
+/// response, so keep-alive clients reconnect through the load balancer to
+/// another replica.
+async fn close_when_draining(
+    axum::extract::State(readiness): axum::extract::State<Readiness>,
+    mut res: axum::response::Response,
+) -> axum::response::Response {
+    if readiness.is_draining() {
+        res.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    res
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness
+/// fails and responses carry `Connection: close` for the drain delay, while
+/// the server keeps serving; then it stops accepting and lets in-flight
+/// requests finish for at most the shutdown timeout.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -104,7 +148,9 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = config.shutdown_timeout;
+    let drain_delay = config.shutdown_drain_delay;
     let state = AppState::new(config).map_err(std::io::Error::other)?;
+    let readiness = state.readiness.clone();
     if let AppStore::Redis(redis) = &state.store {
         // Not fatal: the failure policy covers a Redis that is down.
         match redis.ping().await {
@@ -119,7 +165,10 @@ pub async fn run(
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
-        tracing::info!("shutdown signal received; finishing in-flight requests");
+        readiness.drain();
+        tracing::info!(?drain_delay, "shutdown signal received; draining");
+        tokio::time::sleep(drain_delay).await;
+        tracing::info!("no longer accepting; finishing in-flight requests");
         let _ = signalled_tx.send(());
     };
     let server = axum::serve(

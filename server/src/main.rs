@@ -21,7 +21,20 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tollgate_server::run(listener, config, tollgate_server::shutdown_signal()).await {
+    // The first signal drains; a second one exits at once.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tollgate_server::shutdown_signal().await;
+        let _ = first_tx.send(());
+        tollgate_server::shutdown_signal().await;
+        tracing::warn!("second signal: exiting now");
+        #[allow(clippy::exit)] // deliberate: the operator asked twice
+        std::process::exit(130);
+    });
+    let shutdown = async move {
+        let _ = first_rx.await;
+    };
+    match tollgate_server::run(listener, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(%err, "server failed");

@@ -141,6 +141,197 @@ fn bad_configuration_exits_naming_the_variable() {
 }
 
 #[tokio::test]
+async fn readiness_passes_once_started() {
+    let server = Server::start(&[]);
+    let http = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = http.get(server.url("/ready")).send().await.unwrap();
+        if res.status() == 200 {
+            assert_eq!(res.headers()["content-type"], "application/health+json");
+            let body: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(body["status"], "pass");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        http.get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+fn sigterm(server: &Server) {
+    let status = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server still running after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits() {
+    let mut server = Server::start(&[("SHUTDOWN_DRAIN_DELAY", "600")]);
+    let http = client();
+    assert_eq!(
+        http.get(server.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    sigterm(&server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Draining: not ready, but still serving, and asking clients to close.
+    let res = http.get(server.url("/ready")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["output"], "draining");
+    let res = http.get(server.url("/api/v1/ping")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["connection"], "close");
+    assert_eq!(
+        http.get(server.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let status = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Steady load from clients that, like a load balancer, stop sending new
+/// requests to a replica once its readiness fails: not one request fails.
+#[tokio::test]
+async fn no_request_fails_across_a_sigterm() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    let mut server = Server::start(&[
+        ("SHUTDOWN_DRAIN_DELAY", "500"),
+        ("RATE_LIMIT_IP", "4000000000/s"),
+    ]);
+    let base = server.base.clone();
+    let routed_away = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, routed_away, ok, failed) = (
+                base.clone(),
+                routed_away.clone(),
+                ok.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                let http = client();
+                while !routed_away.load(Ordering::SeqCst) {
+                    match http.get(format!("{base}/api/v1/ping")).send().await {
+                        Ok(res) if res.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                        Ok(res) => {
+                            eprintln!("failed: {}", res.status());
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                        Err(err) => {
+                            eprintln!("failed: {err}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    // The "load balancer": polls readiness, routes away when it fails.
+    let monitor = {
+        let (base, routed_away) = (base.clone(), routed_away.clone());
+        tokio::spawn(async move {
+            let http = client();
+            loop {
+                let ready = http.get(format!("{base}/ready")).send().await;
+                if !matches!(ready, Ok(ref r) if r.status() == 200) {
+                    routed_away.store(true, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ok.load(Ordering::SeqCst);
+    sigterm(&server);
+    monitor.await.unwrap();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let status = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert!(status.success());
+    assert!(before > 10, "too little load before the signal: {before}");
+    assert!(
+        ok.load(Ordering::SeqCst) > before,
+        "nothing served after the signal"
+    );
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_half_sent_request_cannot_hold_shutdown_past_the_deadline() {
+    use std::io::Write;
+    let mut server = Server::start(&[("SHUTDOWN_TIMEOUT", "400")]);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = tokio::time::Instant::now();
+    sigterm(&server);
+    let status = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert!(status.success());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "exited after {took:?}, before the deadline"
+    );
+    assert!(took < Duration::from_millis(2000), "exited after {took:?}");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut server = Server::start(&[("SHUTDOWN_DRAIN_DELAY", "10000")]);
+    sigterm(&server);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "still draining");
+    sigterm(&server);
+    let status = wait_exit(&mut server, Duration::from_secs(2)).await;
+    assert_eq!(status.code(), Some(130));
+}
+
+#[tokio::test]
 async fn sigterm_stops_the_server_cleanly() {
     let mut server = Server::start(&[]);
     let res = client().get(server.url("/health")).send().await.unwrap();

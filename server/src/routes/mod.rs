@@ -1,7 +1,6 @@
 //! The server's routes.
 
 pub mod api;
-pub mod health;
 
 use crate::error::AppError;
 

@@ -20,6 +20,8 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-server"));
         cmd.env("LISTEN_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")
+            // Tests that care about draining set their own delay.
+            .env("SHUTDOWN_DRAIN_DELAY", "0")
             .env_remove("LOG_FORMAT")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
