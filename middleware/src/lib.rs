@@ -6,6 +6,8 @@
 //!   trusted proxies, `X-Forwarded-For` / `Forwarded`;
 //! - [`health`]: liveness, readiness from background checks, drain on
 //!   shutdown;
+//! - `metrics` (feature `metrics`): request metrics in the OpenTelemetry
+//!   HTTP conventions, and a Prometheus exporter with real histograms;
 //! - [`rate_limit`]: GCRA rate limiting with named policies (per IP, per
 //!   tenant, per trust level, …) decided all-or-nothing against a pluggable
 //!   [`Store`](rate_limit::Store), answering with the IETF `RateLimit`
@@ -69,5 +71,8 @@ mod macros;
 
 pub mod client_ip;
 pub mod health;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod problem;
 pub mod rate_limit;

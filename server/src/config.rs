@@ -37,6 +37,9 @@ pub struct Config {
     /// `RATE_LIMIT_FALLBACK_REPLICAS`: quotas are divided by this while a
     /// replica decides alone, so the fleet as a whole stays near its quota.
     pub fallback_replicas: u32,
+    /// `METRICS_ADDR`: when set, `/metrics` is served only there (an admin
+    /// address that need not face the internet), not on `LISTEN_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
     /// `LOG_FORMAT`: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// `READY_CHECK_INTERVAL` (ms): how often readiness checks run in the
@@ -165,6 +168,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "1",
         "a whole number above 0",
     ),
+    (
+        "METRICS_ADDR",
+        "",
+        "a socket address, e.g. 127.0.0.1:9090; unset: /metrics on LISTEN_ADDR",
+    ),
     ("LOG_FORMAT", "text", "text or json"),
     (
         "READY_CHECK_INTERVAL",
@@ -231,6 +239,12 @@ impl Config {
             rate_limit_ip: var("RATE_LIMIT_IP").parse_or(Quota::per_minute(100))?,
             rate_limit_shadow: var("RATE_LIMIT_SHADOW").parse_bool_or(false)?,
             store: store_config(&var)?,
+            metrics_addr: match var("METRICS_ADDR").value {
+                None => None,
+                Some(_) => {
+                    Some(var("METRICS_ADDR").parse_or(SocketAddr::from(([127, 0, 0, 1], 0)))?)
+                }
+            },
             failure_mode: var("RATE_LIMIT_FAILURE_MODE").parse_or(FailurePolicy::Local)?,
             fallback_replicas: match var("RATE_LIMIT_FALLBACK_REPLICAS").parse_or(1u32)? {
                 0 => return Err(var("RATE_LIMIT_FALLBACK_REPLICAS").error()),
@@ -476,6 +490,7 @@ mod tests {
             ("RATE_LIMIT_IP", "lots"),
             ("RATE_LIMIT_SHADOW", "maybe"),
             ("LOG_FORMAT", "xml"),
+            ("METRICS_ADDR", "admin"),
             ("RATE_LIMIT_STORE", "etcd"),
             ("RATE_LIMIT_FAILURE_MODE", "maybe"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "0"),

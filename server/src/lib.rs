@@ -15,9 +15,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Request;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tollgate::client_ip::SetClientIpLayer;
 use tollgate::health::Readiness;
+use tollgate::metrics::HttpMetricsLayer;
 use tollgate::rate_limit::{ByClientIp, FailurePolicy, Policy, RateLimitLayer, StoreError};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -35,12 +37,14 @@ pub struct AppState {
     pub store: AppStore,
     /// Whether this replica should get traffic.
     pub readiness: Readiness,
+    /// Renders `/metrics`; `None` when no recorder is installed (tests).
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
     /// State for `config`, with its readiness checks started. Call within a
     /// Tokio runtime (stores and checks run background tasks).
-    pub fn new(config: Config) -> Result<Self, StoreError> {
+    pub fn new(config: Config, metrics: Option<PrometheusHandle>) -> Result<Self, StoreError> {
         let store = AppStore::new(&config.store)?;
         let mut checks = Readiness::builder()
             .interval(config.ready_check_interval)
@@ -62,13 +66,14 @@ impl AppState {
         Ok(Self {
             store,
             readiness: checks.start(),
+            metrics,
             config: Arc::new(config),
         })
     }
 }
 
 /// The router with every layer, outermost first: request id → trace →
-/// client IP → `Connection: close` while draining; the per-IP limit sits
+/// metrics → client IP → `Connection: close` while draining; the per-IP limit sits
 /// on the public API routes only, so health probes are never limited.
 pub fn app(state: AppState) -> Router {
     let config = &state.config;
@@ -86,9 +91,13 @@ pub fn app(state: AppState) -> Router {
             .with_policy(per_ip),
     );
 
-    Router::new()
+    let mut router = Router::new()
         .merge(state.readiness.router())
-        .merge(public_api)
+        .merge(public_api);
+    if config.metrics_addr.is_none() {
+        router = router.merge(routes::metrics::router());
+    }
+    router
         .fallback(routes::not_found)
         .layer(
             ServiceBuilder::new()
@@ -111,6 +120,9 @@ pub fn app(state: AppState) -> Router {
                         // One line per request at the default level.
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
+                // Inside the router (so it sees the matched route), outside
+                // the limiter (so 429s are counted).
+                .layer(HttpMetricsLayer::new())
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(SetClientIpLayer::new(config.trusted_proxies.clone()))
                 .layer(axum::middleware::map_response_with_state(
@@ -141,15 +153,21 @@ async fn close_when_draining(
 /// fails and responses carry `Connection: close` for the drain delay, while
 /// the server keeps serving; then it stops accepting and lets in-flight
 /// requests finish for at most the shutdown timeout.
+///
+/// `metrics` renders `/metrics` (the recorder is installed by the caller,
+/// once per process); its upkeep runs here.
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let timeout = config.shutdown_timeout;
     let drain_delay = config.shutdown_drain_delay;
-    let state = AppState::new(config).map_err(std::io::Error::other)?;
+    let metrics_addr = config.metrics_addr;
+    let state = AppState::new(config, metrics).map_err(std::io::Error::other)?;
+    let _metrics_tasks = routes::metrics::spawn(&state, metrics_addr).await?;
     let readiness = state.readiness.clone();
     if let AppStore::Redis(redis) = &state.store {
         // Not fatal: the failure policy covers a Redis that is down.

@@ -34,7 +34,14 @@ async fn main() -> ExitCode {
     let shutdown = async move {
         let _ = first_rx.await;
     };
-    match tollgate_server::run(listener, config, shutdown).await {
+    let metrics = match tollgate::metrics::prometheus_builder().install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            tracing::error!(%err, "cannot install the metrics recorder");
+            return ExitCode::FAILURE;
+        }
+    };
+    match tollgate_server::run(listener, config, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(%err, "server failed");

@@ -113,6 +113,65 @@ async fn shadow_mode_never_rejects() {
 }
 
 #[tokio::test]
+async fn metrics_follow_the_otel_names_with_bounded_labels() {
+    let server = Server::start(&[("RATE_LIMIT_IP", "2/min")]);
+    let http = client();
+    for _ in 0..3 {
+        http.get(server.url("/api/v1/ping")).send().await.unwrap();
+    }
+    http.get(server.url("/no/such/path/42"))
+        .send()
+        .await
+        .unwrap();
+    let res = http.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    for expected in [
+        r#"http_server_request_duration_seconds_count{http_request_method="GET",http_route="/api/v1/ping",http_response_status_code="200"} 2"#,
+        r#"http_server_request_duration_seconds_count{http_request_method="GET",http_route="/api/v1/ping",http_response_status_code="429"} 1"#,
+        r#"http_route="unmatched",http_response_status_code="404""#,
+        r#"le="0.0005""#,
+        r#"tollgate_ratelimit_decisions_total{policy="ip",route_class="public",outcome="allowed"} 2"#,
+        r#"tollgate_ratelimit_decisions_total{policy="ip",route_class="public",outcome="rejected"} 1"#,
+        "tollgate_ratelimit_store_duration_seconds_bucket",
+        r#"tollgate_build_info{version="0.1.0""#,
+        "http_server_active_requests",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+    assert!(!text.contains("/no/such/path"), "raw path became a label");
+}
+
+#[tokio::test]
+async fn metrics_only_on_the_admin_address_when_set() {
+    let admin = tollgate_test_support::free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let server = Server::start(&[("METRICS_ADDR", &admin_addr)]);
+    let http = client();
+    assert_eq!(
+        http.get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let res = http
+        .get(format!("http://{admin_addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().contains("tollgate_build_info"));
+}
+
+#[tokio::test]
 async fn unknown_paths_get_a_problem_body() {
     let server = Server::start(&[]);
     let res = client().get(server.url("/nope")).send().await.unwrap();

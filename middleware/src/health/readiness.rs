@@ -248,7 +248,23 @@ async fn run_checks(inner: Weak<Inner>, interval: Duration) {
                 tracing::info!(check = %report.name, "readiness check passing again");
             }
         }
+        #[cfg(feature = "metrics")]
+        for report in &reports {
+            let up = if report.status == CheckStatus::Fail {
+                0.0
+            } else {
+                1.0
+            };
+            metrics::gauge!(crate::metrics::READINESS_CHECK, "check" => report.name.clone())
+                .set(up);
+        }
         inner.report.send_replace(Some(reports));
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(crate::metrics::READY).set(if (Readiness { inner }).is_ready() {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 
@@ -280,6 +296,11 @@ impl Readiness {
     pub fn drain(&self) {
         if !self.inner.draining.swap(true, Ordering::AcqRel) {
             tracing::info!("draining: readiness now fails");
+            #[cfg(feature = "metrics")]
+            {
+                metrics::gauge!(crate::metrics::DRAINING).set(1.0);
+                metrics::gauge!(crate::metrics::READY).set(0.0);
+            }
         }
     }
 

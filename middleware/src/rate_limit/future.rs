@@ -64,6 +64,9 @@ struct Pending<S, St, ReqBody> {
     /// The policy of each check.
     index: SmallVec<[usize; 4]>,
     shared: Arc<Shared<St>>,
+    /// When the store was asked, for its latency histogram.
+    #[cfg(feature = "metrics")]
+    started: tokio::time::Instant,
 }
 
 impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
@@ -85,6 +88,8 @@ where
             checks,
             index,
             shared,
+            #[cfg(feature = "metrics")]
+            started: tokio::time::Instant::now(),
         };
         Self {
             state: State::Checking {
@@ -128,7 +133,12 @@ where
                         checks,
                         index,
                         shared,
+                        #[cfg(feature = "metrics")]
+                        started,
                     } = pending.take().expect("polled after completion");
+                    #[cfg(feature = "metrics")]
+                    metrics::histogram!(crate::metrics::RATELIMIT_STORE_DURATION)
+                        .record(started.elapsed().as_secs_f64());
                     let fields = match verdict(&shared, &index, &checks, result) {
                         Verdict::Allow(fields) => fields,
                         Verdict::Reject(res) => {
@@ -175,6 +185,9 @@ fn verdict<St>(
         }
         Err(error) => {
             shared.store_failed(&error);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(crate::metrics::RATELIMIT_STORE_ERRORS, "kind" => error.kind().as_str())
+                .increment(1);
             fail_over(shared, index, checks, &error)
         }
     }
@@ -252,9 +265,9 @@ fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions:
         };
         #[cfg(feature = "metrics")]
         metrics::counter!(
-            "tollgate_ratelimit_decisions_total",
+            crate::metrics::RATELIMIT_DECISIONS,
             "policy" => policy.name.as_str(),
-            "route_class" => policy.route_class.as_deref().unwrap_or("").to_owned(),
+            "route_class" => policy.route_class.clone().unwrap_or_else(|| "".into()),
             "outcome" => outcome,
         )
         .increment(1);

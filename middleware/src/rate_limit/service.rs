@@ -48,13 +48,27 @@ impl<St> Shared<St> {
     pub(crate) fn store_failed(&self, error: &super::StoreError) {
         if !self.failing.swap(true, Ordering::Relaxed) {
             tracing::warn!(%error, "rate-limit store failing; applying the failure policy");
+            self.fallback_gauge(1.0);
         }
     }
 
     pub(crate) fn store_answered(&self) {
         if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("rate-limit store answering again");
+            self.fallback_gauge(0.0);
         }
+    }
+
+    /// `tollgate_ratelimit_fallback_active`, labelled by the layer's first
+    /// policy.
+    fn fallback_gauge(&self, value: f64) {
+        #[cfg(feature = "metrics")]
+        if let Some(policy) = self.policies.first() {
+            metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE, "policy" => policy.name.as_str())
+                .set(value);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = value;
     }
 }
 

@@ -1,6 +1,7 @@
 //! The server's routes.
 
 pub mod api;
+pub mod metrics;
 
 use crate::error::AppError;
 

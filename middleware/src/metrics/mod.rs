@@ -1,0 +1,101 @@
+//! Prometheus metrics in the OpenTelemetry HTTP conventions' Prometheus
+//! form, so dashboards and alerts from that world work unchanged.
+//!
+//! [`HttpMetricsLayer`] records, per request:
+//! - `http_server_request_duration_seconds` (histogram) by
+//!   `http_request_method` (standard methods, anything else `_OTHER`),
+//!   `http_route` (axum's matched route template, `unmatched` otherwise)
+//!   and `http_response_status_code`;
+//! - `http_server_active_requests` (gauge) by `http_request_method`.
+//!
+//! Raw paths, addresses, tenants and users never become labels, so the
+//! number of series stays bounded whatever clients send. The duration is
+//! measured until the response head is ready.
+//!
+//! The rate limiter, the Redis store and readiness record their own
+//! metrics (see the README for the full list) through the same
+//! [`metrics`](https://docs.rs/metrics) facade. [`prometheus_builder`]
+//! gives an exporter with explicit histogram buckets (0.5 ms to 10 s)
+//! rather than the exporter's default summaries, which cannot be
+//! aggregated across replicas.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use tollgate::metrics::{HttpMetricsLayer, prometheus_builder};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let recorder = prometheus_builder().build_recorder();
+//! let handle = recorder.handle();
+//! let app = Router::new()
+//!     .route("/items/{id}", get(|| async { "item" }))
+//!     .layer(HttpMetricsLayer::new());
+//!
+//! metrics::with_local_recorder(&recorder, || {
+//!     let req = http::Request::get("/items/42").body(axum::body::Body::empty()).unwrap();
+//!     futures_executor(app.oneshot(req));
+//! });
+//! let text = handle.render();
+//! assert!(text.contains(r#"http_route="/items/{id}""#));
+//! assert!(!text.contains("/items/42"));
+//! # }
+//! # fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
+//! #     let waker = std::task::Waker::noop();
+//! #     let mut cx = std::task::Context::from_waker(waker);
+//! #     let mut f = std::pin::pin!(f);
+//! #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+//! # }
+//! ```
+//!
+//! # Ordering
+//!
+//! Add the layer with `Router::layer`, so it sees the matched route, and
+//! outside the rate limiter, so 429s are counted.
+
+mod http;
+
+pub use self::http::{HttpMetrics, HttpMetricsLayer, ResponseFuture};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// `http_server_request_duration_seconds`.
+pub const HTTP_SERVER_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
+/// `http_server_active_requests`.
+pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
+/// `tollgate_ratelimit_decisions_total{policy,route_class,outcome}`.
+pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";
+/// `tollgate_ratelimit_store_duration_seconds`: a store's answer time.
+pub const RATELIMIT_STORE_DURATION: &str = "tollgate_ratelimit_store_duration_seconds";
+/// `tollgate_ratelimit_store_errors_total{kind}`.
+pub const RATELIMIT_STORE_ERRORS: &str = "tollgate_ratelimit_store_errors_total";
+/// `tollgate_ratelimit_fallback_active{policy}`: 1 while a layer's store
+/// fails and its failure policy decides.
+pub const RATELIMIT_FALLBACK_ACTIVE: &str = "tollgate_ratelimit_fallback_active";
+/// `tollgate_ratelimit_local_cache_hits_total`: requests the Redis store
+/// denied from its local over-limit cache.
+pub const RATELIMIT_LOCAL_CACHE_HITS: &str = "tollgate_ratelimit_local_cache_hits_total";
+/// `tollgate_ready`: 1 when ready.
+pub const READY: &str = "tollgate_ready";
+/// `tollgate_draining`: 1 while draining.
+pub const DRAINING: &str = "tollgate_draining";
+/// `tollgate_readiness_check{check}`: 1 while a check passes.
+pub const READINESS_CHECK: &str = "tollgate_readiness_check";
+
+/// Buckets for latencies of a fast API, in seconds: 0.5 ms to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus exporter builder with [`LATENCY_BUCKETS`] for every
+/// histogram (the default would be summaries, which cannot be aggregated
+/// across replicas). Install it with `install_recorder()`, serve
+/// `handle.render()` on `/metrics`, and call `handle.run_upkeep()`
+/// periodically so memory stays flat when scrapes are rare.
+pub fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+        .expect("the buckets are not empty")
+}

@@ -1,0 +1,77 @@
+//! `/metrics` in the Prometheus text format, on the main listener or on
+//! `METRICS_ADDR`, and the exporter's upkeep.
+
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Router, routing::get};
+use http::{HeaderValue, StatusCode, header};
+use tokio::task::JoinHandle;
+
+use crate::AppState;
+
+/// `/metrics`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(render))
+}
+
+async fn render(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => {
+            let mut res = handle.render().into_response();
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            res
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Background pieces of metrics, stopped when dropped: the exporter's
+/// upkeep (so histogram memory stays flat when scrapes are rare) and the
+/// admin listener when `METRICS_ADDR` is set.
+#[derive(Debug, Default)]
+pub struct MetricsTasks(Vec<JoinHandle<()>>);
+
+impl Drop for MetricsTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the upkeep, `tollgate_build_info`, and the admin listener.
+pub async fn spawn(state: &AppState, admin: Option<SocketAddr>) -> std::io::Result<MetricsTasks> {
+    let mut tasks = MetricsTasks::default();
+    let Some(handle) = state.metrics.clone() else {
+        return Ok(tasks);
+    };
+    metrics::gauge!(
+        "tollgate_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_sha" => option_env!("TOLLGATE_GIT_SHA").unwrap_or("unknown"),
+    )
+    .set(1.0);
+    tasks.0.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    }));
+    if let Some(addr) = admin {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(metrics_on = %listener.local_addr()?, "metrics listening");
+        let app = router().with_state(state.clone());
+        tasks.0.push(tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                tracing::error!(%err, "metrics listener failed");
+            }
+        }));
+    }
+    Ok(tasks)
+}
