@@ -3,15 +3,18 @@
 
 CARGO ?= cargo
 
-.PHONY: run test services fmt lint docs unit bench
+.PHONY: run test services test-services fmt lint docs unit bench
 
 run: services
 	$(CARGO) run --release -p tollgate-server
 
-test: services fmt lint docs unit
+test: test-services fmt lint docs unit
 
 services:
 	bash scripts/services.sh
+
+test-services:
+	bash scripts/services.sh --with-test-tools
 
 fmt:
 	$(CARGO) fmt --all --check

@@ -3,6 +3,9 @@
 # cluster 15/main on 127.0.0.1:5432) and Redis (127.0.0.1:6379).
 # Installs what is missing (Debian, as root or with sudo) and leaves
 # services that already answer alone. Used by `make run` and `make test`.
+#
+# --with-test-tools also installs Prometheus (`prometheus`, `promtool`) for
+# the dashboard test, without starting Debian's Prometheus service.
 set -euo pipefail
 
 PG_VERSION=${PG_VERSION:-15}
@@ -22,7 +25,16 @@ apt_install() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         apt_updated=1
     fi
+    # Packages must not start their own daemons: this script starts what
+    # it needs, on loopback, its own way.
+    local policy=/usr/sbin/policy-rc.d created=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod +x "$policy"
+        created=1
+    fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    if [ -n "$created" ]; then as_root rm -f "$policy"; fi
 }
 
 # Waits up to $1 tenths of a second for the command that follows to succeed.
@@ -75,5 +87,15 @@ redis() {
     log "redis ready on 127.0.0.1:$REDIS_PORT"
 }
 
+test_tools() {
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        log "installing prometheus (for the dashboard test)"
+        apt_install prometheus
+    fi
+}
+
 postgres
 redis
+if [ "${1:-}" = "--with-test-tools" ]; then
+    test_tools
+fi

@@ -1,0 +1,176 @@
+//! The dashboard is not decorative: a real Prometheus (Debian's package) on
+//! loopback scrapes the real server under some traffic, and every panel's
+//! query must parse and return data. The alert rules pass `promtool`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Server, client};
+use tokio::time::Instant;
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+struct Prometheus {
+    child: Child,
+    base: String,
+    _dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let port = tollgate_test_support::free_port();
+        let dir = std::env::temp_dir().join(format!("tollgate-prom-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = repo_file("grafana/alerts.yml");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [\"{target}\"]\n",
+            rules.display()
+        );
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus on PATH (make test installs it)");
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn try_query(
+        &self,
+        http: &reqwest::Client,
+        expr: &str,
+    ) -> reqwest::Result<serde_json::Value> {
+        http.get(format!("{}/api/v1/query", self.base))
+            .query(&[("query", expr)])
+            .send()
+            .await?
+            .json()
+            .await
+    }
+
+    async fn query(&self, http: &reqwest::Client, expr: &str) -> serde_json::Value {
+        self.try_query(http, expr).await.unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+/// Grafana's variables, as a query for "All" would expand them.
+fn expand(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$instance", ".*")
+        .replace("$route", ".*")
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo_file("grafana/alerts.yml"))
+        .output()
+        .expect("promtool on PATH (make test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn every_panel_query_returns_data_from_a_real_prometheus() {
+    let server = Server::start(&[("RATE_LIMIT_IP", "5/min")]);
+    let target = server.base.trim_start_matches("http://").to_owned();
+    let prometheus = Prometheus::start(&target);
+    let http = client();
+
+    // Traffic: allowed pings, then 429s, and a 404.
+    for _ in 0..12 {
+        http.get(server.url("/api/v1/ping")).send().await.unwrap();
+    }
+    http.get(server.url("/nope")).send().await.unwrap();
+
+    // Wait until Prometheus has scraped the traffic a few times, so rates
+    // over the window have two samples.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Connection refused while Prometheus starts: try again.
+        let up = prometheus
+            .try_query(&http, "count_over_time(tollgate_build_info[1m])")
+            .await
+            .unwrap_or_default();
+        let samples = up["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if samples >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the server: {up}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo_file("grafana/dashboards/tollgate.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = expand(target["expr"].as_str().unwrap());
+            let answer = prometheus.query(&http, &expr).await;
+            assert_eq!(
+                answer["status"], "success",
+                "{}: {expr}: {answer}",
+                panel["title"]
+            );
+            let result = answer["data"]["result"].as_array().unwrap();
+            assert!(!result.is_empty(), "{}: no data for {expr}", panel["title"]);
+            checked += 1;
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        // label_values(metric, label): the metric must exist with that label.
+        let def = variable["definition"].as_str().unwrap();
+        let inner = def
+            .trim_start_matches("label_values(")
+            .trim_end_matches(')');
+        let (metric, label) = inner.split_once(',').unwrap();
+        let answer = prometheus
+            .query(
+                &http,
+                &format!("count by ({}) ({})", label.trim(), metric.trim()),
+            )
+            .await;
+        assert!(
+            !answer["data"]["result"].as_array().unwrap().is_empty(),
+            "variable {def}"
+        );
+    }
+    assert!(checked >= 10, "only {checked} queries");
+}
