@@ -224,13 +224,28 @@ async fn cluster_mode_decides_like_a_single_server() {
         .status()
         .unwrap();
     assert!(created.success());
+    // Every node must agree the cluster is up before the test starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in &nodes {
+        loop {
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &node.port.to_string(), "cluster", "info"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster not ok after 10 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
     let store = RedisStore::builder(RedisTarget::Cluster(urls))
         .prefix(prefix("cluster"))
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
-    // The cluster needs a moment to agree on its slots.
+    // The client discovers the slots on its first call.
     let deadline = Instant::now() + Duration::from_secs(10);
     let quota = Quota::per_minute(2);
     let c = [

@@ -12,8 +12,21 @@ use crate::client_ip::{ClientIp, peer_addr};
 use crate::problem::Problem;
 
 /// What a policy counts against: one bucket per distinct key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key(Repr);
+
+impl std::hash::Hash for Key {
+    /// As few writes as possible: one for an IPv4 address, where a derived
+    /// `Hash` makes five. Stores hash a key on every check.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match &self.0 {
+            Repr::Global => state.write_u8(0),
+            Repr::Ip(IpAddr::V4(v4)) => state.write_u32(u32::from(*v4)),
+            Repr::Ip(IpAddr::V6(v6)) => state.write_u128(u128::from(*v6)),
+            Repr::Text(text) => state.write(text.as_bytes()),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Repr {
@@ -36,27 +49,6 @@ impl Key {
     /// A key from any text: a tenant id, a subject, a composite.
     pub fn text(text: impl Into<Arc<str>>) -> Self {
         Self(Repr::Text(text.into()))
-    }
-}
-
-impl Key {
-    /// Feeds the key and a namespace to `state` in as few writes as
-    /// possible: one for an IPv4 address, where a derived `Hash` makes five.
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    pub(crate) fn hash_in(&self, namespace: u32, state: &mut impl std::hash::Hasher) {
-        let ns = u64::from(namespace) << 32;
-        match &self.0 {
-            Repr::Global => state.write_u64(ns),
-            Repr::Ip(IpAddr::V4(v4)) => state.write_u64(ns | u64::from(u32::from(*v4))),
-            Repr::Ip(IpAddr::V6(v6)) => {
-                state.write_u128(u128::from(*v6));
-                state.write_u64(ns);
-            }
-            Repr::Text(text) => {
-                state.write(text.as_bytes());
-                state.write_u64(ns);
-            }
-        }
     }
 }
 

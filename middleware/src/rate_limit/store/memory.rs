@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -13,6 +13,7 @@ use super::{Check, Decision, Decisions, Store, StoreError};
 use crate::rate_limit::clock::{Clock, MonotonicClock};
 use crate::rate_limit::gcra::Outcome;
 use crate::rate_limit::key::Key;
+use crate::rate_limit::policy::PolicyName;
 
 /// How often [`MemoryStore::new`] sweeps out idle keys.
 ///
@@ -21,27 +22,70 @@ use crate::rate_limit::key::Key;
 /// one-shot keys from piling up for long.
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A bucket's key in the map: the interned policy name's number and the
-/// key. A number rather than the name keeps an entry at 40 bytes, and
-/// memory per key is what a flood of distinct keys costs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Slot {
-    policy: u32,
-    key: Key,
+type Table = DashMap<Key, AtomicU64, foldhash::fast::RandomState>;
+
+/// Policies whose interned number is below this get a table found by one
+/// atomic load; the rest (a process with more policies than this) by a map.
+const DIRECT_TABLES: usize = 64;
+
+/// One table of buckets per policy, so an entry holds only its key and its
+/// state: 32 bytes, the same as governor's, and memory per key is what a
+/// flood of distinct keys costs.
+struct Tables {
+    direct: Box<[OnceLock<Table>]>,
+    overflow: DashMap<u32, Arc<Table>, foldhash::fast::RandomState>,
 }
 
-impl std::hash::Hash for Slot {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key.hash_in(self.policy, state);
+/// A policy's table, borrowed or (past [`DIRECT_TABLES`]) shared.
+enum TableRef<'a> {
+    Direct(&'a Table),
+    Overflow(Arc<Table>),
+}
+
+impl std::ops::Deref for TableRef<'_> {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        match self {
+            Self::Direct(table) => table,
+            Self::Overflow(table) => table,
+        }
     }
 }
 
-impl Slot {
-    fn of(check: &Check) -> Self {
+impl Tables {
+    fn new() -> Self {
         Self {
-            policy: check.policy.id(),
-            key: check.key.clone(),
+            direct: (0..DIRECT_TABLES).map(|_| OnceLock::new()).collect(),
+            overflow: DashMap::with_hasher(foldhash::fast::RandomState::default()),
         }
+    }
+
+    fn of(&self, policy: PolicyName) -> TableRef<'_> {
+        let new_table = || DashMap::with_hasher(foldhash::fast::RandomState::default());
+        match self.direct.get(policy.id() as usize) {
+            Some(slot) => TableRef::Direct(slot.get_or_init(new_table)),
+            None => TableRef::Overflow(
+                self.overflow
+                    .entry(policy.id())
+                    .or_insert_with(|| Arc::new(new_table()))
+                    .clone(),
+            ),
+        }
+    }
+
+    fn each(&self, mut f: impl FnMut(&Table)) {
+        self.direct
+            .iter()
+            .filter_map(OnceLock::get)
+            .for_each(&mut f);
+        self.overflow.iter().for_each(|table| f(table.value()));
+    }
+
+    fn len(&self) -> usize {
+        let mut len = 0;
+        self.each(|table| len += table.len());
+        len
     }
 }
 
@@ -59,7 +103,7 @@ impl Slot {
 ///
 /// # Memory
 ///
-/// An IP key costs about 86 bytes of resident memory (a 40-byte entry in a
+/// An IP key costs about 86 bytes of resident memory (a 32-byte entry in a
 /// hash table kept at most half full), measured with
 /// `cargo run --release -p tollgate --example memory_footprint`: 1 M
 /// distinct IPv4 keys took RSS from 2 MiB to 84 MiB, and a purge after they
@@ -98,7 +142,7 @@ pub struct MemoryStore<C = MonotonicClock> {
 
 struct Inner<C> {
     /// Theoretical arrival time per bucket, in nanoseconds of `clock`.
-    buckets: DashMap<Slot, AtomicU64, foldhash::fast::RandomState>,
+    buckets: Tables,
     clock: C,
     /// Whether a purge task runs already, so starting one is idempotent.
     purging: AtomicBool,
@@ -128,7 +172,7 @@ impl<C: Clock> MemoryStore<C> {
     pub fn with_clock(clock: C) -> Self {
         Self {
             inner: Arc::new(Inner {
-                buckets: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                buckets: Tables::new(),
                 clock,
                 purging: AtomicBool::new(false),
             }),
@@ -177,7 +221,7 @@ impl<C: Clock> MemoryStore<C> {
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.inner.buckets.is_empty()
+        self.inner.buckets.len() == 0
     }
 
     fn decide(&self, checks: &[Check]) -> Decisions {
@@ -185,14 +229,15 @@ impl<C: Clock> MemoryStore<C> {
         if let [check] = checks {
             return self.inner.decide_one(check, now);
         }
-        let buckets = &self.inner.buckets;
+        let tables: SmallVec<[TableRef<'_>; 4]> = checks
+            .iter()
+            .map(|check| self.inner.buckets.of(check.policy))
+            .collect();
         'decide: loop {
             let mut seen: SmallVec<[(Option<u64>, Outcome); 4]> = SmallVec::new();
             let mut allowed = true;
-            for check in checks {
-                let stored = buckets
-                    .get(&Slot::of(check))
-                    .map(|tat| tat.load(Ordering::Acquire));
+            for (check, table) in checks.iter().zip(&tables) {
+                let stored = table.get(&check.key).map(|tat| tat.load(Ordering::Acquire));
                 let outcome = check.quota.gcra().evaluate(stored, now, check.cost);
                 allowed &= outcome.allowed || !check.enforce;
                 seen.push((stored, outcome));
@@ -214,13 +259,14 @@ impl<C: Clock> MemoryStore<C> {
             }
             for (i, (check, &(stored, outcome))) in checks.iter().zip(&seen).enumerate() {
                 // A denying shadow check is reported, not charged.
-                if outcome.allowed && !self.inner.swap(&Slot::of(check), stored, outcome.new_tat) {
+                if outcome.allowed && !swap(&tables[i], &check.key, stored, outcome.new_tat) {
                     // Raced with another request: undo and decide again.
-                    for (check, &(stored, outcome)) in checks.iter().zip(&seen).take(i) {
+                    for (j, (check, &(stored, outcome))) in
+                        checks.iter().zip(&seen).enumerate().take(i)
+                    {
                         if outcome.allowed {
                             let charge = check.quota.gcra().charge(check.cost);
-                            self.inner
-                                .undo(&Slot::of(check), stored, outcome.new_tat, charge);
+                            undo(&tables[j], &check.key, stored, outcome.new_tat, charge);
                         }
                     }
                     continue 'decide;
@@ -237,8 +283,8 @@ impl<C> Inner<C> {
     /// holding it, as governor does.
     fn decide_one(&self, check: &Check, now: u64) -> Decisions {
         let gcra = check.quota.gcra();
-        let slot = Slot::of(check);
-        if let Some(tat) = self.buckets.get(&slot) {
+        let table = self.buckets.of(check.policy);
+        if let Some(tat) = table.get(&check.key) {
             let mut stored = tat.load(Ordering::Acquire);
             loop {
                 let outcome = gcra.evaluate(Some(stored), now, check.cost);
@@ -257,56 +303,60 @@ impl<C> Inner<C> {
             }
         }
         let outcome = gcra.evaluate(None, now, check.cost);
-        if outcome.allowed && !self.swap(&slot, None, outcome.new_tat) {
+        if outcome.allowed && !swap(&table, &check.key, None, outcome.new_tat) {
             // Another request created the bucket first: decide against it.
             return self.decide_one(check, now);
         }
         single(outcome, outcome.allowed || !check.enforce)
     }
+}
 
-    /// Stores `new` if the bucket still holds `expected`.
-    fn swap(&self, slot: &Slot, expected: Option<u64>, new: u64) -> bool {
-        match expected {
-            Some(expected) => self.buckets.get(slot).is_some_and(|tat| {
-                tat.compare_exchange(expected, new, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            }),
-            None => match self.buckets.entry(slot.clone()) {
-                dashmap::Entry::Vacant(slot) => {
-                    slot.insert(AtomicU64::new(new));
-                    true
-                }
-                dashmap::Entry::Occupied(_) => false,
-            },
-        }
+/// Stores `new` if the bucket still holds `expected`.
+fn swap(table: &Table, key: &Key, expected: Option<u64>, new: u64) -> bool {
+    match expected {
+        Some(expected) => table.get(key).is_some_and(|tat| {
+            tat.compare_exchange(expected, new, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        }),
+        None => match table.entry(key.clone()) {
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(AtomicU64::new(new));
+                true
+            }
+            dashmap::Entry::Occupied(_) => false,
+        },
     }
+}
 
-    /// Takes back a charge made by [`swap`](Self::swap): restores the old
-    /// state if nobody charged since, else subtracts the charge.
-    fn undo(&self, slot: &Slot, old: Option<u64>, written: u64, charge: u64) {
-        if let Some(tat) = self.buckets.get(slot) {
-            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
-                Some(if current == written {
-                    old.unwrap_or(0)
-                } else {
-                    current.saturating_sub(charge)
-                })
-            });
-        }
+/// Takes back a charge made by [`swap`]: restores the old state if nobody
+/// charged since, else subtracts the charge.
+fn undo(table: &Table, key: &Key, old: Option<u64>, written: u64, charge: u64) {
+    if let Some(tat) = table.get(key) {
+        let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+            Some(if current == written {
+                old.unwrap_or(0)
+            } else {
+                current.saturating_sub(charge)
+            })
+        });
     }
 }
 
 impl<C: Clock> Inner<C> {
     fn purge(&self) -> usize {
         let now = nanos(self.clock.now());
-        let before = self.buckets.len();
-        self.buckets.retain(|_, tat| *tat.get_mut() > now);
-        let after = self.buckets.len();
-        // Give memory back after a flood of one-shot keys has passed.
-        if after.saturating_mul(4) < self.buckets.capacity() {
-            self.buckets.shrink_to_fit();
-        }
-        before.saturating_sub(after)
+        let mut removed = 0;
+        self.buckets.each(|table| {
+            let before = table.len();
+            table.retain(|_, tat| *tat.get_mut() > now);
+            let after = table.len();
+            // Give memory back after a flood of one-shot keys has passed.
+            if after.saturating_mul(4) < table.capacity() {
+                table.shrink_to_fit();
+            }
+            removed += before.saturating_sub(after);
+        });
+        removed
     }
 }
 
