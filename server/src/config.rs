@@ -158,7 +158,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "RATE_LIMIT_REDIS_MAX_IN_FLIGHT",
-        "4",
+        "2",
         "a whole number above 0",
     ),
     ("RATE_LIMIT_REDIS_LOCAL_CACHE", "true", "true or false"),

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, client};
+use common::{Server, client, status};
 
 #[tokio::test]
 async fn liveness_is_never_limited() {
@@ -154,14 +154,7 @@ async fn metrics_only_on_the_admin_address_when_set() {
     let admin_addr = format!("127.0.0.1:{admin}");
     let server = Server::start(&[("METRICS_ADDR", &admin_addr)]);
     let http = client();
-    assert_eq!(
-        http.get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status(&http, server.url("/metrics")).await, 404);
     let res = http
         .get(format!("http://{admin_addr}/metrics"))
         .send()
@@ -218,14 +211,7 @@ async fn readiness_passes_once_started() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        http.get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&http, server.url("/readyz")).await, 200);
 }
 
 fn sigterm(server: &Server) {
@@ -254,14 +240,7 @@ async fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitS
 async fn sigterm_drains_then_exits() {
     let mut server = Server::start(&[("SHUTDOWN_DRAIN_DELAY", "600")]);
     let http = client();
-    assert_eq!(
-        http.get(server.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&http, server.url("/health")).await, 200);
     sigterm(&server);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Draining: not ready, but still serving, and asking clients to close.
@@ -272,14 +251,7 @@ async fn sigterm_drains_then_exits() {
     let res = http.get(server.url("/api/v1/ping")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["connection"], "close");
-    assert_eq!(
-        http.get(server.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&http, server.url("/health")).await, 200);
     let status = wait_exit(&mut server, Duration::from_secs(5)).await;
     assert!(status.success(), "exit status {status}");
 }

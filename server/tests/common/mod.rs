@@ -70,3 +70,8 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The status of `GET url`.
+pub async fn status(http: &reqwest::Client, url: String) -> u16 {
+    http.get(url).send().await.unwrap().status().as_u16()
+}
