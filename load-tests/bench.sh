@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CONNECTIONS=${CONNECTIONS:-64}
+export CLIENTS=${CLIENTS:-16777216}
 PORT=${PORT:-18080}
 REDIS_CLI="redis-cli -h 127.0.0.1 -p 6379"
 
@@ -89,7 +90,7 @@ median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]
 
 bare=$(awk -F'|' '$1 == 0 { print $3 }' "$tmp/results" | median)
 echo
-echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, median of $ROUNDS interleaved rounds (\`bash load-tests/bench.sh\`):"
+echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $CLIENTS clients, median of $ROUNDS interleaved rounds (\`bash load-tests/bench.sh\`):"
 echo
 echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request |"
 echo "|---|---|---|---|---|---|"
