@@ -496,35 +496,27 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn poll_ready_only_forwards() {
-        let (mock, mut handle) = tower_test_mock();
-        let mut svc = ip_layer(Quota::per_minute(1)).layer(mock);
-        handle.allow(0);
-        assert!(futures_poll_ready(&mut svc).is_pending());
-        handle.allow(1);
-        assert!(futures_poll_ready(&mut svc).is_ready());
-    }
-
     type Mock = tower_test::mock::Mock<Request<Body>, Response<Body>>;
 
-    fn tower_test_mock() -> (
-        Mock,
-        tower_test::mock::Handle<Request<Body>, Response<Body>>,
-    ) {
-        tower_test::mock::pair()
-    }
-
-    fn futures_poll_ready(
+    fn poll_ready(
         svc: &mut RateLimit<Mock, MemoryStore<TokioClock>>,
     ) -> Poll<Result<(), tower::BoxError>> {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         Service::<Request<Body>>::poll_ready(svc, &mut cx)
     }
 
-    #[allow(dead_code)]
-    fn error_is_infallible_under_axum() {
+    #[tokio::test]
+    async fn poll_ready_only_forwards() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut svc = ip_layer(Quota::per_minute(1)).layer(mock);
+        handle.allow(0);
+        assert!(poll_ready(&mut svc).is_pending());
+        handle.allow(1);
+        assert!(poll_ready(&mut svc).is_ready());
+    }
+
+    #[test]
+    fn rejections_keep_the_error_infallible_as_axum_needs() {
         fn assert_infallible<S: Service<Request<Body>, Error = Infallible>>(_: S) {}
         assert_infallible(ip_layer(Quota::per_minute(1)).layer(axum::Router::new()));
     }
