@@ -4,6 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// `d` in whole nanoseconds, saturating (584 years fit in a `u64`): the
+/// unit every store keeps time in.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A monotonic clock: time elapsed since some fixed start.
 pub trait Clock: Send + Sync + 'static {
     /// Time since this clock's start.
@@ -97,8 +103,7 @@ impl ManualClock {
 
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
-        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.nanos.fetch_add(by, Ordering::Relaxed);
+        self.nanos.fetch_add(nanos(by), Ordering::Relaxed);
     }
 }
 

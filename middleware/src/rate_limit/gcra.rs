@@ -41,9 +41,7 @@ pub(crate) struct Outcome {
 impl Gcra {
     pub(crate) fn new(interval: Duration, burst: u32) -> Self {
         // Same floor as governor: no interval below one nanosecond.
-        let t = u64::try_from(interval.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let t = super::clock::nanos(interval).max(1);
         Self {
             t,
             capacity: t.saturating_mul(u64::from(burst)),

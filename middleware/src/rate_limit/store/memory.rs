@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use smallvec::SmallVec;
 
 use super::{Check, Decision, Decisions, Store, StoreError};
-use crate::rate_limit::clock::{Clock, MonotonicClock};
+use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::gcra::Outcome;
 use crate::rate_limit::key::Key;
 use crate::rate_limit::policy::PolicyName;
@@ -382,10 +382,6 @@ impl<C> fmt::Debug for MemoryStore<C> {
             .field("keys", &self.inner.buckets.len())
             .finish_non_exhaustive()
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn single(outcome: Outcome, batch_allowed: bool) -> Decisions {

@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
-use crate::rate_limit::clock::{Clock, MonotonicClock};
+use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::key::Key;
 
 /// The GCRA script: the arithmetic of the in-memory store, in Lua.
@@ -481,10 +481,6 @@ fn kind_of(err: &RedisError) -> StoreErrorKind {
     } else {
         StoreErrorKind::Response
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 // === batching ===
