@@ -87,6 +87,22 @@ redis() {
     log "redis ready on 127.0.0.1:$REDIS_PORT"
 }
 
+# Roles tollgate_owner / tollgate_app and database tollgate (idempotent;
+# scripts/db-setup.sql says what each role may do).
+database() {
+    local setup="$(dirname "$0")/db-setup.sql"
+    if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1; then
+        runuser -u postgres -- psql -q -X -v ON_ERROR_STOP=1 -p "$PG_PORT" -d postgres <"$setup" >/dev/null
+    elif sudo -n -u postgres true 2>/dev/null; then
+        sudo -u postgres psql -q -X -v ON_ERROR_STOP=1 -p "$PG_PORT" -d postgres <"$setup" >/dev/null
+    fi
+    if ! PGPASSWORD=tollgate_app psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U tollgate_app -d tollgate -c 'SELECT 1' >/dev/null 2>&1; then
+        log "cannot connect as tollgate_app to database tollgate on 127.0.0.1:$PG_PORT;"
+        log "run scripts/db-setup.sql as a superuser (see README)"; exit 1
+    fi
+    log "database tollgate ready (roles tollgate_owner, tollgate_app)"
+}
+
 test_tools() {
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         log "installing prometheus (for the dashboard test)"
@@ -95,6 +111,7 @@ test_tools() {
 }
 
 postgres
+database
 redis
 if [ "${1:-}" = "--with-test-tools" ]; then
     test_tools

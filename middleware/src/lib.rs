@@ -11,7 +11,9 @@
 //! - [`rate_limit`]: GCRA rate limiting with named policies (per IP, per
 //!   tenant, per trust level, …) decided all-or-nothing against a pluggable
 //!   [`Store`](rate_limit::Store), answering with the IETF `RateLimit`
-//!   header fields and RFC 9457 problem details.
+//!   header fields and RFC 9457 problem details;
+//! - `tenant` (feature `postgres`): per-request Postgres transactions that
+//!   set the tenant for row-level security.
 //!
 //! # Example
 //!
@@ -62,6 +64,7 @@
 //! - `memory` (default): [`MemoryStore`](rate_limit::MemoryStore), the
 //!   in-process GCRA store.
 //! - `metrics`: decision counters through the [`metrics`](https://docs.rs/metrics) facade.
+//! - `postgres`: the `tenant` module, on sqlx.
 //! - `full`: everything.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -69,6 +72,7 @@
 #[macro_use]
 mod macros;
 
+mod body;
 pub mod client_ip;
 pub mod health;
 #[cfg(feature = "metrics")]
@@ -76,3 +80,6 @@ pub mod health;
 pub mod metrics;
 pub mod problem;
 pub mod rate_limit;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod tenant;

@@ -55,6 +55,120 @@ pub struct Config {
     /// finish after SIGTERM before the server exits anyway; an idle
     /// keep-alive connection must not hold a deploy hostage.
     pub shutdown_timeout: Duration,
+    /// `DATABASE_URL`, `MIGRATION_DATABASE_URL`, `DB_*`: Postgres.
+    pub database: DatabaseConfig,
+    /// `TOLLGATE_ENV`, `AUTH_SECRET`, `AUTH_TOKEN_TTL`: tokens.
+    pub auth: AuthConfig,
+    /// `RATE_LIMIT_TENANT`, `TRUST_LEVELS`, `RATE_LIMIT_TRUST_*`,
+    /// `RATE_LIMIT_CLASS_*`: limits of the authenticated API.
+    pub limits: LimitsConfig,
+}
+
+/// Postgres connection and pool.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    /// `DATABASE_URL`: the role the server runs as (not the owner).
+    pub url: String,
+    /// `MIGRATION_DATABASE_URL`: the owner role, for migrations; else
+    /// `DATABASE_URL`.
+    pub migration_url: Option<String>,
+    /// `DB_MIGRATE_ON_START`: apply pending migrations at start-up. Turn it
+    /// off when a deploy step runs `tollgate-server migrate` once for the
+    /// fleet.
+    pub migrate_on_start: bool,
+    /// `DB_MAX_CONNECTIONS`.
+    pub max_connections: u32,
+    /// `DB_MIN_CONNECTIONS`.
+    pub min_connections: u32,
+    /// `DB_IDLE_TIMEOUT` (ms).
+    pub idle_timeout: Duration,
+    /// `DB_CONNECTION_TIMEOUT` (ms): how long a request waits for a pooled
+    /// connection before it gets 503.
+    pub connection_timeout: Duration,
+    /// `DB_MAX_LIFETIME` (ms).
+    pub max_lifetime: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs may hold passwords.
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field(
+                "migration_url",
+                &self.migration_url.as_deref().map(redact_url),
+            )
+            .field("migrate_on_start", &self.migrate_on_start)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("max_lifetime", &self.max_lifetime)
+            .finish()
+    }
+}
+
+/// `scheme://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Signed tokens.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// `AUTH_SECRET`: the HMAC key of tokens, shared by every replica. In
+    /// `TOLLGATE_ENV=development` a missing secret is replaced by a random
+    /// one per process (tokens then work on this replica only).
+    pub secret: Vec<u8>,
+    /// Whether `secret` was generated because `AUTH_SECRET` was unset.
+    pub secret_generated: bool,
+    /// `AUTH_TOKEN_TTL` (seconds): how long a token is valid.
+    pub token_ttl: Duration,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("secret", &"***")
+            .field("secret_generated", &self.secret_generated)
+            .field("token_ttl", &self.token_ttl)
+            .finish()
+    }
+}
+
+/// Quotas of the authenticated API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// `RATE_LIMIT_TENANT`: per tenant, all its users together.
+    pub tenant: Quota,
+    /// `TRUST_LEVELS` and `RATE_LIMIT_TRUST_<LEVEL>`: per subject, by trust
+    /// level, lowest first; `None` is unlimited (only when configured as
+    /// `unlimited`).
+    pub trust: Vec<(String, Option<Quota>)>,
+    /// `RATE_LIMIT_CLASS_AUTH`: login attempts per client IP.
+    pub class_auth: Quota,
+    /// `RATE_LIMIT_CLASS_READ`: reads per subject.
+    pub class_read: Quota,
+    /// `RATE_LIMIT_CLASS_WRITE`: writes per subject.
+    pub class_write: Quota,
+}
+
+impl LimitsConfig {
+    /// The quota of trust level `level`: `Some(None)` unlimited, `None`
+    /// for an unknown level.
+    pub fn trust_quota(&self, level: &str) -> Option<Option<Quota>> {
+        self.trust
+            .iter()
+            .find(|(name, _)| name == level)
+            .map(|(_, quota)| *quota)
+    }
 }
 
 /// Where rate limits are counted.
@@ -190,7 +304,55 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "milliseconds, a whole number",
     ),
     ("SHUTDOWN_TIMEOUT", "30000", "milliseconds, a whole number"),
+    (
+        "DATABASE_URL",
+        "postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate",
+        "a postgres:// or postgresql:// URL",
+    ),
+    (
+        "MIGRATION_DATABASE_URL",
+        "",
+        "a postgres:// or postgresql:// URL (the owner role); unset: DATABASE_URL",
+    ),
+    ("DB_MIGRATE_ON_START", "true", "true or false"),
+    ("DB_MAX_CONNECTIONS", "20", "a whole number above 0"),
+    (
+        "DB_MIN_CONNECTIONS",
+        "0",
+        "a whole number, at most DB_MAX_CONNECTIONS",
+    ),
+    ("DB_IDLE_TIMEOUT", "30000", "milliseconds, a whole number"),
+    (
+        "DB_CONNECTION_TIMEOUT",
+        "5000",
+        "milliseconds, a whole number above 0",
+    ),
+    ("DB_MAX_LIFETIME", "1800000", "milliseconds, a whole number"),
+    ("TOLLGATE_ENV", "production", "production or development"),
+    (
+        "AUTH_SECRET",
+        "",
+        "at least 32 bytes; required unless TOLLGATE_ENV=development",
+    ),
+    ("AUTH_TOKEN_TTL", "900", "seconds, a whole number above 0"),
+    ("RATE_LIMIT_TENANT", "3000/min", QUOTA_FORMAT),
+    (
+        "TRUST_LEVELS",
+        "new,basic,trusted,staff",
+        "comma-separated names, lowest first (a-z, 0-9, '_', '-')",
+    ),
+    ("RATE_LIMIT_TRUST_NEW", "60/min", TRUST_QUOTA_FORMAT),
+    ("RATE_LIMIT_TRUST_BASIC", "300/min", TRUST_QUOTA_FORMAT),
+    ("RATE_LIMIT_TRUST_TRUSTED", "1200/min", TRUST_QUOTA_FORMAT),
+    ("RATE_LIMIT_TRUST_STAFF", "unlimited", TRUST_QUOTA_FORMAT),
+    ("RATE_LIMIT_CLASS_AUTH", "10/min,burst=5", QUOTA_FORMAT),
+    ("RATE_LIMIT_CLASS_READ", "600/min", QUOTA_FORMAT),
+    ("RATE_LIMIT_CLASS_WRITE", "120/min", QUOTA_FORMAT),
 ];
+
+/// The format of `RATE_LIMIT_TRUST_<LEVEL>`.
+pub const TRUST_QUOTA_FORMAT: &str =
+    "N/PERIOD[,burst=B] (e.g. 100/min), or unlimited; required for every level in TRUST_LEVELS";
 
 impl Config {
     /// Reads the process environment.
@@ -204,17 +366,19 @@ impl Config {
     /// ```
     /// use tollgate_server::config::Config;
     ///
-    /// let config = Config::from_lookup(|var| (var == "RATE_LIMIT_IP").then(|| "5/s".to_owned())).unwrap();
+    /// let env = |ip: &'static str| move |var: &str| match var {
+    ///     "RATE_LIMIT_IP" => Some(ip.to_owned()),
+    ///     "AUTH_SECRET" => Some("0123456789abcdef0123456789abcdef".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let config = Config::from_lookup(env("5/s")).unwrap();
     /// assert_eq!(config.rate_limit_ip.count(), 5);
     ///
-    /// let err = Config::from_lookup(|var| (var == "RATE_LIMIT_IP").then(|| "fast".to_owned())).unwrap_err();
+    /// let err = Config::from_lookup(env("fast")).unwrap_err();
     /// assert!(err.to_string().starts_with(r#"invalid RATE_LIMIT_IP="fast": expected N/PERIOD"#));
     /// ```
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let var = |name: &'static str| Var {
-            name,
-            value: lookup(name).filter(|v| !v.trim().is_empty()),
-        };
+        let var = |name: &'static str| Var::read(&lookup, name);
         let header: ForwardedHeader =
             var("CLIENT_IP_HEADER").parse_or(ForwardedHeader::default())?;
         let proxies = var("TRUSTED_PROXIES");
@@ -261,6 +425,9 @@ impl Config {
                 var("SHUTDOWN_DRAIN_DELAY").parse_or(5_000u64)?,
             ),
             shutdown_timeout: Duration::from_millis(var("SHUTDOWN_TIMEOUT").parse_or(30_000u64)?),
+            database: database_config(&var)?,
+            auth: auth_config(&var)?,
+            limits: limits_config(&var, &lookup)?,
         })
     }
 }
@@ -270,6 +437,150 @@ fn millis_above_zero(var: Var, default: u64) -> Result<Duration, ConfigError> {
         0 => Err(var.error()),
         ms => Ok(Duration::from_millis(ms)),
     }
+}
+
+impl DatabaseConfig {
+    /// The `DATABASE_URL`, `MIGRATION_DATABASE_URL` and `DB_*` variables
+    /// alone (the CLI needs no more).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        database_config(&|name| Var::read(&lookup, name))
+    }
+}
+
+impl LimitsConfig {
+    /// The limit variables alone.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        limits_config(&|name| Var::read(&lookup, name), &lookup)
+    }
+}
+
+fn database_config(var: &impl Fn(&'static str) -> Var) -> Result<DatabaseConfig, ConfigError> {
+    let url = |name: &'static str| -> Result<Option<String>, ConfigError> {
+        let v = var(name);
+        match v.value.as_deref().map(str::trim) {
+            None => Ok(None),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Some(u.to_owned()))
+            }
+            Some(_) => Err(v.error()),
+        }
+    };
+    let max_connections = match var("DB_MAX_CONNECTIONS").parse_or(20u32)? {
+        0 => return Err(var("DB_MAX_CONNECTIONS").error()),
+        n => n,
+    };
+    let min_connections = var("DB_MIN_CONNECTIONS").parse_or(0u32)?;
+    if min_connections > max_connections {
+        return Err(var("DB_MIN_CONNECTIONS").error());
+    }
+    Ok(DatabaseConfig {
+        url: url("DATABASE_URL")?.unwrap_or_else(|| {
+            "postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate".to_owned()
+        }),
+        migration_url: url("MIGRATION_DATABASE_URL")?,
+        migrate_on_start: var("DB_MIGRATE_ON_START").parse_bool_or(true)?,
+        max_connections,
+        min_connections,
+        idle_timeout: Duration::from_millis(var("DB_IDLE_TIMEOUT").parse_or(30_000u64)?),
+        connection_timeout: millis_above_zero(var("DB_CONNECTION_TIMEOUT"), 5_000)?,
+        max_lifetime: Duration::from_millis(var("DB_MAX_LIFETIME").parse_or(1_800_000u64)?),
+    })
+}
+
+fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigError> {
+    let env = var("TOLLGATE_ENV");
+    let development = match env.value.as_deref().map(str::trim) {
+        None | Some("production") => false,
+        Some("development" | "dev") => true,
+        Some(_) => return Err(env.error()),
+    };
+    let secret_var = var("AUTH_SECRET");
+    let (secret, secret_generated) = match &secret_var.value {
+        Some(s) if s.len() >= 32 => (s.as_bytes().to_vec(), false),
+        Some(_) => return Err(secret_var.error()),
+        None if development => (
+            uuid::Uuid::new_v4()
+                .as_bytes()
+                .iter()
+                .chain(uuid::Uuid::new_v4().as_bytes())
+                .copied()
+                .collect(),
+            true,
+        ),
+        None => return Err(secret_var.error()),
+    };
+    let ttl_var = var("AUTH_TOKEN_TTL");
+    let token_ttl = match ttl_var.parse_or(900u64)? {
+        0 => return Err(ttl_var.error()),
+        s => Duration::from_secs(s),
+    };
+    Ok(AuthConfig {
+        secret,
+        secret_generated,
+        token_ttl,
+    })
+}
+
+fn limits_config(
+    var: &impl Fn(&'static str) -> Var,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<LimitsConfig, ConfigError> {
+    let levels_var = var("TRUST_LEVELS");
+    let levels: Vec<String> = match &levels_var.value {
+        None => ["new", "basic", "trusted", "staff"]
+            .map(str::to_owned)
+            .to_vec(),
+        Some(v) => v.split(',').map(|l| l.trim().to_owned()).collect(),
+    };
+    let valid_level = |l: &String| {
+        !l.is_empty()
+            && l.len() <= 32
+            && l.starts_with(|c: char| c.is_ascii_lowercase())
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    };
+    if !levels.iter().all(valid_level) {
+        return Err(levels_var.error());
+    }
+    let mut trust = Vec::with_capacity(levels.len());
+    for level in levels {
+        // The variable's name is built from the level, so it is not in
+        // VARIABLES for custom levels; the error says the format anyway.
+        let name = format!(
+            "RATE_LIMIT_TRUST_{}",
+            level.to_ascii_uppercase().replace('-', "_")
+        );
+        let default = match level.as_str() {
+            "new" => Some("60/min"),
+            "basic" => Some("300/min"),
+            "trusted" => Some("1200/min"),
+            "staff" => Some("unlimited"),
+            _ => None,
+        };
+        let raw = lookup(&name).filter(|v| !v.trim().is_empty());
+        let error = |value: Option<String>| ConfigError {
+            var: Box::leak(name.clone().into_boxed_str()),
+            value: value.unwrap_or_default(),
+            expected: TRUST_QUOTA_FORMAT.to_owned(),
+        };
+        let value = match raw.as_deref().or(default) {
+            Some(v) => v.trim().to_owned(),
+            None => return Err(error(None)),
+        };
+        let quota = if value == "unlimited" {
+            None
+        } else {
+            Some(value.parse::<Quota>().map_err(|_| error(raw.clone()))?)
+        };
+        trust.push((level, quota));
+    }
+    Ok(LimitsConfig {
+        tenant: var("RATE_LIMIT_TENANT").parse_or(Quota::per_minute(3000))?,
+        trust,
+        class_auth: var("RATE_LIMIT_CLASS_AUTH").parse_or(Quota::per_minute(10).with_burst(5))?,
+        class_read: var("RATE_LIMIT_CLASS_READ").parse_or(Quota::per_minute(600))?,
+        class_write: var("RATE_LIMIT_CLASS_WRITE").parse_or(Quota::per_minute(120))?,
+    })
 }
 
 fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, ConfigError> {
@@ -350,6 +661,13 @@ struct Var {
 }
 
 impl Var {
+    fn read(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Self {
+        Self {
+            name,
+            value: lookup(name).filter(|v| !v.trim().is_empty()),
+        }
+    }
+
     fn error(&self) -> ConfigError {
         let expected = VARIABLES
             .iter()
@@ -385,10 +703,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars
+        let mut map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        map.entry("AUTH_SECRET".to_owned())
+            .or_insert_with(|| "0123456789abcdef0123456789abcdef".to_owned());
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
@@ -405,6 +725,64 @@ mod tests {
         assert_eq!(c.store, StoreConfig::Memory);
         assert_eq!(c.failure_mode, FailurePolicy::Local);
         assert_eq!(c.fallback_replicas, 1);
+        assert_eq!(c.database.max_connections, 20);
+        assert_eq!(c.database.min_connections, 0);
+        assert_eq!(c.database.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.database.connection_timeout, Duration::from_secs(5));
+        assert_eq!(c.database.max_lifetime, Duration::from_secs(1800));
+        assert!(c.database.migrate_on_start);
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(900));
+        let levels: Vec<_> = c
+            .limits
+            .trust
+            .iter()
+            .map(|(l, q)| (l.as_str(), *q))
+            .collect();
+        assert_eq!(
+            levels,
+            [
+                ("new", Some(Quota::per_minute(60))),
+                ("basic", Some(Quota::per_minute(300))),
+                ("trusted", Some(Quota::per_minute(1200))),
+                ("staff", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_secret_is_required_outside_development() {
+        let err = Config::from_lookup(|_| None).unwrap_err();
+        assert_eq!(err.var, "AUTH_SECRET");
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+        let short = parse(&[("AUTH_SECRET", "short")]).unwrap_err();
+        assert_eq!((short.var, short.value.as_str()), ("AUTH_SECRET", "short"));
+        let dev = Config::from_lookup(|v| (v == "TOLLGATE_ENV").then(|| "development".to_owned()))
+            .unwrap();
+        assert!(dev.auth.secret_generated && dev.auth.secret.len() == 32);
+    }
+
+    #[test]
+    fn custom_trust_levels_need_a_quota_each() {
+        let err = parse(&[("TRUST_LEVELS", "free,pro")]).unwrap_err();
+        assert_eq!(err.var, "RATE_LIMIT_TRUST_FREE");
+        assert!(err.expected.contains("unlimited"));
+        let c = parse(&[
+            ("TRUST_LEVELS", "free,pro"),
+            ("RATE_LIMIT_TRUST_FREE", "10/min"),
+            ("RATE_LIMIT_TRUST_PRO", "unlimited"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.limits.trust_quota("free"),
+            Some(Some(Quota::per_minute(10)))
+        );
+        assert_eq!(c.limits.trust_quota("pro"), Some(None));
+        assert_eq!(c.limits.trust_quota("new"), None);
+        let err = parse(&[("RATE_LIMIT_TRUST_NEW", "lots")]).unwrap_err();
+        assert_eq!(
+            (err.var, err.value.as_str()),
+            ("RATE_LIMIT_TRUST_NEW", "lots")
+        );
     }
 
     #[test]
@@ -498,6 +876,17 @@ mod tests {
             ("SHUTDOWN_DRAIN_DELAY", "-1"),
             ("READY_CHECK_INTERVAL", "0"),
             ("READY_CHECK_TIMEOUT", "soon"),
+            ("DATABASE_URL", "mysql://x"),
+            ("MIGRATION_DATABASE_URL", "localhost"),
+            ("DB_MAX_CONNECTIONS", "0"),
+            ("DB_MIN_CONNECTIONS", "21"),
+            ("DB_CONNECTION_TIMEOUT", "0"),
+            ("DB_MIGRATE_ON_START", "later"),
+            ("TOLLGATE_ENV", "staging"),
+            ("AUTH_TOKEN_TTL", "0"),
+            ("RATE_LIMIT_TENANT", "many"),
+            ("TRUST_LEVELS", "New Users"),
+            ("RATE_LIMIT_CLASS_WRITE", "1/fortnight"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

@@ -4,8 +4,13 @@
 //! `main.rs` stays thin; [`app`] builds the router (tests drive it with
 //! `oneshot`) and [`run`] serves it until a shutdown signal.
 
+pub mod auth;
+pub mod cli;
 pub mod config;
+pub mod db;
 pub mod error;
+pub mod limits;
+pub mod openapi;
 pub mod routes;
 pub mod store;
 
@@ -14,19 +19,39 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tollgate::client_ip::SetClientIpLayer;
 use tollgate::health::Readiness;
 use tollgate::metrics::HttpMetricsLayer;
-use tollgate::rate_limit::{ByClientIp, FailurePolicy, Policy, RateLimitLayer, StoreError};
+use tollgate::rate_limit::FailurePolicy;
+use tollgate::tenant::{FromClaims, TenantLayer};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+use crate::auth::{Claims, Tokens};
 use crate::config::Config;
+use crate::db::DbError;
+use crate::limits::RouteClass;
 use crate::store::AppStore;
+
+/// Largest request body the API reads (413 above).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The rate-limit store.
+    #[error("rate-limit store: {0}")]
+    Store(#[from] tollgate::rate_limit::StoreError),
+    /// The database.
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+}
 
 /// What handlers and layers share.
 #[derive(Debug, Clone)]
@@ -39,16 +64,31 @@ pub struct AppState {
     pub readiness: Readiness,
     /// Renders `/metrics`; `None` when no recorder is installed (tests).
     pub metrics: Option<PrometheusHandle>,
+    /// Postgres, as the app role.
+    pub pool: PgPool,
+    /// Issues and verifies bearer tokens.
+    pub tokens: Tokens,
 }
 
 impl AppState {
     /// State for `config`, with its readiness checks started. Call within a
     /// Tokio runtime (stores and checks run background tasks).
-    pub fn new(config: Config, metrics: Option<PrometheusHandle>) -> Result<Self, StoreError> {
+    pub fn new(config: Config, metrics: Option<PrometheusHandle>) -> Result<Self, StartError> {
         let store = AppStore::new(&config.store)?;
+        let pool = db::pool(&config.database)?;
+        let tokens = Tokens::new(&config.auth.secret, config.auth.token_ttl);
+        let (ping_pool, schema_pool) = (pool.clone(), pool.clone());
         let mut checks = Readiness::builder()
             .interval(config.ready_check_interval)
-            .timeout(config.ready_check_timeout);
+            .timeout(config.ready_check_timeout)
+            .check("postgres", move || {
+                let pool = ping_pool.clone();
+                async move { db::ping(&pool).await }
+            })
+            .check("migrations", move || {
+                let pool = schema_pool.clone();
+                async move { db::migrations_applied(&pool).await }
+            });
         if let AppStore::Redis(redis) = &store {
             let redis = redis.clone();
             let ping = move || {
@@ -67,38 +107,50 @@ impl AppState {
             store,
             readiness: checks.start(),
             metrics,
+            pool,
+            tokens,
             config: Arc::new(config),
         })
     }
 }
 
 /// The router with every layer, outermost first: request id → trace →
-/// metrics → client IP → `Connection: close` while draining; the per-IP limit sits
-/// on the public API routes only, so health probes are never limited.
+/// metrics → client IP → `Connection: close` while draining. Limits sit on
+/// routes (see [`limits`] for which policy applies where), so health
+/// probes are never limited. Tenant routes: authentication → tenant
+/// transaction → route-class limits → handler; the transaction begins only
+/// when the handler asks for it, so a rejected request never touches the
+/// database.
 pub fn app(state: AppState) -> Router {
     let config = &state.config;
-    let per_ip = Policy::new(
-        "ip",
-        ByClientIp::new().with_ipv6_prefix(config.ipv6_prefix),
-        config.rate_limit_ip,
+    let public_api = routes::api::router()
+        .merge(openapi::router())
+        .route_layer(limits::public(&state));
+    let login = routes::auth::router().route_layer(limits::login(&state));
+    let tenant_api = routes::items::router(
+        limits::authenticated(&state, RouteClass::Read),
+        limits::authenticated(&state, RouteClass::Write),
     )
-    .with_route_class("public")
-    .shadow(config.rate_limit_shadow);
-    let public_api = routes::api::router().route_layer(
-        RateLimitLayer::new(state.store.clone())
-            .with_failure_policy(config.failure_mode)
-            .with_fallback_replicas(config.fallback_replicas)
-            .with_policy(per_ip),
-    );
+    .route_layer(TenantLayer::new(
+        state.pool.clone(),
+        FromClaims::<Claims>::new(),
+    ))
+    .route_layer(axum::middleware::from_fn_with_state(
+        state.tokens.clone(),
+        auth::require_auth,
+    ));
 
     let mut router = Router::new()
         .merge(state.readiness.router())
-        .merge(public_api);
+        .merge(public_api)
+        .merge(login)
+        .merge(tenant_api);
     if config.metrics_addr.is_none() {
         router = router.merge(routes::metrics::router());
     }
     router
         .fallback(routes::not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -166,7 +218,16 @@ pub async fn run(
     let timeout = config.shutdown_timeout;
     let drain_delay = config.shutdown_drain_delay;
     let metrics_addr = config.metrics_addr;
+    let database = config.database.clone();
+    if config.auth.secret_generated {
+        tracing::warn!(
+            "AUTH_SECRET unset (development): tokens are signed with a random per-process key"
+        );
+    }
     let state = AppState::new(config, metrics).map_err(std::io::Error::other)?;
+    prepare_database(&database, &state.pool)
+        .await
+        .map_err(std::io::Error::other)?;
     let _metrics_tasks = routes::metrics::spawn(&state, metrics_addr).await?;
     let readiness = state.readiness.clone();
     if let AppStore::Redis(redis) = &state.store {
@@ -208,6 +269,22 @@ pub async fn run(
         () = deadline => tracing::warn!(?timeout, "shutdown deadline passed; closing remaining connections"),
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Start-up database work: migrations (unless `DB_MIGRATE_ON_START=false`)
+/// and the row-level security audit of the server's own role, which stops
+/// the server when the role could read across tenants.
+pub async fn prepare_database(
+    config: &config::DatabaseConfig,
+    pool: &PgPool,
+) -> Result<(), DbError> {
+    if config.migrate_on_start {
+        db::migrate(config).await?;
+        tracing::info!("migrations applied");
+    }
+    tollgate::tenant::audit(pool).await?;
+    tracing::info!("database role audited: row-level security applies to it");
     Ok(())
 }
 

@@ -6,6 +6,16 @@ use tollgate_server::config::{Config, LogFormat};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = <tollgate_server::cli::Cli as clap::Parser>::parse();
+    if let Some(command) = cli.command {
+        return match tollgate_server::cli::run(command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("tollgate-server: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {

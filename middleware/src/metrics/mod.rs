@@ -84,6 +84,21 @@ pub const DRAINING: &str = "tollgate_draining";
 /// `tollgate_readiness_check{check}`: 1 while a check passes.
 pub const READINESS_CHECK: &str = "tollgate_readiness_check";
 
+/// `tollgate_tenant_transactions_total{outcome}`: tenant transactions by
+/// how they ended (`commit`, `rollback`, `commit_error`).
+pub const TENANT_TRANSACTIONS: &str = "tollgate_tenant_transactions_total";
+/// `tollgate_tenant_begin_duration_seconds`: time to get a pooled
+/// connection and begin a tenant transaction (pool wait + one round trip).
+pub const TENANT_BEGIN_DURATION: &str = "tollgate_tenant_begin_duration_seconds";
+/// `tollgate_db_pool_acquire_timeouts_total`: transactions that found no
+/// free connection within the pool's acquire timeout.
+pub const DB_POOL_ACQUIRE_TIMEOUTS: &str = "tollgate_db_pool_acquire_timeouts_total";
+/// `tollgate_db_pool_connections{state}`: pooled connections `in_use` and
+/// `idle`.
+pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
+/// `tollgate_db_pool_max_connections`: the pool's size limit.
+pub const DB_POOL_MAX_CONNECTIONS: &str = "tollgate_db_pool_max_connections";
+
 /// Buckets for latencies of a fast API, in seconds: 0.5 ms to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

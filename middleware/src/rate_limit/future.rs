@@ -11,11 +11,11 @@ use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 use tower_service::Service;
 
-use super::body::ResponseBody;
 use super::headers;
 use super::policy::FailurePolicy;
 use super::service::Shared;
 use super::store::{Check, Decisions, Store, StoreError};
+use crate::body::ResponseBody;
 use crate::problem::Problem;
 
 pin_project! {

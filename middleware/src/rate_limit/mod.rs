@@ -78,7 +78,6 @@
 //! Put [`SetClientIpLayer`](crate::client_ip::SetClientIpLayer) above this
 //! layer, and metrics above it too, so rejections are counted.
 
-mod body;
 mod clock;
 mod future;
 mod gcra;
@@ -90,7 +89,7 @@ mod quota;
 mod service;
 mod store;
 
-pub use body::ResponseBody;
+pub use crate::body::ResponseBody;
 #[cfg(feature = "memory")]
 pub use clock::MonotonicClock;
 pub use clock::{Clock, ManualClock, TokioClock};

@@ -1,8 +1,9 @@
 //! Public API routes, under the per-IP limit.
 
 use axum::{Extension, Json, Router, routing::get};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tollgate::client_ip::ClientIp;
+use utoipa::ToSchema;
 
 use crate::AppState;
 
@@ -11,7 +12,27 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/ping", get(ping))
 }
 
-async fn ping(client: Option<Extension<ClientIp>>) -> Json<Value> {
+/// The answer to a ping.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pong {
+    /// Always true.
+    pub pong: bool,
+    /// The client address as the server sees it (after trusted proxies).
+    pub client_ip: Option<String>,
+}
+
+/// Answers without touching a database: for probing limits and load.
+#[utoipa::path(
+    get, path = "/api/v1/ping", tag = "public",
+    responses(
+        (status = 200, body = Pong),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn ping(client: Option<Extension<ClientIp>>) -> Json<Pong> {
     let client_ip = client.map(|Extension(ClientIp(ip))| ip.to_string());
-    Json(json!({ "pong": true, "client_ip": client_ip }))
+    Json(Pong {
+        pong: true,
+        client_ip,
+    })
 }

@@ -1,6 +1,8 @@
 //! The server's routes.
 
 pub mod api;
+pub mod auth;
+pub mod items;
 pub mod metrics;
 
 use crate::error::AppError;

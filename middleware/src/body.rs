@@ -8,10 +8,10 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// The body of a [`RateLimit`](super::RateLimit) response: the inner
-    /// service's, or the problem details of a rejection.
-    ///
-    /// See the [module docs](crate::rate_limit) for an example.
+    /// The body of a response from a Tollgate middleware: the inner
+    /// service's, or the problem details of a rejection (a 429 from
+    /// [`RateLimit`](crate::rate_limit::RateLimit), a 400/401 or a failed
+    /// commit from the tenant layer).
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]

@@ -1,0 +1,297 @@
+//! [`TenantLayer`]: resolve the tenant, lend handlers a transaction, commit
+//! or roll back from the response status.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use sqlx::{PgPool, Postgres, Transaction};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::transaction::{Access, TenantError, begin, record_outcome};
+use super::{TenantId, TenantResolver};
+use crate::body::ResponseBody;
+use crate::problem::Problem;
+
+/// Resolves each request's tenant and gives its handler a transaction
+/// scoped to that tenant ([`Tx`](super::Tx)), committed when the response
+/// status is below 400 and rolled back otherwise.
+///
+/// A request without a tenant gets 401 and one with an invalid tenant 400,
+/// both as problem details, before the handler runs. The transaction is
+/// begun lazily, when a handler extracts [`Tx`](super::Tx): routes that do
+/// not touch the database cost nothing. `GET` and `HEAD` run `READ ONLY`
+/// unless [`read_only_safe_methods(false)`](Self::read_only_safe_methods).
+///
+/// If the commit fails, the client gets a 500 problem, never the handler's
+/// 2xx. If the handler panics or the request is dropped, the transaction is
+/// rolled back.
+///
+/// See the [module docs](super) for an example.
+#[derive(Debug, Clone)]
+pub struct TenantLayer<R> {
+    pool: PgPool,
+    resolver: R,
+    read_only_safe_methods: bool,
+}
+
+impl<R: TenantResolver> TenantLayer<R> {
+    /// Transactions on `pool`, tenants from `resolver`.
+    pub fn new(pool: PgPool, resolver: R) -> Self {
+        Self {
+            pool,
+            resolver,
+            read_only_safe_methods: true,
+        }
+    }
+
+    /// Whether `GET` and `HEAD` run in `READ ONLY` transactions (default
+    /// `true`).
+    #[must_use]
+    pub fn read_only_safe_methods(mut self, enabled: bool) -> Self {
+        self.read_only_safe_methods = enabled;
+        self
+    }
+}
+
+impl<S, R: Clone> Layer<S> for TenantLayer<R> {
+    type Service = Tenant<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Tenant {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`TenantLayer`].
+#[derive(Debug, Clone)]
+pub struct Tenant<S, R> {
+    inner: S,
+    layer: TenantLayer<R>,
+}
+
+impl<S, R> Tenant<S, R> {
+    define_inner_service_accessors!();
+}
+
+/// What the layer puts in request extensions for [`Tx`](super::Tx).
+#[derive(Debug, Clone)]
+pub(crate) struct TenantContext {
+    pub(crate) tenant: TenantId,
+    pub(crate) slot: Arc<Slot>,
+}
+
+/// The request's transaction, when begun and not lent to a handler.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pool: PgPool,
+    tenant: TenantId,
+    access: Access,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+enum SlotState {
+    NotBegun,
+    Lent,
+    Here(Transaction<'static, Postgres>),
+}
+
+impl Slot {
+    /// The transaction, begun on first use.
+    pub(crate) async fn lend(&self) -> Result<Transaction<'static, Postgres>, TenantError> {
+        let previous = std::mem::replace(&mut *self.lock(), SlotState::Lent);
+        match previous {
+            SlotState::Here(tx) => Ok(tx),
+            SlotState::Lent => Err(TenantError::AlreadyInUse),
+            SlotState::NotBegun => match begin(&self.pool, self.tenant, self.access).await {
+                Ok(tx) => Ok(tx),
+                Err(err) => {
+                    *self.lock() = SlotState::NotBegun;
+                    Err(err.into())
+                }
+            },
+        }
+    }
+
+    /// Takes back a lent transaction.
+    pub(crate) fn give_back(&self, tx: Transaction<'static, Postgres>) {
+        *self.lock() = SlotState::Here(tx);
+    }
+
+    fn take(&self) -> Option<Transaction<'static, Postgres>> {
+        match std::mem::replace(&mut *self.lock(), SlotState::NotBegun) {
+            SlotState::Here(tx) => Some(tx),
+            SlotState::NotBegun | SlotState::Lent => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        // The state is replaced whole; a panic cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for Tenant<S, R>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: TenantResolver,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let tenant = match self.layer.resolver.resolve(&parts) {
+            Ok(tenant) => tenant,
+            Err(rejection) => {
+                return ResponseFuture::rejected(rejection.to_problem());
+            }
+        };
+        let access = if self.layer.read_only_safe_methods {
+            Access::for_method(&parts.method)
+        } else {
+            Access::ReadWrite
+        };
+        let slot = Arc::new(Slot {
+            pool: self.layer.pool.clone(),
+            tenant,
+            access,
+            state: Mutex::new(SlotState::NotBegun),
+        });
+        parts.extensions.insert(tenant);
+        parts.extensions.insert(TenantContext {
+            tenant,
+            slot: slot.clone(),
+        });
+        ResponseFuture {
+            state: State::Inner {
+                future: self.inner.call(Request::from_parts(parts, body)),
+                slot: Some(slot),
+            },
+        }
+    }
+}
+
+type Finishing<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    /// The response future of [`Tenant`].
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        Rejected { problem: Option<Problem> },
+        Inner { #[pin] future: F, slot: Option<Arc<Slot>> },
+        Finishing { future: Finishing<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    fn rejected(problem: Problem) -> Self {
+        Self {
+            state: State::Rejected {
+                problem: Some(problem),
+            },
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Rejected { problem } => {
+                    let problem = problem.take().expect("polled after completion");
+                    return Poll::Ready(Ok(problem_response(problem)));
+                }
+                StateProj::Finishing { future } => return future.as_mut().poll(cx),
+                StateProj::Inner { future, slot } => {
+                    let result = ready!(future.poll(cx));
+                    let slot = slot.take().expect("polled after completion");
+                    let tx = slot.take();
+                    match (result, tx) {
+                        (Err(err), tx) => {
+                            if tx.is_some() {
+                                record_outcome("rollback");
+                            }
+                            return Poll::Ready(Err(err));
+                        }
+                        (Ok(res), None) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                        (Ok(res), Some(tx)) => State::Finishing {
+                            future: Box::pin(finish(tx, res)),
+                        },
+                    }
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+/// Commits below 400, rolls back from 400 up.
+async fn finish<B, E>(
+    tx: Transaction<'static, Postgres>,
+    res: Response<B>,
+) -> Result<Response<ResponseBody<B>>, E> {
+    if res.status().as_u16() >= 400 {
+        if let Err(err) = tx.rollback().await {
+            // The connection is closed rather than reused; nothing to undo.
+            tracing::warn!(%err, "tenant transaction rollback failed");
+        }
+        record_outcome("rollback");
+        return Ok(res.map(ResponseBody::inner));
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            record_outcome("commit");
+            Ok(res.map(ResponseBody::inner))
+        }
+        Err(err) => {
+            record_outcome("commit_error");
+            tracing::error!(%err, status = %res.status(), "tenant transaction commit failed");
+            let problem = Problem::new(http::StatusCode::INTERNAL_SERVER_ERROR, "Commit failed")
+                .with_detail("the change was not saved");
+            Ok(problem_response(problem))
+        }
+    }
+}
+
+fn problem_response<B>(problem: Problem) -> Response<ResponseBody<B>> {
+    problem
+        .into_response()
+        .map(|bytes: Bytes| ResponseBody::full(bytes))
+}

@@ -1,0 +1,284 @@
+//! Where a request's tenant comes from: [`TenantResolver`] and its
+//! built-ins.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::str::FromStr;
+
+use http::request::Parts;
+use http::{HeaderName, StatusCode, header};
+use uuid::Uuid;
+
+use crate::problem::Problem;
+
+/// A validated tenant id: a UUID, so it is safe to hand to Postgres and to
+/// use as a rate-limit key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(Uuid);
+
+impl TenantId {
+    /// The tenant with this UUID.
+    pub fn new(id: Uuid) -> Self {
+        Self(id)
+    }
+
+    /// The UUID.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Hyphenated lower-case hex: only `[0-9a-f-]`.
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for TenantId {
+    type Err = TenantRejection;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s)
+            .map(Self)
+            .map_err(|_| TenantRejection::Invalid(format!("the tenant id {s:?} is not a UUID")))
+    }
+}
+
+impl From<Uuid> for TenantId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+/// Why a request has no usable tenant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenantRejection {
+    /// The route needs a tenant and the request names none: 401.
+    #[error("the request names no tenant")]
+    Missing,
+    /// The request names a tenant that is not a valid id: 400.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TenantRejection {
+    /// The problem details answered for this rejection.
+    pub fn to_problem(&self) -> Problem {
+        match self {
+            Self::Missing => Problem::new(StatusCode::UNAUTHORIZED, "Unauthorized")
+                .with_detail("this route needs an authenticated tenant"),
+            Self::Invalid(detail) => {
+                Problem::new(StatusCode::BAD_REQUEST, "Invalid tenant").with_detail(detail.clone())
+            }
+        }
+    }
+}
+
+/// Finds the tenant of a request.
+///
+/// Implement it for your own source of tenants; the built-ins are
+/// [`FromClaims`] (the default choice: what the authentication layer
+/// verified), [`FromHeader`] and [`FromSubdomain`].
+pub trait TenantResolver: Clone + Send + Sync + 'static {
+    /// The request's tenant, or why it has none.
+    fn resolve(&self, parts: &Parts) -> Result<TenantId, TenantRejection>;
+}
+
+/// Claims, put in request extensions by an authentication layer, that name
+/// a tenant. Implement it for your claims type to use [`FromClaims`].
+pub trait TenantClaims: Clone + Send + Sync + 'static {
+    /// The tenant the token was issued for, as the token says it.
+    fn tenant(&self) -> &str;
+}
+
+/// The tenant from verified claims of type `C` in the request extensions.
+///
+/// No claims (no authentication layer ran, or it let the request through
+/// anonymously) is [`TenantRejection::Missing`]. Nothing the client sends
+/// besides its token is read: a tenant header cannot override the token.
+pub struct FromClaims<C>(PhantomData<fn() -> C>);
+
+impl<C> FromClaims<C> {
+    /// Reads claims of type `C`.
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<C> Default for FromClaims<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> Clone for FromClaims<C> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<C> fmt::Debug for FromClaims<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FromClaims")
+            .field(&std::any::type_name::<C>())
+            .finish()
+    }
+}
+
+impl<C: TenantClaims> TenantResolver for FromClaims<C> {
+    fn resolve(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
+        parts
+            .extensions
+            .get::<C>()
+            .ok_or(TenantRejection::Missing)?
+            .tenant()
+            .parse()
+    }
+}
+
+/// The tenant from a request header, e.g. `X-Tenant-Id`.
+///
+/// Only for traffic that a trusted component has authenticated already
+/// (an internal service, a gateway that sets the header): a client can put
+/// any value in a header.
+#[derive(Debug, Clone)]
+pub struct FromHeader {
+    name: HeaderName,
+}
+
+impl FromHeader {
+    /// Reads the header `name`.
+    pub fn new(name: HeaderName) -> Self {
+        Self { name }
+    }
+}
+
+impl TenantResolver for FromHeader {
+    fn resolve(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
+        let value = parts
+            .headers
+            .get(&self.name)
+            .ok_or(TenantRejection::Missing)?;
+        value
+            .to_str()
+            .map_err(|_| TenantRejection::Invalid(format!("{} is not text", self.name)))?
+            .trim()
+            .parse()
+    }
+}
+
+/// The tenant from the first label of the `Host` (or, in HTTP/2, the
+/// `:authority`) under a base domain: `<tenant>.api.example.com`.
+#[derive(Debug, Clone)]
+pub struct FromSubdomain {
+    /// `.api.example.com`, lower case, with its leading dot.
+    suffix: String,
+}
+
+impl FromSubdomain {
+    /// Tenants are subdomains of `base_domain` (e.g. `api.example.com`).
+    pub fn new(base_domain: &str) -> Self {
+        Self {
+            suffix: format!(".{}", base_domain.trim_matches('.').to_ascii_lowercase()),
+        }
+    }
+}
+
+impl TenantResolver for FromSubdomain {
+    fn resolve(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.host())
+            .ok_or(TenantRejection::Missing)?;
+        // Strip a port, then compare without regard to case.
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let host = host.to_ascii_lowercase();
+        let label = host
+            .strip_suffix(&self.suffix)
+            .ok_or(TenantRejection::Missing)?;
+        if label.contains('.') {
+            return Err(TenantRejection::Invalid(format!(
+                "{host:?} is not a single label under {}",
+                &self.suffix[1..]
+            )));
+        }
+        label.parse()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e";
+
+    #[derive(Clone)]
+    struct Claims(&'static str);
+    impl TenantClaims for Claims {
+        fn tenant(&self) -> &str {
+            self.0
+        }
+    }
+
+    fn parts(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Parts {
+        build(http::Request::builder())
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn claims_are_the_default_source() {
+        let resolver = FromClaims::<Claims>::new();
+        let mut p = parts(|b| b.header("x-tenant-id", "11111111-1111-1111-1111-111111111111"));
+        assert_eq!(resolver.resolve(&p), Err(TenantRejection::Missing));
+        p.extensions.insert(Claims(A));
+        assert_eq!(resolver.resolve(&p).unwrap().to_string(), A);
+        p.extensions.insert(Claims("tenant-a"));
+        assert!(matches!(
+            resolver.resolve(&p),
+            Err(TenantRejection::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn header() {
+        let resolver = FromHeader::new(HeaderName::from_static("x-tenant-id"));
+        assert_eq!(
+            resolver.resolve(&parts(|b| b)),
+            Err(TenantRejection::Missing)
+        );
+        let ok = resolver
+            .resolve(&parts(|b| b.header("x-tenant-id", A)))
+            .unwrap();
+        assert_eq!(ok.to_string(), A);
+        let bad = resolver.resolve(&parts(|b| b.header("x-tenant-id", "1; DROP TABLE")));
+        assert_eq!(bad.unwrap_err().to_problem().status(), 400);
+    }
+
+    #[test]
+    fn subdomain() {
+        let resolver = FromSubdomain::new("api.example.com");
+        let host = |h: &str| resolver.resolve(&parts(|b| b.header("host", h)));
+        assert_eq!(
+            host(&format!("{A}.API.example.com:8443"))
+                .unwrap()
+                .to_string(),
+            A
+        );
+        assert_eq!(host("api.example.com"), Err(TenantRejection::Missing));
+        assert_eq!(host("evil.com"), Err(TenantRejection::Missing));
+        assert!(matches!(
+            host("x.y.api.example.com"),
+            Err(TenantRejection::Invalid(_))
+        ));
+        assert_eq!(
+            TenantRejection::Missing.to_problem().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}

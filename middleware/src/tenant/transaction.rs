@@ -1,0 +1,173 @@
+//! [`begin`]: a transaction that has told Postgres its tenant.
+
+use http::StatusCode;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::TenantId;
+use crate::problem::Problem;
+
+/// The setting row-level security policies read:
+/// `nullif(current_setting('app.tenant_id', true), '')::uuid`.
+pub const TENANT_SETTING: &str = "app.tenant_id";
+
+/// Whether a transaction may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `BEGIN READ WRITE`.
+    ReadWrite,
+    /// `BEGIN READ ONLY`: a handler bug cannot write, and a read-only
+    /// transaction is cheaper to commit.
+    ReadOnly,
+}
+
+impl Access {
+    /// `ReadOnly` for `GET` and `HEAD`, `ReadWrite` otherwise.
+    pub fn for_method(method: &http::Method) -> Self {
+        if method == http::Method::GET || method == http::Method::HEAD {
+            Self::ReadOnly
+        } else {
+            Self::ReadWrite
+        }
+    }
+}
+
+/// Begins a transaction on a connection from `pool` and sets
+/// [`TENANT_SETTING`] to `tenant` for that transaction only.
+///
+/// - `set_config(…, true)` is `SET LOCAL`: the setting dies with the
+///   transaction, commit or rollback, so a pooled connection never carries
+///   a tenant into the next request that borrows it.
+/// - `BEGIN` and `set_config` go in one simple-query message: one round
+///   trip instead of two. Interpolating is safe because a [`TenantId`] is a
+///   parsed UUID and prints only `[0-9a-f-]`.
+/// - The acquire and `BEGIN` run in a spawned task. If the caller is
+///   dropped (the client went away) while `BEGIN` is on the wire, the task
+///   still finishes and drops a whole `Transaction`, which rolls back
+///   before its connection is reused. Without it a connection could go
+///   back to the pool inside an open transaction that still holds the
+///   tenant (sqlx issue 4393).
+///
+/// Dropping the returned transaction without committing rolls it back.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
+/// use tollgate::tenant::{Access, TenantId, begin};
+///
+/// let tenant: TenantId = "0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e".parse().unwrap();
+/// let mut tx = begin(&pool, tenant, Access::ReadOnly).await?;
+/// // Row-level security now shows this tenant's rows only.
+/// let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM items")
+///     .fetch_one(&mut *tx)
+///     .await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+pub async fn begin(
+    pool: &PgPool,
+    tenant: TenantId,
+    access: Access,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    let sql = begin_sql(tenant, access);
+    #[cfg(feature = "metrics")]
+    let started = tokio::time::Instant::now();
+    let task = tokio::spawn(async move { pool.begin_with(sql).await });
+    let result = task
+        .await
+        .unwrap_or_else(|join| Err(sqlx::Error::Protocol(format!("begin task: {join}"))));
+    #[cfg(feature = "metrics")]
+    {
+        metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(sqlx::Error::PoolTimedOut) = &result {
+            metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS).increment(1);
+        }
+    }
+    result
+}
+
+fn begin_sql(tenant: TenantId, access: Access) -> String {
+    let mode = match access {
+        Access::ReadWrite => "READ WRITE",
+        Access::ReadOnly => "READ ONLY",
+    };
+    format!("BEGIN {mode}; SELECT set_config('{TENANT_SETTING}', '{tenant}', true)")
+}
+
+/// Records how a tenant transaction ended
+/// (`tollgate_tenant_transactions_total{outcome}`).
+pub(crate) fn record_outcome(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(crate::metrics::TENANT_TRANSACTIONS, "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
+
+/// A database error met in a tenant transaction, answered as problem
+/// details that say no more than the client needs.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The route has no [`TenantLayer`](super::TenantLayer) above it: a
+    /// wiring bug, 500.
+    #[error("no tenant layer above this handler")]
+    MissingLayer,
+    /// The handler asked for the transaction while it already held it.
+    #[error("the tenant transaction is already in use by this request")]
+    AlreadyInUse,
+    /// From Postgres or the pool.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl TenantError {
+    /// 403 for a row-level security violation (SQLSTATE `42501`), 503 with
+    /// `Retry-After` when no connection was free in time, 500 otherwise.
+    pub fn to_problem(&self) -> Problem {
+        match self {
+            Self::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
+                Problem::new(StatusCode::FORBIDDEN, "Forbidden")
+                    .with_detail("the row belongs to another tenant")
+            }
+            Self::Database(sqlx::Error::PoolTimedOut) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Database busy")
+                    .with_detail("no database connection was free in time; retry shortly")
+            }
+            _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for TenantError {
+    fn into_response(self) -> axum::response::Response {
+        let problem = self.to_problem();
+        if problem.status().is_server_error() {
+            tracing::error!(error = %self, "tenant transaction failed");
+        }
+        let busy = problem.status() == StatusCode::SERVICE_UNAVAILABLE;
+        let mut res = problem.into_response().map(axum::body::Body::from);
+        if busy {
+            res.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_statement_for_begin_and_setting() {
+        let tenant: TenantId = "0B9E3D4C-7C0E-4A55-9D8E-3F0A1B2C3D4E".parse().unwrap();
+        assert_eq!(
+            begin_sql(tenant, Access::ReadOnly),
+            "BEGIN READ ONLY; SELECT set_config('app.tenant_id', \
+             '0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e', true)"
+        );
+        assert_eq!(Access::for_method(&http::Method::HEAD), Access::ReadOnly);
+        assert_eq!(Access::for_method(&http::Method::PATCH), Access::ReadWrite);
+    }
+}

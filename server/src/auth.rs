@@ -1,0 +1,150 @@
+//! Logins and tokens: argon2 password hashes, HS256 JWTs carrying subject,
+//! tenant and trust level, and the layer that verifies them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Argon2, password_hash::rand_core::OsRng};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tollgate::tenant::TenantClaims;
+use uuid::Uuid;
+
+use crate::error::AppError;
+
+/// What a token says, put in request extensions by [`require_auth`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user's id.
+    pub sub: Uuid,
+    /// The user's tenant.
+    pub tenant: String,
+    /// The user's trust level when the token was issued.
+    pub trust: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+}
+
+impl TenantClaims for Claims {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+/// Issues and verifies tokens with one shared secret.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: Arc<EncodingKey>,
+    decoding: Arc<DecodingKey>,
+    validation: Arc<Validation>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").field("ttl", &self.ttl).finish()
+    }
+}
+
+impl Tokens {
+    /// HS256 with `secret`; tokens valid for `ttl`.
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Replicas share a clock source closely enough.
+        validation.leeway = 5;
+        Self {
+            encoding: Arc::new(EncodingKey::from_secret(secret)),
+            decoding: Arc::new(DecodingKey::from_secret(secret)),
+            validation: Arc::new(validation),
+            ttl,
+        }
+    }
+
+    /// How long a new token is valid.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A token for this user.
+    pub fn issue(&self, sub: Uuid, tenant: Uuid, trust: &str) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        self.sign(&Claims {
+            sub,
+            tenant: tenant.to_string(),
+            trust: trust.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        })
+    }
+
+    /// Signs any claims (tests use it for expired tokens).
+    pub fn sign(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 over serializable claims cannot fail")
+    }
+
+    /// The claims of a valid, unexpired token signed with our secret.
+    pub fn verify(&self, token: &str) -> Result<Claims, jsonwebtoken::errors::Error> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|d| d.claims)
+    }
+}
+
+/// Rejects requests without a valid bearer token (401 problem+json with
+/// `WWW-Authenticate: Bearer`); puts [`Claims`] in request extensions.
+pub async fn require_auth(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let Some(token) = token else {
+        return AppError::Unauthorized("a bearer token is required").into_response();
+    };
+    match tokens.verify(token.trim()) {
+        Ok(claims) => {
+            req.extensions_mut().insert(claims);
+            next.run(req).await
+        }
+        Err(err) => {
+            tracing::debug!(%err, "token rejected");
+            AppError::Unauthorized("the token is invalid or expired").into_response()
+        }
+    }
+}
+
+/// An argon2id hash (PHC string) of `password`, with a random salt.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters accepts any password")
+        .to_string()
+}
+
+/// Whether `password` matches `hash`. Pass `None` for an unknown user: a
+/// dummy hash is verified instead, so both cases take the same time.
+pub fn verify_password(hash: Option<&str>, password: &str) -> bool {
+    static DUMMY: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| hash_password("not a password anyone has"));
+    let (hash, known) = match hash {
+        Some(h) => (h, true),
+        None => (DUMMY.as_str(), false),
+    };
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok()
+        && known
+}

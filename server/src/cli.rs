@@ -1,0 +1,209 @@
+//! The command line: `tollgate-server` serves; subcommands manage the
+//! schema, tenants and users.
+
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::auth::hash_password;
+use crate::config::{ConfigError, DatabaseConfig, LimitsConfig};
+use crate::db::{self, DbError};
+use tollgate::tenant::{Access, TenantId, begin};
+
+/// The Tollgate reference server. Without a subcommand it serves; every
+/// setting comes from environment variables (see the README).
+#[derive(Debug, Parser)]
+#[command(name = "tollgate-server", version)]
+pub struct Cli {
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Applies pending migrations, as `MIGRATION_DATABASE_URL` (else
+    /// `DATABASE_URL`), and exits.
+    Migrate,
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// `tenant …`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Creates a tenant and prints its id.
+    Add {
+        /// Its display name.
+        name: String,
+    },
+}
+
+/// `user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Creates a user in a tenant and prints its id.
+    Add {
+        /// The tenant's id.
+        #[arg(long)]
+        tenant: Uuid,
+        /// The login e-mail (stored lower case).
+        #[arg(long)]
+        email: String,
+        /// The password (hashed with argon2id).
+        #[arg(long)]
+        password: String,
+        /// One of `TRUST_LEVELS` (default: the first, lowest).
+        #[arg(long)]
+        trust_level: Option<String>,
+    },
+    /// Changes a user's trust level; it applies from the user's next token.
+    SetTrust {
+        /// The user's e-mail.
+        #[arg(long)]
+        email: String,
+        /// One of `TRUST_LEVELS`.
+        #[arg(long)]
+        level: String,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad environment.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad argument.
+    #[error("{0}")]
+    Usage(String),
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for CliError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(err))
+    }
+}
+
+/// Runs `command`, printing its result on stdout.
+pub async fn run(command: Command) -> Result<(), CliError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    let database = DatabaseConfig::from_lookup(lookup)?;
+    match command {
+        Command::Migrate => {
+            db::migrate(&database).await?;
+            println!("migrations applied");
+        }
+        Command::Tenant(TenantCommand::Add { name }) => {
+            let name = name.trim();
+            if name.is_empty() || name.chars().count() > 200 {
+                return Err(CliError::Usage("NAME: 1 to 200 characters".to_owned()));
+            }
+            let pool = db::pool(&database)?;
+            // The id is chosen here so the insert can run as that tenant:
+            // the tenants table is under row-level security too.
+            let id = Uuid::new_v4();
+            let mut tx = begin(&pool, TenantId::new(id), Access::ReadWrite).await?;
+            sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+                .bind(id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            println!("{id}");
+        }
+        Command::User(UserCommand::Add {
+            tenant,
+            email,
+            password,
+            trust_level,
+        }) => {
+            let limits = LimitsConfig::from_lookup(lookup)?;
+            let level = match trust_level {
+                Some(level) => known_level(&limits, level)?,
+                None => limits.trust[0].0.clone(),
+            };
+            let email = email.trim().to_lowercase();
+            if email.len() < 3 || email.len() > 254 || !email.contains('@') {
+                return Err(CliError::Usage(format!(
+                    "--email {email:?}: not an e-mail address"
+                )));
+            }
+            if password.len() < 8 || password.len() > 1024 {
+                return Err(CliError::Usage("--password: 8 to 1024 bytes".to_owned()));
+            }
+            let pool = db::pool(&database)?;
+            let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+                .await
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let mut tx = begin(&pool, TenantId::new(tenant), Access::ReadWrite).await?;
+            let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants")
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(CliError::Usage(format!(
+                    "--tenant {tenant}: no such tenant"
+                )));
+            }
+            let id: Uuid = sqlx::query_scalar(
+                "INSERT INTO users (tenant_id, email, password_hash, trust_level)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(tenant)
+            .bind(&email)
+            .bind(&hash)
+            .bind(&level)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|err| match &err {
+                sqlx::Error::Database(db) if db.is_unique_violation() => {
+                    CliError::Usage(format!("--email {email}: already registered"))
+                }
+                _ => err.into(),
+            })?;
+            tx.commit().await?;
+            println!("{id}");
+        }
+        Command::User(UserCommand::SetTrust { email, level }) => {
+            let limits = LimitsConfig::from_lookup(lookup)?;
+            let level = known_level(&limits, level)?;
+            let pool = db::pool(&database)?;
+            let user: Option<(Uuid, Uuid)> =
+                sqlx::query_as("SELECT user_id, tenant_id FROM auth_lookup($1)")
+                    .bind(email.trim())
+                    .fetch_optional(&pool)
+                    .await?;
+            let Some((user_id, tenant)) = user else {
+                return Err(CliError::Usage(format!("--email {email}: no such user")));
+            };
+            let mut tx = begin(&pool, TenantId::new(tenant), Access::ReadWrite).await?;
+            sqlx::query("UPDATE users SET trust_level = $2 WHERE id = $1")
+                .bind(user_id)
+                .bind(&level)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            println!("{user_id} {level}");
+        }
+    }
+    Ok(())
+}
+
+fn known_level(limits: &LimitsConfig, level: String) -> Result<String, CliError> {
+    if limits.trust_quota(&level).is_some() {
+        Ok(level)
+    } else {
+        let known: Vec<&str> = limits.trust.iter().map(|(l, _)| l.as_str()).collect();
+        Err(CliError::Usage(format!(
+            "trust level {level:?} is not one of TRUST_LEVELS ({})",
+            known.join(", ")
+        )))
+    }
+}

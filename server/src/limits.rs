@@ -1,0 +1,126 @@
+//! The rate-limit policies of the reference server, by route:
+//!
+//! | Route | Policies (all-or-nothing per layer) |
+//! |---|---|
+//! | `POST /auth/login` | `ip` (`RATE_LIMIT_IP`), `auth` (`RATE_LIMIT_CLASS_AUTH`, per IP) |
+//! | `GET /api/v1/ping`, `GET /openapi.json` | `ip` |
+//! | `GET /api/v1/items[/{id}]` | `tenant`, `trust`, `read` (`RATE_LIMIT_CLASS_READ`, per subject) |
+//! | `POST /api/v1/items`, `PUT`/`DELETE /api/v1/items/{id}` | `tenant`, `trust`, `write` (`RATE_LIMIT_CLASS_WRITE`, per subject) |
+//! | `/health`, `/ready`, `/metrics` | none |
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use tollgate::rate_limit::{ByClientIp, Key, KeyRejection, Policy, Quota, RateLimitLayer};
+
+use crate::AppState;
+use crate::auth::Claims;
+use crate::config::{Config, LimitsConfig};
+use crate::store::AppStore;
+
+/// A route class of the authenticated API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+}
+
+fn layer(state: &AppState) -> RateLimitLayer<AppStore> {
+    RateLimitLayer::new(state.store.clone())
+        .with_failure_policy(state.config.failure_mode)
+        .with_fallback_replicas(state.config.fallback_replicas)
+}
+
+fn per_ip(config: &Config, name: &str, quota: Quota) -> Policy {
+    Policy::new(
+        name,
+        ByClientIp::new().with_ipv6_prefix(config.ipv6_prefix),
+        quota,
+    )
+    .shadow(config.rate_limit_shadow)
+}
+
+/// Public routes: per IP.
+pub fn public(state: &AppState) -> RateLimitLayer<AppStore> {
+    let config = &state.config;
+    layer(state).with_policy(per_ip(config, "ip", config.rate_limit_ip).with_route_class("public"))
+}
+
+/// The login route: per IP, and the stricter `auth` class per IP.
+pub fn login(state: &AppState) -> RateLimitLayer<AppStore> {
+    let config = &state.config;
+    layer(state)
+        .with_policy(per_ip(config, "ip", config.rate_limit_ip).with_route_class("auth"))
+        .with_policy(per_ip(config, "auth", config.limits.class_auth).with_route_class("auth"))
+}
+
+/// Authenticated routes of `class`: per tenant, per subject by trust
+/// level, and per subject for the class. Goes under the authentication
+/// layer, which puts [`Claims`] in the request.
+pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppStore> {
+    let config = &state.config;
+    let limits = Arc::new(config.limits.clone());
+    let (name, quota) = match class {
+        RouteClass::Read => ("read", limits.class_read),
+        RouteClass::Write => ("write", limits.class_write),
+    };
+    let tenant = Policy::new(
+        "tenant",
+        |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.as_str()))),
+        limits.tenant,
+    );
+    let trust_limits = limits.clone();
+    let trust_quota_limits = limits.clone();
+    // The first configured level stands in for a level this build does not
+    // know (say, one removed from TRUST_LEVELS after the token was issued).
+    let lowest = limits
+        .trust
+        .first()
+        .and_then(|(_, q)| *q)
+        .unwrap_or(limits.class_read);
+    let trust = Policy::new(
+        "trust",
+        move |parts: &Parts| {
+            let claims = claims(parts)?;
+            Ok(match trust_limits.trust_quota(&claims.trust) {
+                Some(None) => None, // unlimited, as configured
+                _ => Some(Key::from(claims.sub.to_string())),
+            })
+        },
+        lowest,
+    )
+    .with_quota_fn(move |parts: &Parts| {
+        parts
+            .extensions
+            .get::<Claims>()
+            .and_then(|c| trust_quota(&trust_quota_limits, &c.trust))
+            .unwrap_or(lowest)
+    });
+    let class_policy = Policy::new(
+        name,
+        |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
+        quota,
+    );
+    [tenant, trust, class_policy]
+        .into_iter()
+        .fold(layer(state), |layer, policy| {
+            layer.with_policy(
+                policy
+                    .with_route_class(name)
+                    .shadow(config.rate_limit_shadow),
+            )
+        })
+}
+
+fn trust_quota(limits: &LimitsConfig, level: &str) -> Option<Quota> {
+    limits.trust_quota(level).flatten()
+}
+
+fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {
+    parts
+        .extensions
+        .get::<Claims>()
+        .ok_or_else(|| KeyRejection::unauthorized("this route needs a bearer token"))
+}

@@ -1,0 +1,72 @@
+//! The OpenAPI 3 document of the reference server, generated from the
+//! handlers' annotations and served at `GET /openapi.json`.
+
+use axum::{Json, Router, routing::get};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::AppState;
+use crate::routes::{api, auth, items};
+
+/// RFC 9457 problem details, the body of every error.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Problem {
+    /// A URI naming the problem type; `about:blank` when the status says it
+    /// all.
+    #[serde(rename = "type")]
+    #[schema(example = "https://tollgate.dev/problems/quota-exceeded")]
+    pub type_uri: String,
+    /// A short summary.
+    #[schema(example = "Too Many Requests")]
+    pub title: String,
+    /// The HTTP status.
+    #[schema(example = 429)]
+    pub status: u16,
+    /// What went wrong this time.
+    pub detail: Option<String>,
+    /// 422: every broken rule.
+    pub errors: Option<Vec<String>>,
+    /// 429: the policies that denied the request.
+    #[schema(example = json!(["tenant"]))]
+    pub violated_policies: Option<Vec<String>>,
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tollgate reference server", description = "A small multi-tenant API behind Tollgate's layers: per-IP, per-tenant, trust-level and route-class rate limits, and Postgres row-level security."),
+    paths(auth::login, items::list, items::create, items::fetch, items::update, items::remove, api::ping),
+    components(schemas(Problem, api::Pong, auth::LoginRequest, auth::TokenResponse, items::Item, items::ItemInput, items::ItemPage)),
+    modifiers(&BearerAuth),
+    tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "public"))
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json`.
+pub fn router() -> Router<AppState> {
+    let doc = ApiDoc::openapi();
+    Router::new().route(
+        "/openapi.json",
+        get(move || async move { Json(doc.clone()) }),
+    )
+}

@@ -1,0 +1,278 @@
+//! `/api/v1/items`: tenant-scoped CRUD. Every query runs in the request's
+//! tenant transaction; row-level security does the scoping, so no query
+//! here names a tenant.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::{Json, Router, routing::get};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tollgate::rate_limit::RateLimitLayer;
+use tollgate::tenant::Tx;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::AppError;
+use crate::store::AppStore;
+
+/// Longest `name`, in characters.
+pub const NAME_MAX: usize = 200;
+/// Longest `body`, in characters.
+pub const BODY_MAX: usize = 10_000;
+/// Largest page.
+pub const PAGE_MAX: u32 = 100;
+
+/// The routes, reads and writes each under their route class's limits
+/// (`route_layer`, so only matched requests are counted).
+pub fn router(read: RateLimitLayer<AppStore>, write: RateLimitLayer<AppStore>) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/v1/items",
+            get(list)
+                .route_layer(read.clone())
+                .merge(axum::routing::post(create).route_layer(write.clone())),
+        )
+        .route(
+            "/api/v1/items/{id}",
+            get(fetch)
+                .route_layer(read)
+                .merge(axum::routing::put(update).delete(remove).route_layer(write)),
+        )
+}
+
+/// An item.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+pub struct Item {
+    /// Its id.
+    pub id: Uuid,
+    /// A short name.
+    pub name: String,
+    /// Free text.
+    pub body: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A new item, or an item's new content.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemInput {
+    /// 1 to 200 characters, not blank.
+    #[schema(example = "First item", min_length = 1, max_length = 200)]
+    pub name: String,
+    /// Up to 10 000 characters.
+    #[serde(default)]
+    #[schema(max_length = 10000)]
+    pub body: String,
+}
+
+impl ItemInput {
+    fn validate(&self) -> Result<(), AppError> {
+        let mut errors = Vec::new();
+        let name = self.name.trim();
+        if name.is_empty() || self.name.chars().count() > NAME_MAX {
+            errors.push(format!("name: 1 to {NAME_MAX} characters, not blank"));
+        }
+        if self.body.chars().count() > BODY_MAX {
+            errors.push(format!("body: at most {BODY_MAX} characters"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AppError::Invalid(errors))
+        }
+    }
+}
+
+/// Paging through items, oldest first.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// Items per page, 1 to 100 (default 20).
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<Uuid>,
+}
+
+/// A page of items.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ItemPage {
+    /// The items.
+    pub items: Vec<Item>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<Uuid>,
+}
+
+const COLUMNS: &str = "id, name, body, created_at, updated_at";
+
+/// Lists the tenant's items.
+#[utoipa::path(
+    get, path = "/api/v1/items", tag = "items",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ItemPage),
+        (status = 400, description = "Bad query", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    mut tx: Tx,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ItemPage>, AppError> {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(AppError::Invalid(vec![format!("limit: 1 to {PAGE_MAX}")]));
+    }
+    // Keyset pagination on (created_at, id): stable under inserts.
+    let mut items: Vec<Item> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM items
+          WHERE $2::uuid IS NULL
+             OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2)
+          ORDER BY created_at, id
+          LIMIT $1"
+    ))
+    .bind(i64::from(limit) + 1)
+    .bind(query.after)
+    .fetch_all(&mut *tx)
+    .await?;
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|i| i.id)
+    } else {
+        None
+    };
+    Ok(Json(ItemPage { items, next }))
+}
+
+/// Creates an item in the caller's tenant.
+#[utoipa::path(
+    post, path = "/api/v1/items", tag = "items",
+    request_body = ItemInput,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = Item, headers(("location" = String, description = "The new item's URL"))),
+        (status = 400, description = "Malformed JSON", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Missing or invalid field", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create(
+    mut tx: Tx,
+    input: Result<Json<ItemInput>, JsonRejection>,
+) -> Result<impl IntoResponse, AppError> {
+    let Json(input) = input?;
+    input.validate()?;
+    let item: Item = sqlx::query_as(&format!(
+        "INSERT INTO items (name, body) VALUES ($1, $2) RETURNING {COLUMNS}"
+    ))
+    .bind(input.name.trim())
+    .bind(&input.body)
+    .fetch_one(&mut *tx)
+    .await?;
+    let location = format!("/api/v1/items/{}", item.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(item),
+    ))
+}
+
+/// One item.
+#[utoipa::path(
+    get, path = "/api/v1/items/{id}", tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Item),
+        (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn fetch(
+    mut tx: Tx,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<Item>, AppError> {
+    let Path(id) = id?;
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM items WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(Json)
+        .ok_or(AppError::NotFound)
+}
+
+/// Replaces an item's name and body.
+#[utoipa::path(
+    put, path = "/api/v1/items/{id}", tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    request_body = ItemInput,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Item),
+        (status = 400, description = "Malformed JSON or id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Missing or invalid field", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update(
+    mut tx: Tx,
+    id: Result<Path<Uuid>, PathRejection>,
+    input: Result<Json<ItemInput>, JsonRejection>,
+) -> Result<Json<Item>, AppError> {
+    let Path(id) = id?;
+    let Json(input) = input?;
+    input.validate()?;
+    sqlx::query_as(&format!(
+        "UPDATE items SET name = $2, body = $3, updated_at = now()
+          WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(input.name.trim())
+    .bind(&input.body)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(Json)
+    .ok_or(AppError::NotFound)
+}
+
+/// Deletes an item.
+#[utoipa::path(
+    delete, path = "/api/v1/items/{id}", tag = "items",
+    params(("id" = Uuid, Path, description = "The item's id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn remove(
+    mut tx: Tx,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> Result<StatusCode, AppError> {
+    let Path(id) = id?;
+    let deleted = sqlx::query("DELETE FROM items WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(AppError::NotFound);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
