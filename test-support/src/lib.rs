@@ -109,3 +109,81 @@ pub fn unique_prefix(test: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The owner role's URL of database `db` on the loopback Postgres that
+/// `scripts/services.sh` sets up (roles `tollgate_owner`, `tollgate_app`).
+pub fn owner_url(db: &str) -> String {
+    format!("postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/{db}")
+}
+
+/// The app role's URL of database `db`.
+pub fn app_url(db: &str) -> String {
+    format!("postgres://tollgate_app:tollgate_app@127.0.0.1:5432/{db}")
+}
+
+/// A fresh database of the test's own, created by the owner role (which
+/// has `CREATEDB`), dropped when [`drop_now`](Self::drop_now) is called.
+#[derive(Debug)]
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates `tg_<test>_<pid>_<n>` and runs `setup` in it as
+    /// the owner (a script of several statements).
+    ///
+    /// # Panics
+    ///
+    /// If Postgres or the roles are not there (`make test` sets them up).
+    pub async fn create(test: &str, setup: &str) -> Self {
+        use sqlx::Connection;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "tg_{test}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = sqlx::PgConnection::connect(&owner_url("postgres"))
+            .await
+            .expect("connect as tollgate_owner (run scripts/services.sh)");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::raw_sql(&sql)
+                .execute(&mut admin)
+                .await
+                .expect("create the test database");
+        }
+        let mut owner = sqlx::PgConnection::connect(&owner_url(&name))
+            .await
+            .expect("connect to the test database");
+        sqlx::raw_sql(setup)
+            .execute(&mut owner)
+            .await
+            .expect("the test schema");
+        Self { name }
+    }
+
+    /// The owner's URL.
+    pub fn owner_url(&self) -> String {
+        owner_url(&self.name)
+    }
+
+    /// The app role's URL.
+    pub fn app_url(&self) -> String {
+        app_url(&self.name)
+    }
+
+    /// Drops the database (closing its remaining connections).
+    pub async fn drop_now(self) {
+        use sqlx::Connection;
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&owner_url("postgres")).await {
+            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}

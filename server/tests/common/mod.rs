@@ -7,6 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The secret test servers sign tokens with.
+pub const AUTH_SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
 /// A running server, killed when dropped (also when a test fails).
 pub struct Server {
     pub child: Child,
@@ -22,6 +25,12 @@ impl Server {
             .env("RUST_LOG", "info")
             // Tests that care about draining set their own delay.
             .env("SHUTDOWN_DRAIN_DELAY", "0")
+            .env("AUTH_SECRET", AUTH_SECRET)
+            .env("DATABASE_URL", tollgate_test_support::app_url("tollgate"))
+            .env(
+                "MIGRATION_DATABASE_URL",
+                tollgate_test_support::owner_url("tollgate"),
+            )
             .env_remove("LOG_FORMAT")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -1,0 +1,311 @@
+//! `tollgate::tenant` against a real Postgres: isolation by row-level
+//! security, commit/rollback by status, error mapping, and the connection a
+//! cancelled or panicked request hands back to the pool.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{Request, StatusCode};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tollgate::tenant::{
+    Access, AuditError, FromHeader, TenantError, TenantId, TenantLayer, Tx, audit, begin,
+};
+use tollgate_test_support::TestDb;
+use tower::ServiceExt;
+
+const SCHEMA: &str = "
+CREATE TABLE notes (
+    id bigserial PRIMARY KEY,
+    tenant_id uuid NOT NULL DEFAULT nullif(current_setting('app.tenant_id', true), '')::uuid,
+    body text NOT NULL,
+    -- Checked at COMMIT: how the tests make a commit fail.
+    CONSTRAINT notes_body_unique UNIQUE (body) DEFERRABLE INITIALLY DEFERRED
+);
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+ALTER TABLE notes FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON notes
+    USING (tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid)
+    WITH CHECK (tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid);
+GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO tollgate_app;
+GRANT USAGE ON SEQUENCE notes_id_seq TO tollgate_app;
+";
+
+const A: &str = "0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e";
+const B: &str = "6f1d2c3b-4a59-4e8d-9c7b-1a2b3c4d5e6f";
+
+async fn insert(tx: &mut Tx, body: &str) -> Result<(), TenantError> {
+    sqlx::query("INSERT INTO notes (body) VALUES ($1)")
+        .bind(body)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn app(pool: PgPool) -> Router {
+    Router::new()
+        .route(
+            "/notes",
+            get(|mut tx: Tx| async move {
+                let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM notes ORDER BY id")
+                    .fetch_all(&mut *tx)
+                    .await?;
+                Ok::<_, TenantError>(Json(bodies))
+            })
+            .post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
+            "/conflict",
+            post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await?;
+                Ok::<_, TenantError>(StatusCode::CONFLICT)
+            }),
+        )
+        .route(
+            "/slow",
+            post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await?;
+                sqlx::query("SELECT pg_sleep(0.3)")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
+            "/panic",
+            post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await.unwrap();
+                panic!("handler bug");
+                #[allow(unreachable_code)]
+                StatusCode::CREATED
+            }),
+        )
+        .route(
+            "/duplicate",
+            post(|mut tx: Tx| async move {
+                insert(&mut tx, "twice").await?;
+                insert(&mut tx, "twice").await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
+            "/other-tenant",
+            post(|mut tx: Tx| async move {
+                sqlx::query("INSERT INTO notes (tenant_id, body) VALUES ($1, 'smuggled')")
+                    .bind(uuid_of(B))
+                    .execute(&mut *tx)
+                    .await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
+            "/write-on-get",
+            get(|mut tx: Tx| async move {
+                insert(&mut tx, "from a GET").await?;
+                Ok::<_, TenantError>(StatusCode::OK)
+            }),
+        )
+        .layer(TenantLayer::new(
+            pool,
+            FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
+        ))
+}
+
+fn uuid_of(s: &str) -> uuid::Uuid {
+    s.parse::<TenantId>().unwrap().as_uuid()
+}
+
+fn req(method: &str, path: &str, tenant: &str, body: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("x-tenant-id", tenant)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+async fn call(app: &Router, r: Request<Body>) -> (StatusCode, String) {
+    let res = app.clone().oneshot(r).await.unwrap();
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn pool(db: &TestDb, size: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&db.app_url())
+        .await
+        .unwrap()
+}
+
+/// Takes the pool's connection and checks it carries nothing from an
+/// earlier request: no open transaction, no tenant setting, no rows
+/// visible. Returns its backend pid.
+async fn assert_clean(pool: &PgPool) -> i32 {
+    let mut conn = pool.acquire().await.unwrap();
+    let (pid, setting): (i32, Option<String>) =
+        sqlx::query_as("SELECT pg_backend_pid(), current_setting('app.tenant_id', true)")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    // now() is the transaction's start: two statements 2 ms apart see the
+    // same now() only inside one open transaction.
+    let now = || sqlx::query_scalar::<_, i64>("SELECT (extract(epoch FROM now()) * 1e6)::bigint");
+    let first = now().fetch_one(&mut *conn).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let second = now().fetch_one(&mut *conn).await.unwrap();
+    let in_transaction = first == second;
+    assert!(
+        !in_transaction,
+        "connection {pid} handed back inside a transaction (setting {setting:?})"
+    );
+    assert_eq!(setting.unwrap_or_default(), "", "tenant setting leaked");
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(visible, 0, "rows visible without a tenant");
+    pid
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_rows_and_status_decides_commit() {
+    let db = TestDb::create("tenant_commit", SCHEMA).await;
+    let pool = pool(&db, 4).await;
+    let app = app(pool.clone());
+
+    assert_eq!(call(&app, req("POST", "/notes", A, "a1")).await.0, 201);
+    assert_eq!(call(&app, req("POST", "/notes", B, "b1")).await.0, 201);
+    // 4xx: rolled back.
+    assert_eq!(call(&app, req("POST", "/conflict", A, "a-rolled-back")).await.0, 409);
+    assert_eq!(call(&app, req("GET", "/notes", A, "")).await, (StatusCode::OK, r#"["a1"]"#.into()));
+    assert_eq!(call(&app, req("GET", "/notes", B, "")).await.1, r#"["b1"]"#);
+
+    // Missing and invalid tenants never reach the handler.
+    let no_tenant = Request::get("/notes").body(Body::empty()).unwrap();
+    let (status, body) = call(&app, no_tenant).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("\"status\":401"), "{body}");
+    assert_eq!(call(&app, req("GET", "/notes", "acme", "")).await.0, 400);
+
+    // Writing as another tenant is a row-level security violation: 403.
+    let (status, body) = call(&app, req("POST", "/other-tenant", A, "")).await;
+    assert_eq!(status, 403, "{body}");
+    // GET runs READ ONLY: the write fails, nothing is kept.
+    assert_eq!(call(&app, req("GET", "/write-on-get", A, "")).await.0, 500);
+    // A commit that fails (deferred unique check) is never answered 2xx.
+    let (status, body) = call(&app, req("POST", "/duplicate", A, "")).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("Commit failed"), "{body}");
+    assert_eq!(call(&app, req("GET", "/notes", A, "")).await.1, r#"["a1"]"#);
+
+    // The plain function, outside axum.
+    let mut tx = begin(&pool, A.parse().unwrap(), Access::ReadOnly).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(tx);
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn dropped_and_panicked_requests_leave_a_clean_connection() {
+    let db = TestDb::create("tenant_cancel", SCHEMA).await;
+    // One connection: every request reuses the one before's.
+    let pool = pool(&db, 1).await;
+    let app = app(pool.clone());
+    let first_pid = assert_clean(&pool).await;
+    let mut reused = 0;
+
+    // Futures dropped at every point of acquire, BEGIN, insert and commit.
+    for step in 0..200u64 {
+        let call = app.clone().oneshot(req("POST", "/notes", A, &format!("n{step}")));
+        let _ = tokio::time::timeout(Duration::from_micros(step * 25), call).await;
+        if assert_clean(&pool).await == first_pid {
+            reused += 1;
+        }
+    }
+    // A client that hangs up mid-transaction, over a real socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, app.clone()).into_future());
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(
+                format!(
+                    "POST /slow HTTP/1.1\r\nhost: x\r\nx-tenant-id: {A}\r\ncontent-length: 4\r\n\r\nslow"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } // hung up while pg_sleep runs
+    assert_clean(&pool).await;
+
+    // A handler that panics after writing.
+    let panicked = tokio::spawn(app.clone().oneshot(req("POST", "/panic", A, "p"))).await;
+    assert!(panicked.unwrap_err().is_panic());
+    if assert_clean(&pool).await == first_pid {
+        reused += 1;
+    }
+    assert!(reused > 0, "the connection was never reused; the test proves nothing");
+
+    // Nothing of the cancelled requests is half there: each note either
+    // committed whole or not at all, and none of the slow or panicked ones.
+    let (_, body) = call(&app, req("GET", "/notes", A, "")).await;
+    let notes: Vec<String> = serde_json::from_str(&body).unwrap();
+    assert!(!notes.iter().any(|n| n == "slow" || n == "p"), "{notes:?}");
+    server.abort();
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn audit_names_the_table_or_role_attribute() {
+    let db = TestDb::create("tenant_audit", SCHEMA).await;
+    let app_pool = pool(&db, 1).await;
+    audit(&app_pool).await.unwrap();
+
+    // The owner may act as the table's owner (and has BYPASSRLS).
+    let owner = PgPool::connect(&db.owner_url()).await.unwrap();
+    let err = audit(&owner).await.unwrap_err();
+    assert!(matches!(err, AuditError::BypassRls { .. }), "{err}");
+    assert!(err.to_string().contains("BYPASSRLS"));
+
+    let breaks = [
+        ("ALTER TABLE notes NO FORCE ROW LEVEL SECURITY", "not forced"),
+        ("ALTER TABLE notes DISABLE ROW LEVEL SECURITY", "not enabled"),
+    ];
+    for (ddl, expected) in breaks {
+        sqlx::query(ddl).execute(&owner).await.unwrap();
+        let err = audit(&app_pool).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("public.notes") && msg.contains(expected), "{msg}");
+    }
+    sqlx::raw_sql(
+        "ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY;
+         DROP POLICY tenant_isolation ON notes",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    let err = audit(&app_pool).await.unwrap_err();
+    assert!(matches!(err, AuditError::NoPolicy { ref table } if table == "public.notes"), "{err}");
+
+    owner.close().await;
+    app_pool.close().await;
+    db.drop_now().await;
+}
