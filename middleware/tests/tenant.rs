@@ -132,7 +132,9 @@ fn req(method: &str, path: &str, tenant: &str, body: &str) -> Request<Body> {
 async fn call(app: &Router, r: Request<Body>) -> (StatusCode, String) {
     let res = app.clone().oneshot(r).await.unwrap();
     let status = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -184,8 +186,16 @@ async fn tenants_see_only_their_rows_and_status_decides_commit() {
     assert_eq!(call(&app, req("POST", "/notes", A, "a1")).await.0, 201);
     assert_eq!(call(&app, req("POST", "/notes", B, "b1")).await.0, 201);
     // 4xx: rolled back.
-    assert_eq!(call(&app, req("POST", "/conflict", A, "a-rolled-back")).await.0, 409);
-    assert_eq!(call(&app, req("GET", "/notes", A, "")).await, (StatusCode::OK, r#"["a1"]"#.into()));
+    assert_eq!(
+        call(&app, req("POST", "/conflict", A, "a-rolled-back"))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        call(&app, req("GET", "/notes", A, "")).await,
+        (StatusCode::OK, r#"["a1"]"#.into())
+    );
     assert_eq!(call(&app, req("GET", "/notes", B, "")).await.1, r#"["b1"]"#);
 
     // Missing and invalid tenants never reach the handler.
@@ -207,7 +217,9 @@ async fn tenants_see_only_their_rows_and_status_decides_commit() {
     assert_eq!(call(&app, req("GET", "/notes", A, "")).await.1, r#"["a1"]"#);
 
     // The plain function, outside axum.
-    let mut tx = begin(&pool, A.parse().unwrap(), Access::ReadOnly).await.unwrap();
+    let mut tx = begin(&pool, A.parse().unwrap(), Access::ReadOnly)
+        .await
+        .unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
         .fetch_one(&mut *tx)
         .await
@@ -229,7 +241,9 @@ async fn dropped_and_panicked_requests_leave_a_clean_connection() {
 
     // Futures dropped at every point of acquire, BEGIN, insert and commit.
     for step in 0..200u64 {
-        let call = app.clone().oneshot(req("POST", "/notes", A, &format!("n{step}")));
+        let call = app
+            .clone()
+            .oneshot(req("POST", "/notes", A, &format!("n{step}")));
         let _ = tokio::time::timeout(Duration::from_micros(step * 25), call).await;
         if assert_clean(&pool).await == first_pid {
             reused += 1;
@@ -261,7 +275,10 @@ async fn dropped_and_panicked_requests_leave_a_clean_connection() {
     if assert_clean(&pool).await == first_pid {
         reused += 1;
     }
-    assert!(reused > 0, "the connection was never reused; the test proves nothing");
+    assert!(
+        reused > 0,
+        "the connection was never reused; the test proves nothing"
+    );
 
     // Nothing of the cancelled requests is half there: each note either
     // committed whole or not at all, and none of the slow or panicked ones.
@@ -286,14 +303,23 @@ async fn audit_names_the_table_or_role_attribute() {
     assert!(err.to_string().contains("BYPASSRLS"));
 
     let breaks = [
-        ("ALTER TABLE notes NO FORCE ROW LEVEL SECURITY", "not forced"),
-        ("ALTER TABLE notes DISABLE ROW LEVEL SECURITY", "not enabled"),
+        (
+            "ALTER TABLE notes NO FORCE ROW LEVEL SECURITY",
+            "not forced",
+        ),
+        (
+            "ALTER TABLE notes DISABLE ROW LEVEL SECURITY",
+            "not enabled",
+        ),
     ];
     for (ddl, expected) in breaks {
         sqlx::query(ddl).execute(&owner).await.unwrap();
         let err = audit(&app_pool).await.unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("public.notes") && msg.contains(expected), "{msg}");
+        assert!(
+            msg.contains("public.notes") && msg.contains(expected),
+            "{msg}"
+        );
     }
     sqlx::raw_sql(
         "ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY;
@@ -303,7 +329,10 @@ async fn audit_names_the_table_or_role_attribute() {
     .await
     .unwrap();
     let err = audit(&app_pool).await.unwrap_err();
-    assert!(matches!(err, AuditError::NoPolicy { ref table } if table == "public.notes"), "{err}");
+    assert!(
+        matches!(err, AuditError::NoPolicy { ref table } if table == "public.notes"),
+        "{err}"
+    );
 
     owner.close().await;
     app_pool.close().await;

@@ -86,7 +86,9 @@ pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppS
             let claims = claims(parts)?;
             Ok(match trust_limits.trust_quota(&claims.trust) {
                 Some(None) => None, // unlimited, as configured
-                _ => Some(Key::from(claims.sub.to_string())),
+                // Keyed by level too: a raised level starts a fresh
+                // allowance instead of inheriting the lower one's debt.
+                _ => Some(Key::from(format!("{}:{}", claims.sub, claims.trust))),
             })
         },
         lowest,

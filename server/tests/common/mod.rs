@@ -84,3 +84,76 @@ pub fn client() -> reqwest::Client {
 pub async fn status(http: &reqwest::Client, url: String) -> u16 {
     http.get(url).send().await.unwrap().status().as_u16()
 }
+
+/// The app role's pool on the shared `tollgate` database (migrated by the
+/// first server a test starts).
+pub async fn app_pool() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&tollgate_test_support::app_url("tollgate"))
+        .await
+        .expect("connect as tollgate_app")
+}
+
+/// A new tenant with `users` (e-mail, trust level; password
+/// [`PASSWORD`]) and `items` items named `<tenant>-<n>`. E-mails get a
+/// unique suffix; the returned users hold the real ones.
+pub async fn seed_tenant(
+    pool: &sqlx::PgPool,
+    users: &[(&str, &str)],
+    items: usize,
+) -> (uuid::Uuid, Vec<String>) {
+    use std::sync::LazyLock;
+    use tollgate::tenant::{Access, TenantId, begin};
+    static HASH: LazyLock<String> =
+        LazyLock::new(|| tollgate_server::auth::hash_password(PASSWORD));
+    let tenant = uuid::Uuid::new_v4();
+    let mut tx = begin(pool, TenantId::new(tenant), Access::ReadWrite)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'test')")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let mut emails = Vec::new();
+    for (email, trust) in users {
+        let email = format!("{email}-{tenant}@example.com");
+        sqlx::query(
+            "INSERT INTO users (tenant_id, email, password_hash, trust_level) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(tenant)
+        .bind(&email)
+        .bind(&*HASH)
+        .bind(trust)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        emails.push(email);
+    }
+    for n in 0..items {
+        sqlx::query("INSERT INTO items (name) VALUES ($1)")
+            .bind(format!("{tenant}-{n}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    (tenant, emails)
+}
+
+/// Every seeded user's password.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Logs in and returns the bearer token.
+pub async fn login(http: &reqwest::Client, server: &Server, email: &str) -> String {
+    let res = http
+        .post(server.url("/auth/login"))
+        .json(&serde_json::json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "login of {email}");
+    let body: serde_json::Value = res.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
