@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
 async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => {
+            record_pool(&state.pool, state.config.database.max_connections);
             let mut res = handle.render().into_response();
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -28,6 +29,16 @@ async fn render(State(state): State<AppState>) -> Response {
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// The pool's gauges, read at scrape time so they are current.
+fn record_pool(pool: &sqlx::PgPool, max: u32) {
+    use tollgate::metrics::{DB_POOL_CONNECTIONS, DB_POOL_MAX_CONNECTIONS};
+    let idle = pool.num_idle() as f64;
+    let open = f64::from(pool.size());
+    metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((open - idle).max(0.0));
+    metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
+    metrics::gauge!(DB_POOL_MAX_CONNECTIONS).set(f64::from(max));
 }
 
 /// Background pieces of metrics, stopped when dropped: the exporter's
