@@ -106,6 +106,22 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     let prometheus = Prometheus::start(&target);
     let http = client();
 
+    // Tenant traffic first (login shares the per-IP quota): commits, and a rollback (a 404 inside a transaction).
+    let pool = common::app_pool().await;
+    let (_, emails) = common::seed_tenant(&pool, &[("dash", "staff")], 1).await;
+    let token = common::login(&http, &server, &emails[0]).await;
+    for _ in 0..3 {
+        let page = http
+            .get(server.url("/api/v1/items"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200);
+    }
+    let missing = server.url(&format!("/api/v1/items/{}", uuid::Uuid::new_v4()));
+    let res = http.get(missing).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 404);
     // Traffic: allowed pings, then 429s, and a 404.
     for _ in 0..12 {
         http.get(server.url("/api/v1/ping")).send().await.unwrap();
