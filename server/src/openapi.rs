@@ -33,6 +33,40 @@ pub struct Problem {
     pub violated_policies: Option<Vec<String>>,
 }
 
+/// Errors every tenant route may answer, besides its own.
+#[derive(Debug, utoipa::IntoResponses)]
+pub enum TenantRouteErrors {
+    /// No valid bearer token, or the token names no tenant.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// A row-level security violation.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// A limit denied the request (`tenant`, `trust`, `read` or `write`).
+    #[response(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Problem),
+    /// No database connection was free in time; retry after `Retry-After`.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Busy(Problem),
+}
+
+/// Errors of a route that reads a JSON body.
+#[derive(Debug, utoipa::IntoResponses)]
+pub enum BodyErrors {
+    /// Malformed JSON, or a path or query that does not parse.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// Body over 64 KiB.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(Problem),
+    /// Not `application/json`.
+    #[response(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Problem),
+    /// A missing or invalid field; every broken rule in `errors`.
+    #[response(status = 422, content_type = "application/problem+json")]
+    Invalid(Problem),
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

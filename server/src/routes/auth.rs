@@ -46,9 +46,8 @@ pub struct TokenResponse {
     request_body = LoginRequest,
     responses(
         (status = 200, description = "Logged in", body = TokenResponse),
-        (status = 400, description = "Malformed body", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::BodyErrors,
         (status = 401, description = "Wrong e-mail or password", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Missing or oversized field", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many login attempts from this address", body = crate::openapi::Problem, content_type = "application/problem+json"),
     )
 )]

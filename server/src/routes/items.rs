@@ -116,9 +116,9 @@ const COLUMNS: &str = "id, name, body, created_at, updated_at";
     security(("bearer" = [])),
     responses(
         (status = 200, body = ItemPage),
-        (status = 400, description = "Bad query", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A query that does not parse", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "limit outside 1 to 100", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::TenantRouteErrors,
     )
 )]
 pub async fn list(
@@ -158,11 +158,8 @@ pub async fn list(
     security(("bearer" = [])),
     responses(
         (status = 201, body = Item, headers(("location" = String, description = "The new item's URL"))),
-        (status = 400, description = "Malformed JSON", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Missing or invalid field", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::BodyErrors,
+        crate::openapi::TenantRouteErrors,
     )
 )]
 pub async fn create(
@@ -194,9 +191,8 @@ pub async fn create(
     responses(
         (status = 200, body = Item),
         (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::TenantRouteErrors,
     )
 )]
 pub async fn fetch(
@@ -220,11 +216,9 @@ pub async fn fetch(
     security(("bearer" = [])),
     responses(
         (status = 200, body = Item),
-        (status = 400, description = "Malformed JSON or id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::BodyErrors,
         (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Missing or invalid field", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::TenantRouteErrors,
     )
 )]
 pub async fn update(
@@ -256,9 +250,8 @@ pub async fn update(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such item in this tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::TenantRouteErrors,
     )
 )]
 pub async fn remove(
