@@ -189,6 +189,8 @@ pub async fn run(command: Command) -> Result<(), CliError> {
                 .bind(&level)
                 .execute(&mut *tx)
                 .await?;
+            // Every replica drops its cached level when this commits.
+            crate::trust::notify(&mut tx, Uuid::new_v4(), user_id).await?;
             tx.commit().await?;
             println!("{user_id} {level}");
         }

@@ -62,6 +62,17 @@ pub struct Config {
     /// `RATE_LIMIT_TENANT`, `TRUST_LEVELS`, `RATE_LIMIT_TRUST_*`,
     /// `RATE_LIMIT_CLASS_*`: limits of the authenticated API.
     pub limits: LimitsConfig,
+    /// `TRUST_CACHE_TTL` (ms): how long a replica trusts its cached copy of
+    /// a subject's trust level; the bound on staleness without broadcasts.
+    pub trust_cache_ttl: Duration,
+    /// `TRUST_BROADCAST_ENABLED`: listen for trust changes made elsewhere.
+    pub trust_broadcast: bool,
+    /// `CLEANUP_INTERVAL` (ms): how often the fleet's cleanup job runs (on
+    /// one replica per cycle).
+    pub cleanup_interval: Duration,
+    /// `ITEM_RETENTION` (ms): how long deleted items are kept before the
+    /// cleanup job purges them.
+    pub item_retention: Duration,
 }
 
 /// Postgres connection and pool.
@@ -348,6 +359,22 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("RATE_LIMIT_CLASS_AUTH", "10/min,burst=5", QUOTA_FORMAT),
     ("RATE_LIMIT_CLASS_READ", "600/min", QUOTA_FORMAT),
     ("RATE_LIMIT_CLASS_WRITE", "120/min", QUOTA_FORMAT),
+    (
+        "TRUST_CACHE_TTL",
+        "60000",
+        "milliseconds, a whole number above 0",
+    ),
+    ("TRUST_BROADCAST_ENABLED", "true", "true or false"),
+    (
+        "CLEANUP_INTERVAL",
+        "60000",
+        "milliseconds, a whole number above 0",
+    ),
+    (
+        "ITEM_RETENTION",
+        "604800000",
+        "milliseconds, a whole number (7 days by default)",
+    ),
 ];
 
 /// The format of `RATE_LIMIT_TRUST_<LEVEL>`.
@@ -428,6 +455,10 @@ impl Config {
             database: database_config(&var)?,
             auth: auth_config(&var)?,
             limits: limits_config(&var, &lookup)?,
+            trust_cache_ttl: millis_above_zero(var("TRUST_CACHE_TTL"), 60_000)?,
+            trust_broadcast: var("TRUST_BROADCAST_ENABLED").parse_bool_or(true)?,
+            cleanup_interval: millis_above_zero(var("CLEANUP_INTERVAL"), 60_000)?,
+            item_retention: Duration::from_millis(var("ITEM_RETENTION").parse_or(604_800_000u64)?),
         })
     }
 }
@@ -732,6 +763,10 @@ mod tests {
         assert_eq!(c.database.max_lifetime, Duration::from_secs(1800));
         assert!(c.database.migrate_on_start);
         assert_eq!(c.auth.token_ttl, Duration::from_secs(900));
+        assert_eq!(c.trust_cache_ttl, Duration::from_secs(60));
+        assert!(c.trust_broadcast);
+        assert_eq!(c.cleanup_interval, Duration::from_secs(60));
+        assert_eq!(c.item_retention, Duration::from_secs(7 * 24 * 3600));
         let levels: Vec<_> = c
             .limits
             .trust
@@ -887,6 +922,10 @@ mod tests {
             ("RATE_LIMIT_TENANT", "many"),
             ("TRUST_LEVELS", "New Users"),
             ("RATE_LIMIT_CLASS_WRITE", "1/fortnight"),
+            ("TRUST_CACHE_TTL", "0"),
+            ("TRUST_BROADCAST_ENABLED", "sometimes"),
+            ("CLEANUP_INTERVAL", "hourly"),
+            ("ITEM_RETENTION", "7d"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

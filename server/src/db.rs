@@ -35,7 +35,8 @@ pub enum DbError {
     Audit(#[from] tollgate::tenant::AuditError),
 }
 
-fn options(var: &'static str, url: &str) -> Result<PgConnectOptions, DbError> {
+/// `url` parsed, or an error naming `var`.
+pub fn options(var: &'static str, url: &str) -> Result<PgConnectOptions, DbError> {
     PgConnectOptions::from_str(url).map_err(|source| DbError::Url {
         var,
         url: redact_url(url),

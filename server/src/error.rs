@@ -16,6 +16,9 @@ pub enum AppError {
     /// No valid credentials: 401.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Authenticated, but not allowed: 403.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// Wrong e-mail or password (indistinguishable on purpose): 401.
     #[error("invalid e-mail or password")]
     InvalidCredentials,
@@ -59,6 +62,9 @@ impl IntoResponse for AppError {
                 .with_detail("no resource at this path"),
             Self::Unauthorized(detail) => {
                 Problem::new(StatusCode::UNAUTHORIZED, "Unauthorized").with_detail(detail)
+            }
+            Self::Forbidden(detail) => {
+                Problem::new(StatusCode::FORBIDDEN, "Forbidden").with_detail(detail)
             }
             Self::InvalidCredentials => Problem::new(StatusCode::UNAUTHORIZED, "Unauthorized")
                 .with_detail("invalid e-mail or password"),

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod openapi;
 pub mod routes;
 pub mod store;
+pub mod trust;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// Issues and verifies bearer tokens.
     pub tokens: Tokens,
+    /// Current trust levels, cached.
+    pub trust: trust::TrustLevels,
 }
 
 impl AppState {
@@ -107,6 +110,7 @@ impl AppState {
             store,
             readiness: checks.start(),
             metrics,
+            trust: trust::TrustLevels::new(pool.clone(), config.trust_cache_ttl),
             pool,
             tokens,
             config: Arc::new(config),
@@ -131,9 +135,18 @@ pub fn app(state: AppState) -> Router {
         limits::authenticated(&state, RouteClass::Read),
         limits::authenticated(&state, RouteClass::Write),
     )
+    .merge(routes::users::router(limits::authenticated(
+        &state,
+        RouteClass::Write,
+    )))
     .route_layer(TenantLayer::new(
         state.pool.clone(),
         FromClaims::<Claims>::new(),
+    ))
+    // The level in the token may be stale: the limits use the current one.
+    .route_layer(axum::middleware::from_fn_with_state(
+        state.trust.clone(),
+        trust::current_trust,
     ))
     .route_layer(axum::middleware::from_fn_with_state(
         state.tokens.clone(),
@@ -230,6 +243,17 @@ pub async fn run(
         .map_err(std::io::Error::other)?;
     let _metrics_tasks = routes::metrics::spawn(&state, metrics_addr).await?;
     let readiness = state.readiness.clone();
+    let _trust_listener = if state.config.trust_broadcast {
+        let options = db::options("DATABASE_URL", &state.config.database.url)
+            .map_err(std::io::Error::other)?;
+        Some(AbortOnDrop(trust::spawn_listener(
+            state.trust.clone(),
+            options,
+            format!("tollgate-listener {addr}"),
+        )))
+    } else {
+        None
+    };
     if let AppStore::Redis(redis) = &state.store {
         // Not fatal: the failure policy covers a Redis that is down.
         match redis.ping().await {
@@ -286,6 +310,15 @@ pub async fn prepare_database(
     tollgate::tenant::audit(pool).await?;
     tracing::info!("database role audited: row-level security applies to it");
     Ok(())
+}
+
+/// Aborts a background task when dropped (when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::AppState;
-use crate::routes::{api, auth, items};
+use crate::routes::{api, auth, items, users};
 
 /// RFC 9457 problem details, the body of every error.
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,10 +88,10 @@ impl Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tollgate reference server", description = "A small multi-tenant API behind Tollgate's layers: per-IP, per-tenant, trust-level and route-class rate limits, and Postgres row-level security."),
-    paths(auth::login, items::list, items::create, items::fetch, items::update, items::remove, api::ping),
-    components(schemas(Problem, api::Pong, auth::LoginRequest, auth::TokenResponse, items::Item, items::ItemInput, items::ItemPage)),
+    paths(auth::login, items::list, items::create, items::fetch, items::update, items::remove, users::set_trust, api::ping),
+    components(schemas(Problem, api::Pong, auth::LoginRequest, auth::TokenResponse, items::Item, items::ItemInput, items::ItemPage, users::TrustLevel)),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "public"))
+    tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "users", description = "Tenant-scoped; staff only"), (name = "public"))
 )]
 #[derive(Debug)]
 pub struct ApiDoc;

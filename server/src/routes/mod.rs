@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod items;
 pub mod metrics;
+pub mod users;
 
 use crate::error::AppError;
 

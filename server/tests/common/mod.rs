@@ -157,3 +157,34 @@ pub async fn login(http: &reqwest::Client, server: &Server, email: &str) -> Stri
     let body: serde_json::Value = res.json().await.unwrap();
     body["access_token"].as_str().unwrap().to_owned()
 }
+
+/// The id of the user with `email` in `tenant`.
+pub async fn user_id(pool: &sqlx::PgPool, tenant: uuid::Uuid, email: &str) -> uuid::Uuid {
+    use tollgate::tenant::{Access, TenantId, begin};
+    let mut tx = begin(pool, TenantId::new(tenant), Access::ReadOnly)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+}
+
+/// The value of `metric` (first sample whose line starts with it) in the
+/// server's `/metrics`, or 0.
+pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f64 {
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(metric))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
