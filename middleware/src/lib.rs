@@ -13,7 +13,9 @@
 //!   [`Store`](rate_limit::Store), answering with the IETF `RateLimit`
 //!   header fields and RFC 9457 problem details;
 //! - `tenant` (feature `postgres`): per-request Postgres transactions that
-//!   set the tenant for row-level security.
+//!   set the tenant for row-level security;
+//! - `singleton` (feature `postgres`): periodic jobs that run on one replica
+//!   of the fleet per cycle, on advisory locks.
 //!
 //! # Example
 //!
@@ -80,6 +82,9 @@ pub mod health;
 pub mod metrics;
 pub mod problem;
 pub mod rate_limit;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod singleton;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod tenant;

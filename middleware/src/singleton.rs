@@ -1,0 +1,237 @@
+//! Cluster-wide singleton jobs on Postgres advisory locks (feature
+//! `postgres`).
+//!
+//! Every replica runs a [`Singleton`]; each cycle, exactly one of them runs
+//! the job:
+//!
+//! - cycles are aligned to the wall clock (cycle `n` starts at
+//!   `n × interval` since the Unix epoch), so every replica tries at the
+//!   same moment;
+//! - the job runs while holding `pg_try_advisory_lock(key)` on a
+//!   connection opened for that cycle alone (session level, never a pooled
+//!   connection), released with `pg_advisory_unlock` after. A replica that
+//!   crashes releases the lock with its connection;
+//! - a replica that gets the lock first checks [`SCHEMA`]'s table for the
+//!   cycle, so a replica whose timer fires late cannot run the same cycle
+//!   again after the first has finished; the run is recorded when it
+//!   succeeds.
+//!
+//! Metrics (feature `metrics`): `tollgate_singleton_runs_total{job}`,
+//! `tollgate_singleton_skipped_total{job}` (another replica held the lock or
+//! had run the cycle), `tollgate_singleton_failures_total{job}`,
+//! `tollgate_singleton_duration_seconds{job}`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tollgate::singleton::Singleton;
+//!
+//! /// The lock key: one named constant per job, in one place.
+//! const CLEANUP_LOCK: i64 = 0x746f_6c6c_0001;
+//!
+//! # async fn demo(pool: sqlx::PgPool) {
+//! let cleanup = Singleton::new(pool.clone(), "cleanup", CLEANUP_LOCK, Duration::from_secs(60));
+//! let task = cleanup.spawn(move || {
+//!     let pool = pool.clone();
+//!     async move {
+//!         sqlx::query("DELETE FROM sessions WHERE expires_at < now()").execute(&pool).await?;
+//!         Ok::<_, sqlx::Error>(())
+//!     }
+//! });
+//! # }
+//! ```
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+
+/// `tollgate_singleton_runs_total{job}`.
+pub const RUNS: &str = "tollgate_singleton_runs_total";
+/// `tollgate_singleton_skipped_total{job}`.
+pub const SKIPPED: &str = "tollgate_singleton_skipped_total";
+/// `tollgate_singleton_failures_total{job}`.
+pub const FAILURES: &str = "tollgate_singleton_failures_total";
+/// `tollgate_singleton_duration_seconds{job}`.
+pub const DURATION: &str = "tollgate_singleton_duration_seconds";
+
+/// The table that records which cycle of which job ran where. Create it
+/// in your migrations; the role the server runs as needs `SELECT` and
+/// `INSERT` on it.
+pub const SCHEMA: &str = "CREATE TABLE tollgate_singleton_runs (
+    job         text        NOT NULL,
+    cycle       bigint      NOT NULL,
+    origin      text        NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, cycle)
+)";
+
+/// How one replica's attempt at a cycle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CycleOutcome {
+    /// This replica ran the job.
+    Ran,
+    /// Another replica holds the lock.
+    Locked,
+    /// Another replica has run this cycle already.
+    AlreadyRan,
+    /// The job returned an error (logged); the cycle is not recorded.
+    Failed,
+}
+
+/// A periodic job that runs on one replica of the fleet per cycle.
+#[derive(Debug, Clone)]
+pub struct Singleton {
+    pool: PgPool,
+    name: &'static str,
+    key: i64,
+    interval: Duration,
+    origin: String,
+}
+
+impl Singleton {
+    /// The job `name`, locked on advisory lock `key`, every `interval`.
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is under a millisecond.
+    pub fn new(pool: PgPool, name: &'static str, key: i64, interval: Duration) -> Self {
+        assert!(interval >= Duration::from_millis(1), "interval under 1 ms");
+        Self {
+            pool,
+            name,
+            key,
+            interval,
+            origin: format!("pid {}", std::process::id()),
+        }
+    }
+
+    /// Names this replica in the runs table (default: its pid).
+    #[must_use]
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = origin.into();
+        self
+    }
+
+    /// The cycle that `now` falls in.
+    pub fn cycle_at(&self, now: SystemTime) -> i64 {
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        i64::try_from(millis / self.interval.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The interval, whole milliseconds (cycles are counted in them).
+    fn interval_ms(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Runs `job` once per cycle, on this replica when it wins the cycle,
+    /// until the task is aborted. Errors are logged and counted, never
+    /// fatal.
+    pub fn spawn<F, Fut, E>(self, job: F) -> JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send,
+        E: Display + Send,
+    {
+        tokio::spawn(async move {
+            loop {
+                // Sleep to the start of the next cycle (wall clock).
+                let now = SystemTime::now();
+                let cycle = self.cycle_at(now) + 1;
+                let start = UNIX_EPOCH + self.interval_ms() * u32::try_from(cycle).unwrap_or(0);
+                tokio::time::sleep(start.duration_since(now).unwrap_or_default()).await;
+                if let Err(err) = self.run_cycle(cycle, &job).await {
+                    tracing::warn!(job = self.name, %err, "singleton cycle failed");
+                    self.count(FAILURES);
+                }
+            }
+        })
+    }
+
+    /// One attempt at `cycle`: lock, check, run, record, unlock.
+    pub async fn run_cycle<F, Fut, E>(
+        &self,
+        cycle: i64,
+        job: &F,
+    ) -> Result<CycleOutcome, sqlx::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        // Its own connection: the lock lives and dies with it.
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.key)
+            .fetch_one(&mut conn)
+            .await?;
+        if !locked {
+            self.count(SKIPPED);
+            conn.close().await?;
+            return Ok(CycleOutcome::Locked);
+        }
+        let outcome = self.run_locked(&mut conn, cycle, job).await;
+        // Unlock even after a failed job; closing would release it too.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(self.key)
+            .execute(&mut conn)
+            .await;
+        conn.close().await?;
+        outcome
+    }
+
+    async fn run_locked<F, Fut, E>(
+        &self,
+        conn: &mut PgConnection,
+        cycle: i64,
+        job: &F,
+    ) -> Result<CycleOutcome, sqlx::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        let done: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tollgate_singleton_runs WHERE job = $1 AND cycle = $2)",
+        )
+        .bind(self.name)
+        .bind(cycle)
+        .fetch_one(&mut *conn)
+        .await?;
+        if done {
+            self.count(SKIPPED);
+            return Ok(CycleOutcome::AlreadyRan);
+        }
+        let started = tokio::time::Instant::now();
+        let result = job().await;
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(DURATION, "job" => self.name).record(started.elapsed().as_secs_f64());
+        if let Err(err) = result {
+            tracing::warn!(job = self.name, cycle, %err, "singleton job failed");
+            self.count(FAILURES);
+            return Ok(CycleOutcome::Failed);
+        }
+        sqlx::query("INSERT INTO tollgate_singleton_runs (job, cycle, origin) VALUES ($1, $2, $3)")
+            .bind(self.name)
+            .bind(cycle)
+            .bind(&self.origin)
+            .execute(&mut *conn)
+            .await?;
+        tracing::debug!(job = self.name, cycle, took = ?started.elapsed(), "singleton job ran");
+        self.count(RUNS);
+        Ok(CycleOutcome::Ran)
+    }
+
+    fn count(&self, metric: &'static str) {
+        #[cfg(feature = "metrics")]
+        metrics::counter!(metric, "job" => self.name).increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = (metric, self.name);
+    }
+}
