@@ -5,6 +5,7 @@
 //! `oneshot`) and [`run`] serves it until a shutdown signal.
 
 pub mod auth;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -254,6 +255,12 @@ pub async fn run(
     } else {
         None
     };
+    let _cleanup = AbortOnDrop(cleanup::spawn(
+        state.pool.clone(),
+        state.config.cleanup_interval,
+        state.config.item_retention,
+        addr.to_string(),
+    ));
     if let AppStore::Redis(redis) = &state.store {
         // Not fatal: the failure policy covers a Redis that is down.
         match redis.ping().await {

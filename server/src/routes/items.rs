@@ -133,8 +133,9 @@ pub async fn list(
     // Keyset pagination on (created_at, id): stable under inserts.
     let mut items: Vec<Item> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM items
-          WHERE $2::uuid IS NULL
-             OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2)
+          WHERE deleted_at IS NULL
+            AND ($2::uuid IS NULL
+                 OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
           ORDER BY created_at, id
           LIMIT $1"
     ))
@@ -200,12 +201,14 @@ pub async fn fetch(
     id: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<Item>, AppError> {
     let Path(id) = id?;
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM items WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(Json)
-        .ok_or(AppError::NotFound)
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM items WHERE id = $1 AND deleted_at IS NULL"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(Json)
+    .ok_or(AppError::NotFound)
 }
 
 /// Replaces an item's name and body.
@@ -231,7 +234,7 @@ pub async fn update(
     input.validate()?;
     sqlx::query_as(&format!(
         "UPDATE items SET name = $2, body = $3, updated_at = now()
-          WHERE id = $1 RETURNING {COLUMNS}"
+          WHERE id = $1 AND deleted_at IS NULL RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(input.name.trim())
@@ -242,7 +245,7 @@ pub async fn update(
     .ok_or(AppError::NotFound)
 }
 
-/// Deletes an item.
+/// Deletes an item (it is purged for good after `ITEM_RETENTION`).
 #[utoipa::path(
     delete, path = "/api/v1/items/{id}", tag = "items",
     params(("id" = Uuid, Path, description = "The item's id")),
@@ -259,11 +262,13 @@ pub async fn remove(
     id: Result<Path<Uuid>, PathRejection>,
 ) -> Result<StatusCode, AppError> {
     let Path(id) = id?;
-    let deleted = sqlx::query("DELETE FROM items WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    // Soft delete: the cleanup job purges it after ITEM_RETENTION.
+    let deleted =
+        sqlx::query("UPDATE items SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
     if deleted == 0 {
         return Err(AppError::NotFound);
     }
