@@ -483,6 +483,7 @@ async fn openapi_covers_every_route_with_its_problems() {
         ("/api/v1/ping", &["get"]),
         ("/api/v1/items", &["get", "post"]),
         ("/api/v1/items/{id}", &["get", "put", "delete"]),
+        ("/api/v1/users/{id}/trust", &["put"]),
     ] {
         for method in methods {
             let op = &paths[path][method];
@@ -490,7 +491,7 @@ async fn openapi_covers_every_route_with_its_problems() {
             let problem = &op["responses"]["429"]["content"]["application/problem+json"];
             assert!(problem.is_object(), "{method} {path}: no 429 problem");
             let responses = op["responses"].as_object().unwrap();
-            if path.starts_with("/api/v1/items") {
+            if path.starts_with("/api/v1/items") || path.starts_with("/api/v1/users") {
                 for status in ["400", "401", "403", "503"] {
                     let body = &responses[status]["content"]["application/problem+json"];
                     assert!(body.is_object(), "{method} {path}: no {status} problem");
