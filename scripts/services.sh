@@ -4,8 +4,9 @@
 # Installs what is missing (Debian, as root or with sudo) and leaves
 # services that already answer alone. Used by `make run` and `make test`.
 #
-# --with-test-tools also installs Prometheus (`prometheus`, `promtool`) for
-# the dashboard test, without starting Debian's Prometheus service.
+# --with-test-tools also installs Prometheus (`prometheus`, `promtool`) and
+# Caddy for the dashboard and cluster tests, without starting their Debian
+# services.
 set -euo pipefail
 
 PG_VERSION=${PG_VERSION:-15}
@@ -105,8 +106,12 @@ database() {
 
 test_tools() {
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-        log "installing prometheus (for the dashboard test)"
+        log "installing prometheus (for the dashboard and cluster tests)"
         apt_install prometheus
+    fi
+    if ! command -v caddy >/dev/null; then
+        log "installing caddy (for the cluster tests)"
+        apt_install caddy
     fi
 }
 
