@@ -8,7 +8,7 @@ CARGO ?= cargo
 run: export MIGRATION_DATABASE_URL ?= postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate
 run: export TOLLGATE_ENV ?= development
 
-.PHONY: run test services test-services fmt lint docs unit bench
+.PHONY: run test services test-services fmt lint docs unit bench cluster
 
 run: services
 	$(CARGO) run --release -p tollgate-server
@@ -40,3 +40,8 @@ bench: services
 	$(CARGO) bench -p tollgate --all-features --bench rate_limit
 	$(CARGO) run --release -p tollgate --example memory_footprint
 	bash load-tests/bench.sh
+
+# The docker-compose topology as local processes (three replicas, Caddy,
+# Prometheus); `server/tests/lb_cluster.rs` tests the same topology.
+cluster:
+	bash scripts/cluster.sh

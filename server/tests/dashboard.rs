@@ -4,79 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, client};
+use common::{Prometheus, Server, client, repo_file};
 use tokio::time::Instant;
-
-fn repo_file(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
-struct Prometheus {
-    child: Child,
-    base: String,
-    _dir: std::path::PathBuf,
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Self {
-        let port = tollgate_test_support::free_port();
-        let dir = std::env::temp_dir().join(format!("tollgate-prom-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let rules = repo_file("grafana/alerts.yml");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [\"{target}\"]\n",
-            rules.display()
-        );
-        let config_path = dir.join("prometheus.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus on PATH (make test installs it)");
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
-    }
-
-    async fn try_query(
-        &self,
-        http: &reqwest::Client,
-        expr: &str,
-    ) -> reqwest::Result<serde_json::Value> {
-        http.get(format!("{}/api/v1/query", self.base))
-            .query(&[("query", expr)])
-            .send()
-            .await?
-            .json()
-            .await
-    }
-
-    async fn query(&self, http: &reqwest::Client, expr: &str) -> serde_json::Value {
-        self.try_query(http, expr).await.unwrap()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
 
 /// Grafana's variables, as a query for "All" would expand them.
 fn expand(expr: &str) -> String {
@@ -103,7 +35,7 @@ fn alert_rules_pass_promtool() {
 async fn every_panel_query_returns_data_from_a_real_prometheus() {
     let server = Server::start(&[("RATE_LIMIT_IP", "5/min"), ("CLEANUP_INTERVAL", "1000")]);
     let target = server.base.trim_start_matches("http://").to_owned();
-    let prometheus = Prometheus::start(&target);
+    let prometheus = Prometheus::start(&[&target]);
     let http = client();
 
     // Tenant traffic first (login shares the per-IP quota): commits, and a rollback (a 404 inside a transaction).

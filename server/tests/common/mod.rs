@@ -188,3 +188,76 @@ pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f6
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A file of the repository.
+pub fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// Debian's Prometheus on a free loopback port, scraping `targets` every
+/// second with the project's alert rules; killed when dropped.
+pub struct Prometheus {
+    child: Child,
+    base: String,
+    _dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[&str]) -> Self {
+        let port = tollgate_test_support::free_port();
+        let dir = std::env::temp_dir().join(format!("tollgate-prom-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = repo_file("grafana/alerts.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let target = targets.join(", ");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [{target}]\n",
+            rules.display()
+        );
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus on PATH (make test installs it)");
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    pub async fn try_query(
+        &self,
+        http: &reqwest::Client,
+        expr: &str,
+    ) -> reqwest::Result<serde_json::Value> {
+        http.get(format!("{}/api/v1/query", self.base))
+            .query(&[("query", expr)])
+            .send()
+            .await?
+            .json()
+            .await
+    }
+
+    pub async fn query(&self, http: &reqwest::Client, expr: &str) -> serde_json::Value {
+        self.try_query(http, expr).await.unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
