@@ -109,6 +109,10 @@ test_tools() {
         log "installing prometheus (for the dashboard and cluster tests)"
         apt_install prometheus
     fi
+    if ! command -v node >/dev/null; then
+        log "installing nodejs (syntax check of the k6 scripts)"
+        apt_install nodejs
+    fi
     if ! command -v caddy >/dev/null; then
         log "installing caddy (for the cluster tests)"
         apt_install caddy

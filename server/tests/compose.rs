@@ -131,3 +131,34 @@ fn the_caddyfile_is_valid_for_caddy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn k6_scripts_parse_and_set_thresholds() {
+    // k6 is not installed here; node checks the ES module syntax.
+    let dir = repo("load-tests/k6");
+    let tmp = std::env::temp_dir().join(format!("tollgate-k6-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("js") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if name != "lib" {
+            assert!(text.contains("thresholds"), "{name}.js sets no thresholds");
+        }
+        let copy = tmp.join(format!("{name}.mjs"));
+        std::fs::write(&copy, text).unwrap();
+        let out = std::process::Command::new("node")
+            .arg("--check")
+            .arg(&copy)
+            .output()
+            .expect("node on PATH");
+        assert!(out.status.success(), "{name}.js: {}", String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(checked >= 5, "only {checked} scripts");
+}
