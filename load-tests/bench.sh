@@ -22,18 +22,43 @@ if ! command -v wrk >/dev/null; then
 fi
 cargo build --release -q -p tollgate-server --bin tollgate-server --example baseline
 
+# The server needs its database and a token secret; the tenant rows need a
+# tenant with items and a token of one of its users.
+export AUTH_SECRET=${AUTH_SECRET:-bench-secret-0123456789abcdef0123456789}
+export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
+export MIGRATION_DATABASE_URL=${MIGRATION_DATABASE_URL:-postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate}
+TENANT_CONNECTIONS=${TENANT_CONNECTIONS:-8}
+target/release/tollgate-server migrate >/dev/null
+TENANT=$(target/release/tollgate-server tenant add bench)
+email="bench-$TENANT@example.com"
+target/release/tollgate-server user add --tenant "$TENANT" --email "$email" \
+    --password bench-password --trust-level staff >/dev/null
+LISTEN_ADDR=127.0.0.1:$PORT RUST_LOG=warn target/release/tollgate-server >/dev/null 2>&1 &
+seed_pid=$!
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/health" && break; sleep 0.05; done
+TOKEN=$(curl -s "http://127.0.0.1:$PORT/auth/login" -H 'content-type: application/json' \
+    -d "{\"email\":\"$email\",\"password\":\"bench-password\"}" | sed 's/.*"access_token":"\([^"]*\)".*/\1/')
+for n in $(seq 20); do
+    curl -s -o /dev/null "http://127.0.0.1:$PORT/api/v1/items" -H "authorization: Bearer $TOKEN" \
+        -H 'content-type: application/json' -d "{\"name\":\"item $n\"}"
+done
+kill "$seed_pid"; wait "$seed_pid" 2>/dev/null || true
+
 cores=$(nproc)
 server_cpu=0
 load_cpu=$(( cores > 1 ? 1 : 0 ))
 
-# name | binary | env | wrk extra args
+# name | binary | env | wrk extra args (AUTH: the tenant user's token) | path
+unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
 configs=(
-  "bare axum|baseline||"
-  "memory store|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua"
-  "redis store (batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua"
-  "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1 RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|-s load-tests/xff.lua"
-  "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h|"
-  "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h|"
+  "bare axum|baseline|||/api/v1/ping"
+  "memory store|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua|/api/v1/ping"
+  "redis store (batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua|/api/v1/ping"
+  "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1 RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|-s load-tests/xff.lua|/api/v1/ping"
+  "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping"
+  "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping"
+  "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|DATABASE_URL=$MIGRATION_DATABASE_URL TENANT_ID=$TENANT||/api/v1/items"
+  "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items"
 )
 
 tmp=$(mktemp -d)
@@ -53,7 +78,7 @@ evalsha_calls() {
 
 for round in $(seq "$ROUNDS"); do
     for i in "${!configs[@]}"; do
-        IFS='|' read -r name binary env wrk_args <<<"${configs[$i]}"
+        IFS='|' read -r name binary env wrk_args path <<<"${configs[$i]}"
         prefix="bench-$$-$round-$i"
         if [ "$binary" = baseline ]; then
             bin=target/release/examples/baseline
@@ -69,9 +94,13 @@ for round in $(seq "$ROUNDS"); do
             sleep 0.05
         done
         before=$(evalsha_calls)
+        connections=$CONNECTIONS
+        headers=()
+        if [ "$path" = /api/v1/items ]; then connections=$TENANT_CONNECTIONS; fi
+        if [ "$wrk_args" = AUTH ]; then wrk_args=; headers=(-H "authorization: Bearer $TOKEN"); fi
         # shellcheck disable=SC2086
-        taskset -c "$load_cpu" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency $wrk_args \
-            "http://127.0.0.1:$PORT/api/v1/ping" >"$tmp/wrk.txt"
+        taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${DURATION}s" --latency $wrk_args \
+            "${headers[@]}" "http://127.0.0.1:$PORT$path" >"$tmp/wrk.txt"
         after=$(evalsha_calls)
         kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
         rps=$(awk '/^Requests\/sec:/ { print $2 }' "$tmp/wrk.txt")
@@ -92,14 +121,24 @@ bare=$(awk -F'|' '$1 == 0 { print $3 }' "$tmp/results" | median)
 echo
 echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $CLIENTS clients, median of $ROUNDS interleaved rounds (\`bash load-tests/bench.sh\`):"
 echo
-echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request |"
-echo "|---|---|---|---|---|---|"
+echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request | non-2xx |"
+echo "|---|---|---|---|---|---|---|"
+plain=
 for i in "${!configs[@]}"; do
-    IFS='|' read -r name _ _ _ <<<"${configs[$i]}"
+    IFS='|' read -r name _ _ _ path <<<"${configs[$i]}"
     rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
     p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
     p99=$(awk -F'|' -v i="$i" '$1 == i { print $5 }' "$tmp/results" | median)
     per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
+    non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-    printf '| %s | %.0f | %s | %.2f | %.2f | %.3f |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per"
+    if [ "$path" = /api/v1/items ]; then
+        # Database rows compare with the plain transaction, not with ping.
+        if [ -z "$plain" ]; then plain="$rps $p50 $p99"; ratio="(reference)"; else
+            read -r prps pp50 pp99 <<<"$plain"
+            ratio=$(awk -v a="$rps" -v b="$prps" -v l="$p50" -v m="$pp50" -v q="$p99" -v r="$pp99" \
+                'BEGIN { printf "%.2f× plain req/s; latency p50 %.2f×, p99 %.2f× plain", a / b, l / m, q / r }')
+        fi
+    fi
+    printf '| %s | %.0f | %s | %.2f | %.2f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per" "$non2xx"
 done
