@@ -26,7 +26,11 @@ struct Plain {
 async fn items(State(plain): State<Option<Plain>>) -> Result<Json<Value>, StatusCode> {
     let plain = plain.ok_or(StatusCode::NOT_FOUND)?;
     let fail = |_| StatusCode::INTERNAL_SERVER_ERROR;
-    let mut tx = plain.pool.begin_with("BEGIN READ ONLY").await.map_err(fail)?;
+    let mut tx = plain
+        .pool
+        .begin_with("BEGIN READ ONLY")
+        .await
+        .map_err(fail)?;
     let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
         "SELECT id, name, body FROM items
           WHERE tenant_id = $1 AND deleted_at IS NULL

@@ -55,9 +55,22 @@ pub enum StartError {
     Db(#[from] DbError),
 }
 
-/// What handlers and layers share.
+/// What handlers and layers share: one pointer, so the clone axum makes
+/// for every request is a single reference-count increment.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+#[derive(Debug)]
+pub struct AppStateInner {
     /// The configuration the server started with.
     pub config: Arc<Config>,
     /// Where rate limits are counted.
@@ -107,7 +120,7 @@ impl AppState {
                 checks.non_critical_check("redis", ping)
             };
         }
-        Ok(Self {
+        Ok(Self(Arc::new(AppStateInner {
             store,
             readiness: checks.start(),
             metrics,
@@ -115,7 +128,7 @@ impl AppState {
             pool,
             tokens,
             config: Arc::new(config),
-        })
+        })))
     }
 }
 

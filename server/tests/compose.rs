@@ -156,7 +156,11 @@ fn k6_scripts_parse_and_set_thresholds() {
             .arg(&copy)
             .output()
             .expect("node on PATH");
-        assert!(out.status.success(), "{name}.js: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}.js: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         checked += 1;
     }
     let _ = std::fs::remove_dir_all(&tmp);
