@@ -484,6 +484,7 @@ async fn openapi_covers_every_route_with_its_problems() {
         ("/api/v1/items", &["get", "post"]),
         ("/api/v1/items/{id}", &["get", "put", "delete"]),
         ("/api/v1/users/{id}/trust", &["put"]),
+        ("/openapi.json", &["get"]),
     ] {
         for method in methods {
             let op = &paths[path][method];
@@ -506,6 +507,9 @@ async fn openapi_covers_every_route_with_its_problems() {
                 }
             }
         }
+    }
+    for path in ["/health", "/ready", "/metrics"] {
+        assert!(paths[path]["get"].is_object(), "{path} missing");
     }
     assert!(doc["components"]["schemas"]["Problem"].is_object());
 }
