@@ -16,6 +16,10 @@
 //!   again after the first has finished; the run is recorded when it
 //!   succeeds.
 //!
+//! A cycle is never run twice, but it can be skipped: when a run overruns
+//! the next cycle's start, that cycle finds the lock held. Keep jobs well
+//! shorter than the interval.
+//!
 //! Metrics (feature `metrics`): `tollgate_singleton_runs_total{job}`,
 //! `tollgate_singleton_skipped_total{job}` (another replica held the lock or
 //! had run the cycle), `tollgate_singleton_failures_total{job}`,
