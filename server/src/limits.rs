@@ -8,14 +8,12 @@
 //! | `POST /api/v1/items`, `PUT`/`DELETE /api/v1/items/{id}` | `tenant`, `trust`, `write` (`RATE_LIMIT_CLASS_WRITE`, per subject) |
 //! | `/health`, `/ready`, `/metrics` | none |
 
-use std::sync::Arc;
-
 use http::request::Parts;
 use tollgate::rate_limit::{ByClientIp, Key, KeyRejection, Policy, Quota, RateLimitLayer};
 
 use crate::AppState;
 use crate::auth::Claims;
-use crate::config::{Config, LimitsConfig};
+use crate::config::Config;
 use crate::store::AppStore;
 
 /// A route class of the authenticated API.
@@ -61,7 +59,7 @@ pub fn login(state: &AppState) -> RateLimitLayer<AppStore> {
 /// layer, which puts [`Claims`] in the request.
 pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppStore> {
     let config = &state.config;
-    let limits = Arc::new(config.limits.clone());
+    let limits = &config.limits;
     let (name, quota) = match class {
         RouteClass::Read => ("read", limits.class_read),
         RouteClass::Write => ("write", limits.class_write),
@@ -71,8 +69,8 @@ pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppS
         |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.as_str()))),
         limits.tenant,
     );
-    let trust_limits = limits.clone();
-    let trust_quota_limits = limits.clone();
+    // The closures share the server's configuration (one `Arc`).
+    let (key_config, quota_config) = (config.clone(), config.clone());
     // The first configured level stands in for a level this build does not
     // know (say, one removed from TRUST_LEVELS after the token was issued).
     let lowest = limits
@@ -84,7 +82,7 @@ pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppS
         "trust",
         move |parts: &Parts| {
             let claims = claims(parts)?;
-            Ok(match trust_limits.trust_quota(&claims.trust) {
+            Ok(match key_config.limits.trust_quota(&claims.trust) {
                 Some(None) => None, // unlimited, as configured
                 // Keyed by level too: a raised level starts a fresh
                 // allowance instead of inheriting the lower one's debt.
@@ -97,7 +95,7 @@ pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppS
         parts
             .extensions
             .get::<Claims>()
-            .and_then(|c| trust_quota(&trust_quota_limits, &c.trust))
+            .and_then(|c| quota_config.limits.trust_quota(&c.trust).flatten())
             .unwrap_or(lowest)
     });
     let class_policy = Policy::new(
@@ -114,10 +112,6 @@ pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppS
                     .shadow(config.rate_limit_shadow),
             )
         })
-}
-
-fn trust_quota(limits: &LimitsConfig, level: &str) -> Option<Quota> {
-    limits.trust_quota(level).flatten()
 }
 
 fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {

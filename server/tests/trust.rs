@@ -29,11 +29,8 @@ struct Fleet {
 }
 
 async fn fleet(a_env: &[(&str, &str)], b_env: &[(&str, &str)]) -> Fleet {
-    let env = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
-        QUOTAS.iter().chain(extra).copied().collect()
-    };
-    let a = Server::start(&env(unsafe_static(a_env)));
-    let b = Server::start(&env(unsafe_static(b_env)));
+    let a = Server::start(&with_quotas(a_env));
+    let b = Server::start(&with_quotas(b_env));
     let pool = app_pool().await;
     let (tenant, emails) = seed_tenant(&pool, &[("staff", "staff"), ("user", "basic")], 0).await;
     let http = client();
@@ -49,17 +46,9 @@ async fn fleet(a_env: &[(&str, &str)], b_env: &[(&str, &str)]) -> Fleet {
     }
 }
 
-/// Test environments are string literals.
-fn unsafe_static(env: &[(&str, &str)]) -> &'static [(&'static str, &'static str)] {
-    let owned: Vec<(&'static str, &'static str)> = env
-        .iter()
-        .map(|(k, v)| {
-            let k: &'static str = Box::leak(k.to_string().into_boxed_str());
-            let v: &'static str = Box::leak(v.to_string().into_boxed_str());
-            (k, v)
-        })
-        .collect();
-    Box::leak(owned.into_boxed_slice())
+/// [`QUOTAS`] followed by `extra` (later entries win).
+fn with_quotas<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    QUOTAS.iter().chain(extra).copied().collect()
 }
 
 /// The trust quota `server` applies to `token` now (from `RateLimit-Policy`).
