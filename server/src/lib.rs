@@ -16,13 +16,16 @@ pub mod routes;
 pub mod store;
 pub mod trust;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
+use axum::response::Response;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -31,7 +34,7 @@ use tollgate::health::Readiness;
 use tollgate::metrics::HttpMetricsLayer;
 use tollgate::rate_limit::FailurePolicy;
 use tollgate::tenant::{FromClaims, TenantLayer};
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -132,14 +135,23 @@ impl AppState {
     }
 }
 
-/// The router with every layer, outermost first: request id → trace →
-/// metrics → client IP → `Connection: close` while draining. Limits sit on
+/// The server: the router, wrapped in the request-wide layers, outermost
+/// first: request id → trace → client IP → body limit → `Connection:
+/// close` while draining. They wrap the router as one service instead of
+/// being added with `Router::layer`, which would box and clone the whole
+/// stack for every route on every request; only the metrics layer sits in
+/// the router, because it labels by the matched route. Limits sit on
 /// routes (see [`limits`] for which policy applies where), so health
 /// probes are never limited. Tenant routes: authentication → tenant
 /// transaction → route-class limits → handler; the transaction begins only
 /// when the handler asks for it, so a rejected request never touches the
 /// database.
-pub fn app(state: AppState) -> Router {
+pub fn app(
+    state: AppState,
+) -> impl Service<Request<Body>, Response = Response, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
     let config = &state.config;
     let public_api = routes::api::router()
         .merge(openapi::router())
@@ -175,50 +187,47 @@ pub fn app(state: AppState) -> Router {
     if config.metrics_addr.is_none() {
         router = router.merge(routes::metrics::router());
     }
-    router
+    let readiness = state.readiness.clone();
+    let proxies = config.trusted_proxies.clone();
+    let router = router
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Inside the router (so it sees the matched route), outside the
+        // limiter (so 429s are counted).
+        .layer(HttpMetricsLayer::new())
+        .with_state(state);
+    ServiceBuilder::new()
+        // axum::serve wants axum's body type.
+        .map_response(|res: http::Response<_>| res.map(Body::new))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
-            ServiceBuilder::new()
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(|req: &Request<_>| {
-                            let request_id = req
-                                .headers()
-                                .get("x-request-id")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-");
-                            tracing::info_span!(
-                                "request",
-                                method = %req.method(),
-                                uri = %req.uri(),
-                                request_id,
-                            )
-                        })
-                        // One line per request at the default level.
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
-                )
-                // Inside the router (so it sees the matched route), outside
-                // the limiter (so 429s are counted).
-                .layer(HttpMetricsLayer::new())
-                .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(SetClientIpLayer::new(config.trusted_proxies.clone()))
-                .layer(axum::middleware::map_response_with_state(
-                    state.readiness.clone(),
-                    close_when_draining,
-                )),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        uri = %req.uri(),
+                        request_id,
+                    )
+                })
+                // One line per request at the default level.
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
-        .with_state(state)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetClientIpLayer::new(proxies))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .map_response(move |res| close_when_draining(&readiness, res))
+        .service(router)
 }
 
 /// While draining, asks clients to close their connection after this
 /// response, so keep-alive clients reconnect through the load balancer to
 /// another replica.
-async fn close_when_draining(
-    axum::extract::State(readiness): axum::extract::State<Readiness>,
-    mut res: axum::response::Response,
-) -> axum::response::Response {
+fn close_when_draining(readiness: &Readiness, mut res: Response) -> Response {
     if readiness.is_draining() {
         res.headers_mut().insert(
             http::header::CONNECTION,
@@ -296,7 +305,9 @@ pub async fn run(
     };
     let server = axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<SocketAddr>(app(
+            state,
+        )),
     )
     .with_graceful_shutdown(signal);
     // axum's graceful shutdown waits forever for open connections; enforce

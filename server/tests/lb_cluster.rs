@@ -23,6 +23,18 @@ struct Caddy {
 
 impl Caddy {
     async fn start(upstreams: &[&Server]) -> Self {
+        // Every replica ready before Caddy's first health check, so none
+        // starts out marked down (it would get no traffic until its next
+        // passing check).
+        let http = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for server in upstreams {
+            while !matches!(http.get(server.url("/ready")).send().await, Ok(res) if res.status() == 200)
+            {
+                assert!(Instant::now() < deadline, "{} never ready", server.base);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let port = tollgate_test_support::free_port();
         let dir =
             std::env::temp_dir().join(format!("tollgate-caddy-{}-{port}", std::process::id()));
@@ -58,7 +70,6 @@ impl Caddy {
             dir,
         };
         // Up when it answers and every replica passed a health check.
-        let http = client();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(res) = http.get(format!("{}/ready", caddy.base)).send().await {

@@ -1,11 +1,14 @@
 //! [`HttpMetricsLayer`]: request duration and in-flight requests.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, ready};
 
 use axum::extract::MatchedPath;
 use http::{Method, Request, Response};
+use metrics::{Gauge, Histogram};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -15,14 +18,21 @@ use super::{HTTP_SERVER_ACTIVE_REQUESTS, HTTP_SERVER_REQUEST_DURATION};
 
 /// Applies [`HttpMetrics`] to a service.
 ///
+/// The metric handles are looked up once per method, route and status and
+/// then reused, so the hot path neither allocates labels nor searches the
+/// recorder's registry. They come from the recorder in place at first use:
+/// install the recorder before serving.
+///
 /// See the [module docs](crate::metrics) for an example.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HttpMetricsLayer;
+#[derive(Debug, Clone, Default)]
+pub struct HttpMetricsLayer {
+    handles: Arc<Handles>,
+}
 
 impl HttpMetricsLayer {
     /// The layer.
     pub fn new() -> Self {
-        Self
+        Self::default()
     }
 }
 
@@ -30,7 +40,10 @@ impl<S> Layer<S> for HttpMetricsLayer {
     type Service = HttpMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HttpMetrics { inner }
+        HttpMetrics {
+            inner,
+            handles: self.handles.clone(),
+        }
     }
 }
 
@@ -41,26 +54,88 @@ impl<S> Layer<S> for HttpMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct HttpMetrics<S> {
     inner: S,
+    handles: Arc<Handles>,
 }
 
 impl<S> HttpMetrics<S> {
     define_inner_service_accessors!();
 }
 
-/// The method as a label: one of the standard methods, else `_OTHER`, so a
-/// client cannot mint series with made-up methods.
-fn method_label(method: &Method) -> &'static str {
+/// The standard methods; anything else is `_OTHER`, so a client cannot mint
+/// series with made-up methods.
+const METHODS: [&str; 10] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "_OTHER",
+];
+
+/// The index of the method's label in [`METHODS`].
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "_OTHER",
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::PATCH => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        Method::CONNECT => 7,
+        Method::TRACE => 8,
+        _ => 9,
+    }
+}
+
+/// Duration histograms by route, then by method index and status.
+type Durations = HashMap<Box<str>, Vec<(usize, u16, Histogram)>>;
+
+/// Metric handles, made on first use. The label sets are bounded (route
+/// templates × methods × status codes), so the maps stay small.
+#[derive(Debug, Default)]
+struct Handles {
+    active: [OnceLock<Gauge>; METHODS.len()],
+    durations: RwLock<Durations>,
+}
+
+impl Handles {
+    fn active(&self, method: usize) -> &Gauge {
+        self.active[method].get_or_init(|| {
+            metrics::gauge!(HTTP_SERVER_ACTIVE_REQUESTS, "http_request_method" => METHODS[method])
+        })
+    }
+
+    fn duration(&self, method: usize, route: &str, status: u16) -> Histogram {
+        let found = |routes: &Durations| {
+            routes.get(route).and_then(|by_status| {
+                by_status
+                    .iter()
+                    .find(|(m, s, _)| (*m, *s) == (method, status))
+                    .map(|(_, _, histogram)| histogram.clone())
+            })
+        };
+        let read = self
+            .durations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(histogram) = found(&read) {
+            return histogram;
+        }
+        drop(read);
+        let mut write = self
+            .durations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(histogram) = found(&write) {
+            return histogram;
+        }
+        let histogram = metrics::histogram!(
+            HTTP_SERVER_REQUEST_DURATION,
+            "http_request_method" => METHODS[method],
+            "http_route" => route.to_owned(),
+            "http_response_status_code" => status.to_string(),
+        );
+        write
+            .entry(route.into())
+            .or_default()
+            .push((method, status, histogram.clone()));
+        histogram
     }
 }
 
@@ -77,20 +152,16 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let method = method_label(req.method());
-        let route = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map(|path| path.as_str().to_owned());
-        let active = metrics::gauge!(HTTP_SERVER_ACTIVE_REQUESTS, "http_request_method" => method);
-        active.increment(1.0);
+        let method = method_index(req.method());
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        self.handles.active(method).increment(1.0);
         ResponseFuture {
             inner: self.inner.call(req),
             record: Some(Record {
                 method,
                 route,
                 started: Instant::now(),
-                active,
+                handles: self.handles.clone(),
             }),
         }
     }
@@ -99,15 +170,15 @@ where
 /// What to record when the response is ready; the active gauge goes down
 /// when it is dropped, also when the client went away first.
 struct Record {
-    method: &'static str,
-    route: Option<String>,
+    method: usize,
+    route: Option<MatchedPath>,
     started: Instant,
-    active: metrics::Gauge,
+    handles: Arc<Handles>,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.active.decrement(1.0);
+        self.handles.active(self.method).decrement(1.0);
     }
 }
 
@@ -130,28 +201,19 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Some(record) = this.record.take() {
-            let status = match &result {
-                Ok(res) => res.status().as_str().to_owned(),
-                Err(_) => "500".to_owned(),
+            let (status, late_route) = match &result {
+                Ok(res) => (res.status().as_u16(), res.extensions().get::<MatchedPath>()),
+                Err(_) => (500, None),
             };
             let route = record
                 .route
-                .clone()
-                .or_else(|| {
-                    result
-                        .as_ref()
-                        .ok()
-                        .and_then(|res| res.extensions().get::<MatchedPath>())
-                        .map(|p| p.as_str().to_owned())
-                })
-                .unwrap_or_else(|| "unmatched".to_owned());
-            metrics::histogram!(
-                HTTP_SERVER_REQUEST_DURATION,
-                "http_request_method" => record.method,
-                "http_route" => route,
-                "http_response_status_code" => status,
-            )
-            .record(record.started.elapsed().as_secs_f64());
+                .as_ref()
+                .or(late_route)
+                .map_or("unmatched", MatchedPath::as_str);
+            record
+                .handles
+                .duration(record.method, route, status)
+                .record(record.started.elapsed().as_secs_f64());
         }
         Poll::Ready(result)
     }

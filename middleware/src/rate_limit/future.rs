@@ -137,7 +137,9 @@ where
                         started,
                     } = pending.take().expect("polled after completion");
                     #[cfg(feature = "metrics")]
-                    metrics::histogram!(crate::metrics::RATELIMIT_STORE_DURATION)
+                    shared
+                        .metrics()
+                        .store_duration
                         .record(started.elapsed().as_secs_f64());
                     let fields = match verdict(&shared, &index, &checks, result) {
                         Verdict::Allow(fields) => fields,
@@ -201,10 +203,17 @@ fn decided<St>(
 ) -> Verdict {
     record(shared, index, checks, decisions);
     if decisions.allowed {
-        Verdict::Allow(headers::fields(&shared.policies, index, checks, decisions))
+        Verdict::Allow(headers::fields(
+            &shared.policies,
+            shared.single_policy_field.as_ref(),
+            index,
+            checks,
+            decisions,
+        ))
     } else {
         Verdict::Reject(headers::rejection(
             &shared.policies,
+            shared.single_policy_field.as_ref(),
             index,
             checks,
             decisions,
@@ -254,23 +263,17 @@ fn fail_over<St>(
 /// decision).
 fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions: &Decisions) {
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
-        let policy = &shared.policies[i];
         let outcome = match (decision.allowed, check.enforce) {
-            (true, _) => "allowed",
-            (false, true) => "rejected",
+            (true, _) => 0,
+            (false, true) => 1,
             (false, false) => {
+                let policy = &shared.policies[i];
                 tracing::debug!(policy = %policy.name, key = %check.key, "shadow rejection");
-                "shadow_rejected"
+                2
             }
         };
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            crate::metrics::RATELIMIT_DECISIONS,
-            "policy" => policy.name.as_str(),
-            "route_class" => policy.route_class.clone().unwrap_or_else(|| "".into()),
-            "outcome" => outcome,
-        )
-        .increment(1);
+        shared.metrics().decisions[i][outcome].increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = outcome;
     }

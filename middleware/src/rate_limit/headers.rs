@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::RETRY_AFTER};
 
 use super::policy::Policy;
+use super::quota::Quota;
 use super::store::{Check, Decisions};
 use crate::problem::Problem;
 
@@ -24,14 +25,40 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// One `RateLimit-Policy` item: `"name";q=<burst>;w=<window s>`.
+fn write_policy_item(line: &mut String, sf_name: &str, quota: Quota) {
+    let _ = write!(
+        line,
+        "{sf_name};q={};w={}",
+        quota.burst(),
+        ceil_secs(quota.window()).max(1)
+    );
+}
+
+/// The `RateLimit-Policy` value of a layer whose only policy has a fixed
+/// quota: the same for every response, so it is made once.
+pub(crate) fn single_policy_field(policies: &[Policy]) -> Option<HeaderValue> {
+    let [policy] = policies else { return None };
+    let mut line = String::new();
+    write_policy_item(&mut line, &policy.sf_name, policy.fixed_quota()?);
+    HeaderValue::try_from(line).ok()
+}
+
 /// The two header lines for one layer's enforced policies, or `None` when
-/// every policy was skipped or in shadow mode.
+/// every policy was skipped or in shadow mode. `single` is
+/// [`single_policy_field`] of `policies`.
 pub(crate) fn fields(
     policies: &[Policy],
+    single: Option<&HeaderValue>,
     index: &[usize],
     checks: &[Check],
     decisions: &Decisions,
 ) -> Option<(HeaderValue, HeaderValue)> {
+    // A quota divided for the local fallback is not the fixed one.
+    let single = single.filter(|_| match (index, checks) {
+        ([i], [check]) => policies[*i].fixed_quota() == Some(check.quota),
+        _ => false,
+    });
     let mut policy_line = String::new();
     let mut limit_line = String::new();
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
@@ -39,14 +66,11 @@ pub(crate) fn fields(
             continue;
         }
         let name = &policies[i].sf_name;
-        let sep = if policy_line.is_empty() { "" } else { ", " };
-        let quota = check.quota;
-        let _ = write!(
-            policy_line,
-            "{sep}{name};q={};w={}",
-            quota.burst(),
-            ceil_secs(quota.window()).max(1)
-        );
+        let sep = if limit_line.is_empty() { "" } else { ", " };
+        if single.is_none() {
+            policy_line.push_str(sep);
+            write_policy_item(&mut policy_line, name, check.quota);
+        }
         // For a violated policy, `t` is the wait until the request would be
         // allowed, so `Retry-After` is never earlier than a `t` we report.
         let t = if decision.allowed {
@@ -56,14 +80,15 @@ pub(crate) fn fields(
         };
         let _ = write!(limit_line, "{sep}{name};r={};t={t}", decision.remaining);
     }
-    if policy_line.is_empty() {
+    if limit_line.is_empty() {
         return None;
     }
     // Names are printable ASCII (checked by `Policy::new`), the rest digits.
-    Some((
-        HeaderValue::try_from(policy_line).ok()?,
-        HeaderValue::try_from(limit_line).ok()?,
-    ))
+    let policy_field = match single {
+        Some(field) => field.clone(),
+        None => HeaderValue::try_from(policy_line).ok()?,
+    };
+    Some((policy_field, HeaderValue::try_from(limit_line).ok()?))
 }
 
 /// Adds the fields to `headers`, as new lines so stacked layers each add
@@ -76,6 +101,7 @@ pub(crate) fn append(headers: &mut HeaderMap, (policy, limit): (HeaderValue, Hea
 /// The 429 for a denied batch.
 pub(crate) fn rejection(
     policies: &[Policy],
+    single: Option<&HeaderValue>,
     index: &[usize],
     checks: &[Check],
     decisions: &Decisions,
@@ -98,7 +124,7 @@ pub(crate) fn rejection(
     .into_response();
     let headers = res.headers_mut();
     headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
-    if let Some(fields) = fields(policies, index, checks, decisions) {
+    if let Some(fields) = fields(policies, single, index, checks, decisions) {
         append(headers, fields);
     }
     res

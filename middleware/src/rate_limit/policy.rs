@@ -201,6 +201,11 @@ impl Policy {
         self.shadow
     }
 
+    /// The quota when it is the same for every request.
+    pub(crate) fn fixed_quota(&self) -> Option<Quota> {
+        self.quota_fn.is_none().then_some(self.quota)
+    }
+
     pub(crate) fn quota_for(&self, req: &Parts) -> Quota {
         self.quota_fn.as_ref().map_or(self.quota, |f| f(req))
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 use tower_service::Service;
 
@@ -22,6 +22,20 @@ pub(crate) struct Shared<St> {
     /// Whether the last store call failed, so failure and recovery are
     /// logged once per transition, not once per request.
     failing: AtomicBool,
+    /// `RateLimit-Policy` when it is the same for every response.
+    pub(crate) single_policy_field: Option<HeaderValue>,
+    #[cfg(feature = "metrics")]
+    metrics: std::sync::OnceLock<LimitMetrics>,
+}
+
+/// The layer's metric handles, made on first use so the hot path neither
+/// allocates labels nor searches the recorder's registry.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+pub(crate) struct LimitMetrics {
+    pub(crate) store_duration: metrics::Histogram,
+    /// Per policy: allowed, rejected, shadow rejected.
+    pub(crate) decisions: Vec<[metrics::Counter; 3]>,
 }
 
 impl<St> Shared<St> {
@@ -33,11 +47,36 @@ impl<St> Shared<St> {
     ) -> Self {
         Self {
             store,
+            single_policy_field: super::headers::single_policy_field(&policies),
             policies,
             failure,
             fallback,
             failing: AtomicBool::new(false),
+            #[cfg(feature = "metrics")]
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn metrics(&self) -> &LimitMetrics {
+        self.metrics.get_or_init(|| LimitMetrics {
+            store_duration: metrics::histogram!(crate::metrics::RATELIMIT_STORE_DURATION),
+            decisions: self
+                .policies
+                .iter()
+                .map(|policy| {
+                    let class = policy.route_class.clone().unwrap_or_else(|| "".into());
+                    ["allowed", "rejected", "shadow_rejected"].map(|outcome| {
+                        metrics::counter!(
+                            crate::metrics::RATELIMIT_DECISIONS,
+                            "policy" => policy.name.as_str(),
+                            "route_class" => class.clone(),
+                            "outcome" => outcome,
+                        )
+                    })
+                })
+                .collect(),
+        })
     }
 
     /// The failure policy of `policy`.
@@ -474,6 +513,9 @@ mod tests {
             .with_failure_policy(FailurePolicy::Local)
             .with_fallback_replicas(2));
         assert_eq!(futures_statuses(&halved, 3).await, [200, 200, 429]);
+        // The header shows the quota that decided, not the configured one.
+        let (_, headers, _) = get(&halved, &[]).await;
+        assert_eq!(headers["ratelimit-policy"], r#""ip";q=2;w=60"#);
     }
 
     #[tokio::test]

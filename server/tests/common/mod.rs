@@ -171,8 +171,8 @@ pub async fn user_id(pool: &sqlx::PgPool, tenant: uuid::Uuid, email: &str) -> uu
         .unwrap()
 }
 
-/// The value of `metric` (first sample whose line starts with it) in the
-/// server's `/metrics`, or 0.
+/// The sum of every series of `metric` in the server's `/metrics` (0 when
+/// there is none).
 pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f64 {
     let text = http
         .get(server.url("/metrics"))
@@ -183,10 +183,12 @@ pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f6
         .await
         .unwrap();
     text.lines()
-        .find(|l| l.starts_with(metric))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A file of the repository.
