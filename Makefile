@@ -35,7 +35,8 @@ unit:
 	$(CARGO) test --workspace --all-features
 
 # Criterion (ns per check, tollgate vs governor), memory per key, and the
-# load harness (every server configuration against bare axum, with wrk).
+# load harness (every server configuration against bare axum, with oha;
+# LOADGEN=wrk for wrk).
 bench: services
 	$(CARGO) bench -p tollgate --all-features --bench rate_limit
 	$(CARGO) run --release -p tollgate --example memory_footprint

@@ -4,7 +4,8 @@
 # the load generator to different cores, runs each configuration ROUNDS
 # times interleaved, and prints a markdown table of medians.
 #
-#   bash load-tests/bench.sh            # defaults: 3 rounds of 5 s, 64 connections
+#   bash load-tests/bench.sh                 # oha (installed when missing), 3 rounds of 5 s
+#   LOADGEN=wrk bash load-tests/bench.sh     # wrk from Debian; many client addresses via xff.lua
 #   ROUNDS=5 DURATION=10 bash load-tests/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,14 +13,33 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CONNECTIONS=${CONNECTIONS:-64}
+LOADGEN=${LOADGEN:-oha}
+# Requests per second of the fixed-rate latency rows (below what either
+# database variant saturates at, so latency is service time, not queueing).
+LATENCY_RATE=${LATENCY_RATE:-400}
 export CLIENTS=${CLIENTS:-16777216}
 PORT=${PORT:-18080}
 REDIS_CLI="redis-cli -h 127.0.0.1 -p 6379"
+export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/services.sh
-if ! command -v wrk >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+case "$LOADGEN" in
+oha)
+    if ! command -v oha >/dev/null; then
+        echo "installing oha from crates.io (about 9 minutes, once)" >&2
+        cargo install oha --locked --quiet
+    fi
+    if ! command -v jq >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+    fi
+    ;;
+wrk)
+    if ! command -v wrk >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+    fi
+    ;;
+*) echo "LOADGEN is oha or wrk, got '$LOADGEN'" >&2; exit 2 ;;
+esac
 cargo build --release -q -p tollgate-server --bin tollgate-server --example baseline
 
 # The server needs its database and a token secret; the tenant rows need a
@@ -48,18 +68,27 @@ cores=$(nproc)
 server_cpu=0
 load_cpu=$(( cores > 1 ? 1 : 0 ))
 
-# name | binary | env | wrk extra args (AUTH: the tenant user's token) | path
+# name | binary | env | XFF (many client addresses, wrk only) or AUTH (the
+# tenant user's token) | path | fixed rate (req/s; empty: as fast as possible)
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
+plain_env="DATABASE_URL=$MIGRATION_DATABASE_URL TENANT_ID=$TENANT"
+ip_env="RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1"
 configs=(
-  "bare axum|baseline|||/api/v1/ping"
-  "memory store|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua|/api/v1/ping"
-  "redis store (batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1|-s load-tests/xff.lua|/api/v1/ping"
-  "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1 RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|-s load-tests/xff.lua|/api/v1/ping"
-  "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping"
-  "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping"
-  "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|DATABASE_URL=$MIGRATION_DATABASE_URL TENANT_ID=$TENANT||/api/v1/items"
-  "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items"
+  "bare axum|baseline|||/api/v1/ping|"
+  "memory store|server|RATE_LIMIT_STORE=memory $ip_env|XFF|/api/v1/ping|"
+  "redis store (batched)|server|RATE_LIMIT_STORE=redis $ip_env|XFF|/api/v1/ping|"
+  "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"
+  "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping|"
+  "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping|"
+  "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|$plain_env||/api/v1/items|"
+  "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
 )
+if [ "$LOADGEN" = oha ]; then
+  configs+=(
+    "plain transaction at $LATENCY_RATE req/s|baseline|$plain_env||/api/v1/items|$LATENCY_RATE"
+    "tenant route at $LATENCY_RATE req/s|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|$LATENCY_RATE"
+  )
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true' EXIT
@@ -76,9 +105,36 @@ evalsha_calls() {
     $REDIS_CLI info commandstats | awk -F'[:=,]' '/^cmdstat_evalsha:/ { print $3; found=1 } END { if (!found) print 0 }'
 }
 
+# load CONNECTIONS RATE URL [ARGS...]: runs the load generator on its core
+# and prints "req/s p50-ms p99-ms requests non-2xx".
+load() {
+    local connections=$1 rate=$2 url=$3
+    shift 3
+    if [ "$LOADGEN" = oha ]; then
+        local rate_args=()
+        if [ -n "$rate" ]; then rate_args=(-q "$rate"); fi
+        taskset -c "$load_cpu" oha --no-tui --output-format json -z "${DURATION}s" \
+            -c "$connections" "${rate_args[@]}" "$@" "$url" >"$tmp/load.json"
+        jq -r '[.summary.requestsPerSec,
+                .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000,
+                ([.statusCodeDistribution[]] | add // 0),
+                ([.statusCodeDistribution | to_entries[] | select(.key | startswith("2") | not) | .value] | add // 0)]
+               | map(tostring) | join(" ")' "$tmp/load.json"
+    else
+        taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${DURATION}s" --latency "$@" \
+            "$url" >"$tmp/wrk.txt"
+        local non2xx
+        non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $5 } /Socket errors/ { print "socket-errors" }' "$tmp/wrk.txt" | head -1)
+        echo "$(awk '/^Requests\/sec:/ { print $2 }' "$tmp/wrk.txt")" \
+            "$(to_ms "$(awk '$1 == "50%" { print $2 }' "$tmp/wrk.txt")")" \
+            "$(to_ms "$(awk '$1 == "99%" { print $2 }' "$tmp/wrk.txt")")" \
+            "$(awk '/requests in/ { print $1 }' "$tmp/wrk.txt")" "${non2xx:-0}"
+    fi
+}
+
 for round in $(seq "$ROUNDS"); do
     for i in "${!configs[@]}"; do
-        IFS='|' read -r name binary env wrk_args path <<<"${configs[$i]}"
+        IFS='|' read -r name binary env extra path rate <<<"${configs[$i]}"
         prefix="bench-$$-$round-$i"
         if [ "$binary" = baseline ]; then
             bin=target/release/examples/baseline
@@ -95,22 +151,16 @@ for round in $(seq "$ROUNDS"); do
         done
         before=$(evalsha_calls)
         connections=$CONNECTIONS
-        headers=()
+        args=()
         if [ "$path" = /api/v1/items ]; then connections=$TENANT_CONNECTIONS; fi
-        if [ "$wrk_args" = AUTH ]; then wrk_args=; headers=(-H "authorization: Bearer $TOKEN"); fi
-        # shellcheck disable=SC2086
-        taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${DURATION}s" --latency $wrk_args \
-            "${headers[@]}" "http://127.0.0.1:$PORT$path" >"$tmp/wrk.txt"
+        if [ "$extra" = AUTH ]; then args=(-H "authorization: Bearer $TOKEN"); fi
+        if [ "$extra" = XFF ] && [ "$LOADGEN" = wrk ]; then args=(-s load-tests/xff.lua); fi
+        read -r rps p50 p99 total non2xx < <(load "$connections" "$rate" "http://127.0.0.1:$PORT$path" "${args[@]}")
         after=$(evalsha_calls)
         kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
-        rps=$(awk '/^Requests\/sec:/ { print $2 }' "$tmp/wrk.txt")
-        total=$(awk '/requests in/ { print $1 }' "$tmp/wrk.txt")
-        p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$tmp/wrk.txt")")
-        p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$tmp/wrk.txt")")
-        errors=$(awk '/Non-2xx or 3xx responses:/ { print $5 } /Socket errors/ { print "socket-errors" }' "$tmp/wrk.txt" | head -1)
         calls=$(( after - before ))
-        echo "$i|$round|$rps|$p50|$p99|$calls|$total|${errors:-0}" >>"$tmp/results"
-        printf 'round %s %-34s %10s req/s  p50 %6s ms  p99 %6s ms  evalsha %s\n' \
+        echo "$i|$round|$rps|$p50|$p99|$calls|$total|$non2xx" >>"$tmp/results"
+        printf 'round %s %-40s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  evalsha %s\n' \
             "$round" "$name" "$rps" "$p50" "$p99" "$calls" >&2
     done
 done
@@ -119,13 +169,18 @@ median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]
 
 bare=$(awk -F'|' '$1 == 0 { print $3 }' "$tmp/results" | median)
 echo
-echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $CLIENTS clients, median of $ROUNDS interleaved rounds (\`bash load-tests/bench.sh\`):"
+if [ "$LOADGEN" = oha ]; then
+    tool="$(oha --version) -c$CONNECTIONS -z${DURATION}s, one client address"
+else
+    tool="wrk -t1 -c$CONNECTIONS -d${DURATION}s, $CLIENTS client addresses (xff.lua)"
+fi
+echo "$(date -u +%Y-%m-%d), $(nproc) cores, server on CPU $server_cpu, load on CPU $load_cpu, $tool; database rows c$TENANT_CONNECTIONS; median of $ROUNDS interleaved rounds (\`LOADGEN=$LOADGEN bash load-tests/bench.sh\`):"
 echo
 echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request | non-2xx |"
 echo "|---|---|---|---|---|---|---|"
 plain=
 for i in "${!configs[@]}"; do
-    IFS='|' read -r name _ _ _ path <<<"${configs[$i]}"
+    IFS="|" read -r name _ _ _ path _ <<<"${configs[$i]}"
     rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
     p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
     p99=$(awk -F'|' -v i="$i" '$1 == i { print $5 }' "$tmp/results" | median)
@@ -134,11 +189,13 @@ for i in "${!configs[@]}"; do
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
     if [ "$path" = /api/v1/items ]; then
         # Database rows compare with the plain transaction, not with ping.
+        # Each plain row is the reference of the tenant row after it.
         if [ -z "$plain" ]; then plain="$rps $p50 $p99"; ratio="(reference)"; else
             read -r prps pp50 pp99 <<<"$plain"
             ratio=$(awk -v a="$rps" -v b="$prps" -v l="$p50" -v m="$pp50" -v q="$p99" -v r="$pp99" \
                 'BEGIN { printf "%.2f× plain req/s; latency p50 %.2f×, p99 %.2f× plain", a / b, l / m, q / r }')
+            plain=
         fi
     fi
-    printf '| %s | %.0f | %s | %.2f | %.2f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per" "$non2xx"
+    printf '| %s | %.0f | %s | %.3f | %.3f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per" "$non2xx"
 done

@@ -2,18 +2,19 @@
 //! The load harness measures every configuration against it.
 //!
 //! - `GET /api/v1/ping`: the public route, no layers at all;
-//! - `GET /api/v1/items`: the tenant route's query in a plain transaction
-//!   (no token, no limits, no tenant setting: the tenant is named in the
-//!   query, as the owner role that row-level security does not filter), on
-//!   a pool sized like the server's. Set `DATABASE_URL` (the owner's URL)
-//!   and `TENANT_ID`.
+//! - `GET /api/v1/items`: the tenant route's list query and response in a
+//!   plain transaction (no token, no limits, no tenant setting: the tenant
+//!   is a query parameter, run as the owner role that row-level security
+//!   does not filter), on a pool sized like the server's. Set
+//!   `DATABASE_URL` (the owner's URL) and `TENANT_ID`.
 //!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Json, Router, routing::get};
-use serde_json::{Value, json};
+use serde_json::json;
+use tollgate_server::routes::items::{Item, ItemPage};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -23,7 +24,7 @@ struct Plain {
     tenant: Uuid,
 }
 
-async fn items(State(plain): State<Option<Plain>>) -> Result<Json<Value>, StatusCode> {
+async fn items(State(plain): State<Option<Plain>>) -> Result<Json<ItemPage>, StatusCode> {
     let plain = plain.ok_or(StatusCode::NOT_FOUND)?;
     let fail = |_| StatusCode::INTERNAL_SERVER_ERROR;
     let mut tx = plain
@@ -31,21 +32,31 @@ async fn items(State(plain): State<Option<Plain>>) -> Result<Json<Value>, Status
         .begin_with("BEGIN READ ONLY")
         .await
         .map_err(fail)?;
-    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
-        "SELECT id, name, body FROM items
-          WHERE tenant_id = $1 AND deleted_at IS NULL
-          ORDER BY created_at, id LIMIT 21",
+    // The server's list query for a first page of 20, with the tenant as
+    // a parameter instead of row-level security.
+    let after: Option<Uuid> = None;
+    let mut items: Vec<Item> = sqlx::query_as(
+        "SELECT id, name, body, created_at, updated_at FROM items
+          WHERE tenant_id = $3 AND deleted_at IS NULL
+            AND ($2::uuid IS NULL
+                 OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
+          ORDER BY created_at, id
+          LIMIT $1",
     )
+    .bind(21_i64)
+    .bind(after)
     .bind(plain.tenant)
     .fetch_all(&mut *tx)
     .await
     .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
-    let items: Vec<Value> = rows
-        .into_iter()
-        .map(|(id, name, body)| json!({ "id": id, "name": name, "body": body }))
-        .collect();
-    Ok(Json(json!({ "items": items, "next": null })))
+    let next = if items.len() > 20 {
+        items.truncate(20);
+        items.last().map(|i| i.id)
+    } else {
+        None
+    };
+    Ok(Json(ItemPage { items, next }))
 }
 
 #[tokio::main]
