@@ -14,8 +14,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Json, Router, routing::get};
 use serde_json::json;
-use tollgate_server::routes::items::{Item, ItemPage};
 use sqlx::PgPool;
+use tollgate_server::routes::items::{Item, ItemPage};
 use uuid::Uuid;
 
 #[derive(Clone)]

@@ -202,21 +202,12 @@ fn decided<St>(
     decisions: &Decisions,
 ) -> Verdict {
     record(shared, index, checks, decisions);
+    let (policies, single) = (&shared.policies, shared.single_policy_field.as_ref());
     if decisions.allowed {
-        Verdict::Allow(headers::fields(
-            &shared.policies,
-            shared.single_policy_field.as_ref(),
-            index,
-            checks,
-            decisions,
-        ))
+        Verdict::Allow(headers::fields(policies, single, index, checks, decisions))
     } else {
         Verdict::Reject(headers::rejection(
-            &shared.policies,
-            shared.single_policy_field.as_ref(),
-            index,
-            checks,
-            decisions,
+            policies, single, index, checks, decisions,
         ))
     }
 }
