@@ -57,7 +57,7 @@ async fn demo_auth(mut req: Request, next: Next) -> Response {
 async fn list(mut tx: Tx) -> Result<Json<Vec<String>>, TenantError> {
     // No WHERE clause: row-level security shows this tenant's rows only.
     let bodies = sqlx::query_scalar("SELECT body FROM notes ORDER BY id")
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await?;
     Ok(Json(bodies))
 }
@@ -65,7 +65,7 @@ async fn list(mut tx: Tx) -> Result<Json<Vec<String>>, TenantError> {
 async fn add(mut tx: Tx, body: String) -> Result<StatusCode, TenantError> {
     sqlx::query("INSERT INTO notes (body) VALUES ($1)")
         .bind(body)
-        .execute(&mut *tx)
+        .execute(tx.conn().await?)
         .await?;
     Ok(StatusCode::CREATED) // below 400: the layer commits
 }

@@ -15,7 +15,14 @@
 //! - `tenant` (feature `postgres`): per-request Postgres transactions that
 //!   set the tenant for row-level security;
 //! - `singleton` (feature `postgres`): periodic jobs that run on one replica
-//!   of the fleet per cycle, on advisory locks.
+//!   of the fleet per cycle, on advisory locks;
+//! - [`timeout`]: deadlines on the request body and the whole request;
+//! - [`shed`]: priority load shedding under overload.
+//!
+//! Capacity, not only rate: besides rate policies, [`rate_limit`] has
+//! keyed concurrency limits ([`ConcurrencyLimitLayer`](rate_limit::ConcurrencyLimitLayer)),
+//! and `tenant` a pool shared fairly between tenants (`TenantPool`), so no
+//! client holds a shared resource for as long as it likes.
 //!
 //! # Example
 //!
@@ -82,9 +89,11 @@ pub mod health;
 pub mod metrics;
 pub mod problem;
 pub mod rate_limit;
+pub mod shed;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod singleton;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod tenant;
+pub mod timeout;

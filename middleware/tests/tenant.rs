@@ -39,7 +39,7 @@ const B: &str = "6f1d2c3b-4a59-4e8d-9c7b-1a2b3c4d5e6f";
 async fn insert(tx: &mut Tx, body: &str) -> Result<(), TenantError> {
     sqlx::query("INSERT INTO notes (body) VALUES ($1)")
         .bind(body)
-        .execute(&mut **tx)
+        .execute(tx.conn().await?)
         .await?;
     Ok(())
 }
@@ -50,7 +50,7 @@ fn app(pool: PgPool) -> Router {
             "/notes",
             get(|mut tx: Tx| async move {
                 let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM notes ORDER BY id")
-                    .fetch_all(&mut *tx)
+                    .fetch_all(tx.conn().await?)
                     .await?;
                 Ok::<_, TenantError>(Json(bodies))
             })
@@ -71,7 +71,7 @@ fn app(pool: PgPool) -> Router {
             post(|mut tx: Tx, body: String| async move {
                 insert(&mut tx, &body).await?;
                 sqlx::query("SELECT pg_sleep(0.3)")
-                    .execute(&mut *tx)
+                    .execute(tx.conn().await?)
                     .await?;
                 Ok::<_, TenantError>(StatusCode::CREATED)
             }),
@@ -98,7 +98,7 @@ fn app(pool: PgPool) -> Router {
             post(|mut tx: Tx| async move {
                 sqlx::query("INSERT INTO notes (tenant_id, body) VALUES ($1, 'smuggled')")
                     .bind(uuid_of(B))
-                    .execute(&mut *tx)
+                    .execute(tx.conn().await?)
                     .await?;
                 Ok::<_, TenantError>(StatusCode::CREATED)
             }),
@@ -337,4 +337,94 @@ async fn audit_names_the_table_or_role_attribute() {
     owner.close().await;
     app_pool.close().await;
     db.drop_now().await;
+}
+
+/// The fair pool against real connections: a tenant at its cap waits and
+/// then gets 503 while another tenant is served at once; a tenant with a
+/// long backlog does not starve one that arrives later; idle tenants hold
+/// no entry.
+#[tokio::test]
+async fn tenant_pool_caps_each_tenant_and_serves_tenants_fairly() {
+    use tollgate::tenant::TenantPool;
+    let db = TestDb::create("tenant_pool_fair", SCHEMA).await;
+    let raw = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(400))
+        .connect(&db.app_url())
+        .await
+        .unwrap();
+    let fair = TenantPool::new(raw).with_tenant_max(2);
+    let (a, b): (TenantId, TenantId) = (A.parse().unwrap(), B.parse().unwrap());
+
+    // A holds its share in two real transactions.
+    let held_a = [
+        fair.acquire(a).await.unwrap(),
+        fair.acquire(a).await.unwrap(),
+    ];
+    let mut tx = begin(fair.pool(), a, Access::ReadWrite).await.unwrap();
+    insert_raw(&mut tx, "a-held").await;
+    // A third request of A waits for A's share, not the pool, and gives up.
+    let started = tokio::time::Instant::now();
+    let err = fair.acquire(a).await.unwrap_err();
+    assert!(matches!(err, TenantError::TenantAtCapacity), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(380));
+    assert_eq!(err.to_problem().status(), 503);
+    // B is served at once, although A's backlog came first.
+    let started = tokio::time::Instant::now();
+    let permit_b = fair.acquire(b).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let mut tx_b = begin(fair.pool(), b, Access::ReadOnly).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut *tx_b)
+        .await
+        .unwrap();
+    assert_eq!(seen, 0);
+    drop(tx_b);
+    drop(permit_b);
+    drop(tx);
+
+    // Fairness while the pool is full: A queues 20 requests, then B asks
+    // once. When a connection frees, B is next in the pool's queue, ahead
+    // of 18 of A's: B waits for one release, not for A's backlog.
+    let other: TenantId = "11111111-2222-4333-8444-555555555555".parse().unwrap();
+    let held_other = [
+        fair.acquire(other).await.unwrap(),
+        fair.acquire(other).await.unwrap(),
+    ];
+    assert_eq!(fair.load(), 1.0);
+    let mut backlog = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let fair = fair.clone();
+        // Each holds its connection long after B's deadline.
+        backlog.spawn(async move {
+            let permit = fair.acquire(a).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            permit.is_ok()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(fair.waiters(), 20);
+    // Only A's cap of them queue for the pool; the rest wait at A's share.
+    let b_request = {
+        let fair = fair.clone();
+        tokio::spawn(async move { fair.acquire(b).await.map(drop).is_ok() })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(held_a);
+    drop(held_other);
+    assert!(b_request.await.unwrap(), "B starved behind A's backlog");
+    while backlog.join_next().await.is_some() {}
+    // Nothing held or waiting: no tenant entry left, load back to 0.
+    assert_eq!(fair.load(), 0.0);
+    assert_eq!(fair.waiters(), 0);
+    fair.pool().close().await;
+    db.drop_now().await;
+}
+
+async fn insert_raw(tx: &mut sqlx::PgConnection, body: &str) {
+    sqlx::query("INSERT INTO notes (body) VALUES ($1)")
+        .bind(body)
+        .execute(tx)
+        .await
+        .unwrap();
 }

@@ -99,6 +99,33 @@ pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
 /// `tollgate_db_pool_max_connections`: the pool's size limit.
 pub const DB_POOL_MAX_CONNECTIONS: &str = "tollgate_db_pool_max_connections";
 
+/// `tollgate_http_timeouts_total{stage}`: requests cut off by a deadline
+/// (`body`: the body did not arrive in time, 408; `request`: the whole
+/// request took too long, 503). Header timeouts are counted by the server,
+/// which owns the connection.
+pub const HTTP_TIMEOUTS: &str = "tollgate_http_timeouts_total";
+/// `tollgate_concurrency_in_flight{policy}`: requests holding a slot of a
+/// concurrency policy, summed over its keys.
+pub const CONCURRENCY_IN_FLIGHT: &str = "tollgate_concurrency_in_flight";
+/// `tollgate_concurrency_rejected_total{policy}`: requests refused because
+/// their key had the policy's maximum in flight.
+pub const CONCURRENCY_REJECTED: &str = "tollgate_concurrency_rejected_total";
+/// `tollgate_db_pool_waiters`: tenant work waiting for a connection (at
+/// its tenant's cap or for the pool).
+pub const DB_POOL_WAITERS: &str = "tollgate_db_pool_waiters";
+/// `tollgate_db_pool_acquire_duration_seconds`: time from asking for a
+/// tenant connection to holding one (fair queue + pool).
+pub const DB_POOL_ACQUIRE_DURATION: &str = "tollgate_db_pool_acquire_duration_seconds";
+/// `tollgate_db_tenant_cap_rejections_total`: tenant work that gave up
+/// waiting while its tenant held its whole share of the pool.
+pub const DB_TENANT_CAP_REJECTIONS: &str = "tollgate_db_tenant_cap_rejections_total";
+/// `tollgate_shed_requests_total{priority}`: requests shed under overload,
+/// by the priority (e.g. trust level) they were shed at.
+pub const SHED_REQUESTS: &str = "tollgate_shed_requests_total";
+/// `tollgate_load`: the load the shedder last saw (1 = the pool fully in
+/// use, above 1 = a queue).
+pub const LOAD: &str = "tollgate_load";
+
 /// Buckets for latencies of a fast API, in seconds: 0.5 ms to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -79,6 +79,7 @@
 //! layer, and metrics above it too, so rejections are counted.
 
 mod clock;
+mod concurrency;
 mod future;
 mod gcra;
 mod headers;
@@ -93,6 +94,9 @@ pub use crate::body::ResponseBody;
 #[cfg(feature = "memory")]
 pub use clock::MonotonicClock;
 pub use clock::{Clock, ManualClock, TokioClock};
+pub use concurrency::{
+    ConcurrencyFuture, ConcurrencyLimit, ConcurrencyLimitLayer, ConcurrencyPolicy, SlotBody,
+};
 pub use future::ResponseFuture;
 pub use headers::QUOTA_EXCEEDED;
 pub use key::{ByClientIp, Global, Key, KeyExtractor, KeyRejection};

@@ -1,30 +1,51 @@
 //! [`Tx`]: the handler's view of the request's tenant transaction.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use http::request::Parts;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::PgConnection;
 
 use super::TenantId;
-use super::layer::{Slot, TenantContext};
+use super::layer::{Held, Slot, TenantContext};
 use super::transaction::TenantError;
 
 /// The request's tenant transaction, as an axum extractor.
 ///
-/// Use it as a connection: `sqlx::query(…).fetch_all(&mut *tx)`. It is
-/// begun on first extraction and lent to the handler; when the handler
-/// drops it, it goes back to the [`TenantLayer`](super::TenantLayer),
-/// which commits or rolls back once the response status is known. Do not
-/// commit it yourself: the layer decides from the response.
+/// Extracting it costs nothing: the transaction begins when the handler
+/// first calls [`conn`](Self::conn). Read and validate the request body
+/// *before* that call, so no pooled connection waits on a slow client:
 ///
-/// Rejects with 500 when no `TenantLayer` is above the handler, and with
-/// the database error's problem when the transaction cannot begin (503 when
-/// the pool has no free connection in time).
+/// ```
+/// use axum::Json;
+/// use tollgate::tenant::{TenantError, Tx};
+///
+/// #[derive(serde::Deserialize)]
+/// struct NewItem { name: String }
+///
+/// async fn create(mut tx: Tx, Json(item): Json<NewItem>) -> Result<String, TenantError> {
+///     // The body is whole and parsed here; only now take a connection.
+///     let (id,): (i64,) = sqlx::query_as("INSERT INTO items (name) VALUES ($1) RETURNING id")
+///         .bind(item.name)
+///         .fetch_one(tx.conn().await?)
+///         .await?;
+///     Ok(id.to_string())
+/// }
+/// # let _ = axum::routing::post(create);
+/// ```
+///
+/// When the handler returns, the transaction goes back to the
+/// [`TenantLayer`](super::TenantLayer), which commits or rolls back once
+/// the response status is known. Do not commit it yourself: the layer
+/// decides from the response.
+///
+/// Rejects with 500 when no `TenantLayer` is above the handler; `conn`
+/// fails with the database error's problem when the transaction cannot
+/// begin (503 when no connection was free in time, or the tenant already
+/// holds its share of the pool).
 #[derive(Debug)]
 pub struct Tx {
-    tx: Option<Transaction<'static, Postgres>>,
+    held: Option<Held>,
     slot: Arc<Slot>,
     tenant: TenantId,
 }
@@ -33,6 +54,17 @@ impl Tx {
     /// The tenant this transaction serves.
     pub fn tenant(&self) -> TenantId {
         self.tenant
+    }
+
+    /// The transaction's connection, begun on the first call: waits (fairly,
+    /// bounded) for the tenant's share of the pool, then runs `BEGIN` and
+    /// sets the tenant.
+    pub async fn conn(&mut self) -> Result<&mut PgConnection, TenantError> {
+        let held = match &mut self.held {
+            Some(held) => held,
+            empty => empty.insert(self.slot.lend().await?),
+        };
+        Ok(&mut held.tx)
     }
 }
 
@@ -45,33 +77,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Tx {
             .get::<TenantContext>()
             .ok_or(TenantError::MissingLayer)?
             .clone();
-        let tx = context.slot.lend().await?;
         Ok(Self {
-            tx: Some(tx),
+            held: None,
             slot: context.slot,
             tenant: context.tenant,
         })
     }
 }
 
-impl Deref for Tx {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
-        self.tx.as_ref().expect("present until drop")
-    }
-}
-
-impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        self.tx.as_mut().expect("present until drop")
-    }
-}
-
 impl Drop for Tx {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            self.slot.give_back(tx);
+        if let Some(held) = self.held.take() {
+            self.slot.give_back(held);
         }
     }
 }

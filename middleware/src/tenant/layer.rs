@@ -9,10 +9,11 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::pool::{PoolPermit, TenantPool};
 use super::transaction::{Access, TenantError, begin, record_outcome};
 use super::{TenantId, TenantResolver};
 use crate::body::ResponseBody;
@@ -25,8 +26,12 @@ use crate::problem::Problem;
 /// A request without a tenant gets 401 and one with an invalid tenant 400,
 /// both as problem details, before the handler runs. The transaction is
 /// begun lazily, when a handler extracts [`Tx`](super::Tx): routes that do
-/// not touch the database cost nothing. `GET` and `HEAD` run `READ ONLY`
-/// unless [`read_only_safe_methods(false)`](Self::read_only_safe_methods).
+/// not touch the database cost nothing, and a handler that reads its body
+/// first holds no connection while the client sends it. Connections come
+/// from a [`TenantPool`] (a plain `PgPool` converts into one), which caps
+/// each tenant's share and queues tenants fairly. `GET` and `HEAD` run
+/// `READ ONLY` unless
+/// [`read_only_safe_methods(false)`](Self::read_only_safe_methods).
 ///
 /// If the commit fails, the client gets a 500 problem, never the handler's
 /// 2xx. If the handler panics or the request is dropped, the transaction is
@@ -35,16 +40,17 @@ use crate::problem::Problem;
 /// See the [module docs](super) for an example.
 #[derive(Debug, Clone)]
 pub struct TenantLayer<R> {
-    pool: PgPool,
+    pool: TenantPool,
     resolver: R,
     read_only_safe_methods: bool,
 }
 
 impl<R: TenantResolver> TenantLayer<R> {
-    /// Transactions on `pool`, tenants from `resolver`.
-    pub fn new(pool: PgPool, resolver: R) -> Self {
+    /// Transactions on `pool` (a [`TenantPool`], or a `PgPool` shared
+    /// without a per-tenant cap), tenants from `resolver`.
+    pub fn new(pool: impl Into<TenantPool>, resolver: R) -> Self {
         Self {
-            pool,
+            pool: pool.into(),
             resolver,
             read_only_safe_methods: true,
         }
@@ -91,7 +97,7 @@ pub(crate) struct TenantContext {
 /// The request's transaction, when begun and not lent to a handler.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    pool: PgPool,
+    pool: TenantPool,
     tenant: TenantId,
     access: Access,
     state: Mutex<SlotState>,
@@ -101,32 +107,49 @@ pub(crate) struct Slot {
 enum SlotState {
     NotBegun,
     Lent,
-    Here(Transaction<'static, Postgres>),
+    Here(Held),
+}
+
+/// A begun transaction and the pool permit it was begun under: the permit
+/// goes back only after the commit or rollback.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) tx: Transaction<'static, Postgres>,
+    _permit: PoolPermit,
 }
 
 impl Slot {
     /// The transaction, begun on first use.
-    pub(crate) async fn lend(&self) -> Result<Transaction<'static, Postgres>, TenantError> {
+    pub(crate) async fn lend(&self) -> Result<Held, TenantError> {
         let previous = std::mem::replace(&mut *self.lock(), SlotState::Lent);
         match previous {
-            SlotState::Here(tx) => Ok(tx),
+            SlotState::Here(held) => Ok(held),
             SlotState::Lent => Err(TenantError::AlreadyInUse),
-            SlotState::NotBegun => match begin(&self.pool, self.tenant, self.access).await {
-                Ok(tx) => Ok(tx),
+            SlotState::NotBegun => match self.begin().await {
+                Ok(held) => Ok(held),
                 Err(err) => {
                     *self.lock() = SlotState::NotBegun;
-                    Err(err.into())
+                    Err(err)
                 }
             },
         }
     }
 
-    /// Takes back a lent transaction.
-    pub(crate) fn give_back(&self, tx: Transaction<'static, Postgres>) {
-        *self.lock() = SlotState::Here(tx);
+    async fn begin(&self) -> Result<Held, TenantError> {
+        let permit = self.pool.acquire(self.tenant).await?;
+        let tx = begin(self.pool.pool(), self.tenant, self.access).await?;
+        Ok(Held {
+            tx,
+            _permit: permit,
+        })
     }
 
-    fn take(&self) -> Option<Transaction<'static, Postgres>> {
+    /// Takes back a lent transaction.
+    pub(crate) fn give_back(&self, held: Held) {
+        *self.lock() = SlotState::Here(held);
+    }
+
+    fn take(&self) -> Option<Held> {
         match std::mem::replace(&mut *self.lock(), SlotState::NotBegun) {
             SlotState::Here(tx) => Some(tx),
             SlotState::NotBegun | SlotState::Lent => None,
@@ -262,11 +285,10 @@ where
     }
 }
 
-/// Commits below 400, rolls back from 400 up.
-async fn finish<B, E>(
-    tx: Transaction<'static, Postgres>,
-    res: Response<B>,
-) -> Result<Response<ResponseBody<B>>, E> {
+/// Commits below 400, rolls back from 400 up; the pool permit goes back
+/// after.
+async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseBody<B>>, E> {
+    let Held { tx, _permit } = held;
     if res.status().as_u16() >= 400 {
         if let Err(err) = tx.rollback().await {
             // The connection is closed rather than reused; nothing to undo.

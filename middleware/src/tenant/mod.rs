@@ -36,6 +36,20 @@
 //! - [`TenantLayer`] resolves the tenant and lends the handler a [`Tx`];
 //!   it commits when the response status is below 400 and rolls back
 //!   otherwise.
+//! - [`TenantPool`] shares the pool fairly: a cap per tenant, and a queue
+//!   in which no tenant's backlog starves another's.
+//!
+//! # Handlers: body first, then the connection
+//!
+//! A pooled connection is the scarcest thing a replica has. A handler that
+//! took one and then waited for the client to send its body would let one
+//! slow client (or a hostile one holding half-sent bodies) take the pool
+//! from every tenant. So the transaction begins only when the handler
+//! calls [`Tx::conn`], and the natural order of a handler is: extract and
+//! validate the body (`Json<T>` as the last argument, then your checks),
+//! then `tx.conn().await?` for the queries. Pair it with a body deadline
+//! ([`BodyTimeoutLayer`](crate::timeout::BodyTimeoutLayer)), so the
+//! client's time is bounded too.
 //! - [`begin`] is the same transaction for code outside axum.
 //! - [`TenantError`] maps database errors to problems: a row-level
 //!   security violation (SQLSTATE `42501`) is 403.
@@ -58,7 +72,7 @@
 //! async fn count(mut tx: Tx) -> Result<String, TenantError> {
 //!     // No WHERE clause: row-level security shows this tenant's rows only.
 //!     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM items")
-//!         .fetch_one(&mut *tx)
+//!         .fetch_one(tx.conn().await?)
 //!         .await?;
 //!     Ok(n.to_string())
 //! }
@@ -87,12 +101,14 @@
 mod audit;
 mod extract;
 mod layer;
+mod pool;
 mod resolver;
 mod transaction;
 
 pub use audit::{AuditError, audit};
 pub use extract::Tx;
 pub use layer::{ResponseFuture, Tenant, TenantLayer};
+pub use pool::{PoolPermit, TenantPool};
 pub use resolver::{
     FromClaims, FromHeader, FromSubdomain, TenantClaims, TenantId, TenantRejection, TenantResolver,
 };

@@ -114,6 +114,11 @@ pub enum TenantError {
     /// The handler asked for the transaction while it already held it.
     #[error("the tenant transaction is already in use by this request")]
     AlreadyInUse,
+    /// The tenant held its whole share of the pool
+    /// ([`TenantPool::with_tenant_max`](super::TenantPool::with_tenant_max))
+    /// for as long as this request could wait.
+    #[error("the tenant holds its whole share of database connections")]
+    TenantAtCapacity,
     /// From Postgres or the pool.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -121,7 +126,8 @@ pub enum TenantError {
 
 impl TenantError {
     /// 403 for a row-level security violation (SQLSTATE `42501`), 503 with
-    /// `Retry-After` when no connection was free in time, 500 otherwise.
+    /// `Retry-After` when no connection was free in time (for the pool, or
+    /// within the tenant's share), 500 otherwise.
     pub fn to_problem(&self) -> Problem {
         match self {
             Self::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
@@ -132,6 +138,11 @@ impl TenantError {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Database busy")
                     .with_detail("no database connection was free in time; retry shortly")
             }
+            Self::TenantAtCapacity => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Tenant busy")
+                .with_detail(
+                    "this tenant's requests hold all the database connections it may have; \
+                     retry shortly",
+                ),
             _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
         }
     }
