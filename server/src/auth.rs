@@ -122,6 +122,67 @@ pub async fn require_auth(State(tokens): State<Tokens>, mut req: Request, next: 
     }
 }
 
+/// `tollgate_auth_hash_rejected_total`: logins refused because every
+/// hashing worker was busy and the queue full.
+pub const HASH_REJECTED: &str = "tollgate_auth_hash_rejected_total";
+/// `tollgate_auth_hash_in_flight`: logins admitted to hashing (running or
+/// queued).
+pub const HASH_IN_FLIGHT: &str = "tollgate_auth_hash_in_flight";
+
+/// Bounds password hashing: Argon2 takes tens of milliseconds of CPU and
+/// about 19 MiB of memory per hash, so at most `workers` run at once (on
+/// blocking threads), at most `queue` more wait, and a login beyond that
+/// is refused at once (503) instead of piling up memory and threads.
+#[derive(Debug, Clone)]
+pub struct HashGate {
+    workers: Arc<tokio::sync::Semaphore>,
+    admitted: Arc<tokio::sync::Semaphore>,
+}
+
+/// A login's place at the [`HashGate`]: running or queued.
+#[derive(Debug)]
+pub struct Admitted(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        metrics::gauge!(HASH_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+impl HashGate {
+    /// `workers` hashes at once, `queue` more waiting.
+    pub fn new(workers: usize, queue: usize) -> Self {
+        Self {
+            workers: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+            admitted: Arc::new(tokio::sync::Semaphore::new(workers.max(1) + queue)),
+        }
+    }
+
+    /// A place, or `None` when workers and queue are full.
+    pub fn admit(&self) -> Option<Admitted> {
+        match self.admitted.clone().try_acquire_owned() {
+            Ok(permit) => {
+                metrics::gauge!(HASH_IN_FLIGHT).increment(1.0);
+                Some(Admitted(permit))
+            }
+            Err(_) => {
+                metrics::counter!(HASH_REJECTED).increment(1);
+                None
+            }
+        }
+    }
+
+    /// [`verify_password`] on a worker, once one is free.
+    pub async fn verify(&self, _place: &Admitted, hash: Option<String>, password: String) -> bool {
+        let Ok(_worker) = self.workers.acquire().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || verify_password(hash.as_deref(), &password))
+            .await
+            .unwrap_or(false)
+    }
+}
+
 /// An argon2id hash (PHC string) of `password`, with a random salt.
 pub fn hash_password(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);

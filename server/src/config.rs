@@ -73,6 +73,47 @@ pub struct Config {
     /// `ITEM_RETENTION` (ms): how long deleted items are kept before the
     /// cleanup job purges them.
     pub item_retention: Duration,
+    /// `HTTP_*_TIMEOUT`: how long a client may take.
+    pub http: HttpConfig,
+    /// Concurrency limits, load shedding and password hashing: bounds on
+    /// the resources one client may hold.
+    pub capacity: CapacityConfig,
+}
+
+/// Deadlines on what clients send, so nobody holds a connection forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// `HTTP_HEADER_READ_TIMEOUT`: the request head must arrive within
+    /// this; a slowloris client is disconnected after it.
+    pub header_read_timeout: Duration,
+    /// `HTTP_BODY_READ_TIMEOUT`: the whole request body must arrive within
+    /// this (408 after).
+    pub body_read_timeout: Duration,
+    /// `HTTP_REQUEST_TIMEOUT`: the whole request, until the response head
+    /// (503 after).
+    pub request_timeout: Duration,
+}
+
+/// Bounds on shared capacity per client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityConfig {
+    /// `RATE_LIMIT_TENANT_CONCURRENCY`: one tenant's requests in flight on
+    /// a replica at once; `None` is unlimited.
+    pub tenant_concurrency: Option<u32>,
+    /// `RATE_LIMIT_SUBJECT_CONCURRENCY`: one user's requests in flight.
+    pub subject_concurrency: Option<u32>,
+    /// `LOAD_SHED_START`: the pool load (held + queued connections over
+    /// the pool's size) at which the lowest trust level is shed; `None`
+    /// turns shedding off.
+    pub shed_start: Option<f64>,
+    /// `LOAD_SHED_STEP`: each higher trust level is shed at this much more
+    /// load than the one below it.
+    pub shed_step: f64,
+    /// `AUTH_HASH_WORKERS`: password hashes computed at once.
+    pub hash_workers: usize,
+    /// `AUTH_HASH_QUEUE`: logins that may wait for a hashing worker; more
+    /// get 503.
+    pub hash_queue: usize,
 }
 
 /// Postgres connection and pool.
@@ -98,6 +139,13 @@ pub struct DatabaseConfig {
     pub connection_timeout: Duration,
     /// `DB_MAX_LIFETIME` (ms).
     pub max_lifetime: Duration,
+    /// `DB_TENANT_MAX_CONNECTIONS`: connections one tenant may hold at
+    /// once (a quarter of the pool by default).
+    pub tenant_max_connections: u32,
+    /// `DB_SYSTEM_CONNECTIONS`: the separate pool for readiness checks,
+    /// trust lookups and singleton jobs (the LISTEN connection has one of
+    /// its own besides).
+    pub system_connections: u32,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -115,6 +163,8 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("connection_timeout", &self.connection_timeout)
             .field("max_lifetime", &self.max_lifetime)
+            .field("tenant_max_connections", &self.tenant_max_connections)
+            .field("system_connections", &self.system_connections)
             .finish()
     }
 }
@@ -339,6 +389,37 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "milliseconds, a whole number above 0",
     ),
     ("DB_MAX_LIFETIME", "1800000", "milliseconds, a whole number"),
+    (
+        "DB_TENANT_MAX_CONNECTIONS",
+        "DB_MAX_CONNECTIONS / 4",
+        "a whole number from 1 to DB_MAX_CONNECTIONS",
+    ),
+    ("DB_SYSTEM_CONNECTIONS", "5", "a whole number, at least 3"),
+    ("HTTP_HEADER_READ_TIMEOUT", "10s", DURATION_FORMAT),
+    ("HTTP_BODY_READ_TIMEOUT", "10s", DURATION_FORMAT),
+    ("HTTP_REQUEST_TIMEOUT", "30s", DURATION_FORMAT),
+    (
+        "RATE_LIMIT_TENANT_CONCURRENCY",
+        "32",
+        "a whole number above 0, or unlimited",
+    ),
+    (
+        "RATE_LIMIT_SUBJECT_CONCURRENCY",
+        "8",
+        "a whole number above 0, or unlimited",
+    ),
+    (
+        "LOAD_SHED_START",
+        "1.5",
+        "a number above 0 (pool load: held + queued over size), or off",
+    ),
+    ("LOAD_SHED_STEP", "0.5", "a number, at least 0"),
+    (
+        "AUTH_HASH_WORKERS",
+        "the number of cores",
+        "a whole number above 0",
+    ),
+    ("AUTH_HASH_QUEUE", "8", "a whole number"),
     ("TOLLGATE_ENV", "production", "production or development"),
     (
         "AUTH_SECRET",
@@ -376,6 +457,28 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "milliseconds, a whole number (7 days by default)",
     ),
 ];
+
+/// The format of duration variables.
+pub const DURATION_FORMAT: &str =
+    "a duration with a unit (500ms, 30s, 5min, 1h) or a whole number of milliseconds, above 0";
+
+/// `500ms`, `30s`, `5min`, `1h`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => 1,
+        "s" | "sec" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(ms).map(Duration::from_millis)
+}
 
 /// The format of `RATE_LIMIT_TRUST_<LEVEL>`.
 pub const TRUST_QUOTA_FORMAT: &str =
@@ -459,8 +562,64 @@ impl Config {
             trust_broadcast: var("TRUST_BROADCAST_ENABLED").parse_bool_or(true)?,
             cleanup_interval: millis_above_zero(var("CLEANUP_INTERVAL"), 60_000)?,
             item_retention: Duration::from_millis(var("ITEM_RETENTION").parse_or(604_800_000u64)?),
+            http: HttpConfig {
+                header_read_timeout: duration(var("HTTP_HEADER_READ_TIMEOUT"), 10_000)?,
+                body_read_timeout: duration(var("HTTP_BODY_READ_TIMEOUT"), 10_000)?,
+                request_timeout: duration(var("HTTP_REQUEST_TIMEOUT"), 30_000)?,
+            },
+            capacity: capacity_config(&var)?,
         })
     }
+}
+
+/// A duration above zero, with units; `default_ms` when unset.
+fn duration(var: Var, default_ms: u64) -> Result<Duration, ConfigError> {
+    match &var.value {
+        None => Ok(Duration::from_millis(default_ms)),
+        Some(v) => parse_duration(v)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| var.error()),
+    }
+}
+
+fn capacity_config(var: &impl Fn(&'static str) -> Var) -> Result<CapacityConfig, ConfigError> {
+    let concurrency = |name: &'static str, default: u32| {
+        let v = var(name);
+        match v.value.as_deref().map(str::trim) {
+            Some("unlimited") => Ok(None),
+            _ => match v.parse_or(default)? {
+                0 => Err(v.error()),
+                n => Ok(Some(n)),
+            },
+        }
+    };
+    let start = var("LOAD_SHED_START");
+    let shed_start = match start.value.as_deref().map(str::trim) {
+        Some("off") => None,
+        _ => match start.parse_or(1.5f64)? {
+            s if s.is_finite() && s > 0.0 => Some(s),
+            _ => return Err(start.error()),
+        },
+    };
+    let step = var("LOAD_SHED_STEP");
+    let shed_step = match step.parse_or(0.5f64)? {
+        s if s.is_finite() && s >= 0.0 => s,
+        _ => return Err(step.error()),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let workers = var("AUTH_HASH_WORKERS");
+    let hash_workers = match workers.parse_or(cores)? {
+        0 => return Err(workers.error()),
+        n => n,
+    };
+    Ok(CapacityConfig {
+        tenant_concurrency: concurrency("RATE_LIMIT_TENANT_CONCURRENCY", 32)?,
+        subject_concurrency: concurrency("RATE_LIMIT_SUBJECT_CONCURRENCY", 8)?,
+        shed_start,
+        shed_step,
+        hash_workers,
+        hash_queue: var("AUTH_HASH_QUEUE").parse_or(8usize)?,
+    })
 }
 
 fn millis_above_zero(var: Var, default: u64) -> Result<Duration, ConfigError> {
@@ -504,7 +663,20 @@ fn database_config(var: &impl Fn(&'static str) -> Var) -> Result<DatabaseConfig,
     if min_connections > max_connections {
         return Err(var("DB_MIN_CONNECTIONS").error());
     }
+    let tenant_max = var("DB_TENANT_MAX_CONNECTIONS");
+    let tenant_max_connections = match tenant_max.parse_or((max_connections / 4).max(1))? {
+        n if (1..=max_connections).contains(&n) => n,
+        _ => return Err(tenant_max.error()),
+    };
+    let system = var("DB_SYSTEM_CONNECTIONS");
+    // A readiness check, a singleton job and trust lookups each need one.
+    let system_connections = match system.parse_or(5u32)? {
+        n if n >= 3 => n,
+        _ => return Err(system.error()),
+    };
     Ok(DatabaseConfig {
+        tenant_max_connections,
+        system_connections,
         url: url("DATABASE_URL")?.unwrap_or_else(|| {
             "postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate".to_owned()
         }),
@@ -767,6 +939,21 @@ mod tests {
         assert!(c.trust_broadcast);
         assert_eq!(c.cleanup_interval, Duration::from_secs(60));
         assert_eq!(c.item_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.database.tenant_max_connections, 5);
+        assert_eq!(c.database.system_connections, 5);
+        assert_eq!(
+            c.http,
+            HttpConfig {
+                header_read_timeout: Duration::from_secs(10),
+                body_read_timeout: Duration::from_secs(10),
+                request_timeout: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(c.capacity.tenant_concurrency, Some(32));
+        assert_eq!(c.capacity.subject_concurrency, Some(8));
+        assert_eq!(c.capacity.shed_start, Some(1.5));
+        assert_eq!(c.capacity.hash_queue, 8);
+        assert!(c.capacity.hash_workers >= 1);
         let levels: Vec<_> = c
             .limits
             .trust
@@ -871,6 +1058,40 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_units_and_bare_milliseconds() {
+        for (text, ms) in [
+            ("500", 500),
+            ("500ms", 500),
+            ("30s", 30_000),
+            ("5min", 300_000),
+            ("1h", 3_600_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Some(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for text in ["", "s", "5d", "1.5s", "-1s", "99999999999999999999h"] {
+            assert_eq!(parse_duration(text), None, "{text}");
+        }
+        let c = parse(&[
+            ("HTTP_HEADER_READ_TIMEOUT", "2s"),
+            ("HTTP_BODY_READ_TIMEOUT", "1500"),
+            ("RATE_LIMIT_TENANT_CONCURRENCY", "unlimited"),
+            ("LOAD_SHED_START", "off"),
+            ("DB_MAX_CONNECTIONS", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.body_read_timeout, Duration::from_millis(1500));
+        assert_eq!(c.capacity.tenant_concurrency, None);
+        assert_eq!(c.capacity.shed_start, None);
+        // A quarter of a small pool is still one connection.
+        assert_eq!(c.database.tenant_max_connections, 1);
+    }
+
+    #[test]
     fn reads_every_variable() {
         let c = parse(&[
             ("LISTEN_ADDR", "0.0.0.0:9000"),
@@ -926,6 +1147,18 @@ mod tests {
             ("TRUST_BROADCAST_ENABLED", "sometimes"),
             ("CLEANUP_INTERVAL", "hourly"),
             ("ITEM_RETENTION", "7d"),
+            ("DB_TENANT_MAX_CONNECTIONS", "21"),
+            ("DB_TENANT_MAX_CONNECTIONS", "0"),
+            ("DB_SYSTEM_CONNECTIONS", "2"),
+            ("HTTP_HEADER_READ_TIMEOUT", "0"),
+            ("HTTP_BODY_READ_TIMEOUT", "10 days"),
+            ("HTTP_REQUEST_TIMEOUT", "-5s"),
+            ("RATE_LIMIT_TENANT_CONCURRENCY", "0"),
+            ("RATE_LIMIT_SUBJECT_CONCURRENCY", "lots"),
+            ("LOAD_SHED_START", "0"),
+            ("LOAD_SHED_STEP", "-1"),
+            ("AUTH_HASH_WORKERS", "0"),
+            ("AUTH_HASH_QUEUE", "-1"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

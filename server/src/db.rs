@@ -58,6 +58,20 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
         .connect_lazy_with(options))
 }
 
+/// The small pool for the server's own work (readiness checks, trust
+/// lookups, the LISTEN connection, singleton jobs), apart from tenant
+/// traffic: however loaded the request pool is, readiness measures
+/// Postgres itself.
+pub fn system_pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let options = options("DATABASE_URL", &config.url)?.application_name("tollgate-system");
+    Ok(PgPoolOptions::new()
+        .max_connections(config.system_connections)
+        .idle_timeout(Some(config.idle_timeout).filter(|d| !d.is_zero()))
+        .max_lifetime(Some(config.max_lifetime).filter(|d| !d.is_zero()))
+        .acquire_timeout(config.connection_timeout)
+        .connect_lazy_with(options))
+}
+
 /// Applies pending migrations as the owner role (`MIGRATION_DATABASE_URL`,
 /// else `DATABASE_URL`). Concurrent callers are serialised by sqlx's
 /// advisory lock, so replicas starting together do not race.

@@ -33,6 +33,10 @@ pub enum AppError {
     /// Well-formed input that breaks a rule: 422 with every broken rule.
     #[error("invalid input: {0:?}")]
     Invalid(Vec<String>),
+    /// A bounded resource (password hashing) has no room: 503 with
+    /// `Retry-After`.
+    #[error("{0}")]
+    Busy(&'static str),
     /// From the tenant transaction or a query in it.
     #[error(transparent)]
     Tenant(#[from] TenantError),
@@ -77,13 +81,20 @@ impl IntoResponse for AppError {
                     .with_detail(errors.join("; "))
                     .with_extension("errors", errors)
             }
+            Self::Busy(detail) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Busy").with_detail(detail)
+            }
             Self::Tenant(err) => return err.into_response(),
         };
-        let unauthorized = problem.status() == StatusCode::UNAUTHORIZED;
+        let status = problem.status();
         let mut res = problem.into_response().map(axum::body::Body::from);
-        if unauthorized {
+        if status == StatusCode::UNAUTHORIZED {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         res
     }

@@ -13,12 +13,12 @@ pub mod error;
 pub mod limits;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod store;
 pub mod trust;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -33,7 +33,8 @@ use tollgate::client_ip::SetClientIpLayer;
 use tollgate::health::Readiness;
 use tollgate::metrics::HttpMetricsLayer;
 use tollgate::rate_limit::FailurePolicy;
-use tollgate::tenant::{FromClaims, TenantLayer};
+use tollgate::tenant::{FromClaims, TenantLayer, TenantPool};
+use tollgate::timeout::{BodyTimeoutLayer, RequestTimeoutLayer};
 use tower::{Service, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -82,8 +83,15 @@ pub struct AppStateInner {
     pub readiness: Readiness,
     /// Renders `/metrics`; `None` when no recorder is installed (tests).
     pub metrics: Option<PrometheusHandle>,
-    /// Postgres, as the app role.
+    /// Postgres, as the app role: tenant requests (and logins), always
+    /// through [`tenant_pool`](Self::tenant_pool).
     pub pool: PgPool,
+    /// [`pool`](Self::pool), shared fairly between tenants.
+    pub tenant_pool: TenantPool,
+    /// The server's own small pool: readiness, trust lookups, jobs.
+    pub system_pool: PgPool,
+    /// Bounds password hashing.
+    pub hashing: auth::HashGate,
     /// Issues and verifies bearer tokens.
     pub tokens: Tokens,
     /// Current trust levels, cached.
@@ -96,8 +104,11 @@ impl AppState {
     pub fn new(config: Config, metrics: Option<PrometheusHandle>) -> Result<Self, StartError> {
         let store = AppStore::new(&config.store)?;
         let pool = db::pool(&config.database)?;
+        let system_pool = db::system_pool(&config.database)?;
+        let tenant_pool =
+            TenantPool::new(pool.clone()).with_tenant_max(config.database.tenant_max_connections);
         let tokens = Tokens::new(&config.auth.secret, config.auth.token_ttl);
-        let (ping_pool, schema_pool) = (pool.clone(), pool.clone());
+        let (ping_pool, schema_pool) = (system_pool.clone(), system_pool.clone());
         let mut checks = Readiness::builder()
             .interval(config.ready_check_interval)
             .timeout(config.ready_check_timeout)
@@ -127,8 +138,18 @@ impl AppState {
             store,
             readiness: checks.start(),
             metrics,
-            trust: trust::TrustLevels::new(pool.clone(), config.trust_cache_ttl),
+            // Leaves a system connection each for a readiness check and a
+            // singleton job.
+            trust: trust::TrustLevels::new(
+                system_pool.clone(),
+                config.trust_cache_ttl,
+                config.database.system_connections.saturating_sub(2) as usize,
+                config.database.connection_timeout,
+            ),
+            hashing: auth::HashGate::new(config.capacity.hash_workers, config.capacity.hash_queue),
             pool,
+            tenant_pool,
+            system_pool,
             tokens,
             config: Arc::new(config),
         })))
@@ -136,16 +157,18 @@ impl AppState {
 }
 
 /// The server: the router, wrapped in the request-wide layers, outermost
-/// first: request id → trace → client IP → body limit → `Connection:
-/// close` while draining. They wrap the router as one service instead of
-/// being added with `Router::layer`, which would box and clone the whole
-/// stack for every route on every request; only the metrics layer sits in
-/// the router, because it labels by the matched route. Limits sit on
-/// routes (see [`limits`] for which policy applies where), so health
-/// probes are never limited. Tenant routes: authentication → tenant
-/// transaction → route-class limits → handler; the transaction begins only
-/// when the handler asks for it, so a rejected request never touches the
-/// database.
+/// first: request id → trace → request deadline → client IP → body
+/// deadline → body limit → `Connection: close` while draining. They wrap
+/// the router as one service instead of being added with `Router::layer`,
+/// which would box and clone the whole stack for every route on every
+/// request; only the metrics layer sits in the router, because it labels
+/// by the matched route. Limits sit on routes (see [`limits`] for which
+/// policy applies where), so health probes are never limited or shed.
+/// Tenant routes: authentication → concurrency per tenant and user →
+/// current trust level → load shedding by level → tenant transaction →
+/// route-class limits → handler; the transaction begins only when the
+/// handler asks for it (after reading its body), so neither a rejected
+/// request nor a slow client holds a database connection.
 pub fn app(
     state: AppState,
 ) -> impl Service<Request<Body>, Response = Response, Error = Infallible, Future: Send>
@@ -166,14 +189,23 @@ pub fn app(
         RouteClass::Write,
     )))
     .route_layer(TenantLayer::new(
-        state.pool.clone(),
+        state.tenant_pool.clone(),
         FromClaims::<Claims>::new(),
     ))
+    .route_layer(limits::shed(&state))
     // The level in the token may be stale: the limits use the current one.
     .route_layer(axum::middleware::from_fn_with_state(
-        state.trust.clone(),
+        trust::CurrentTrust {
+            levels: state.trust.clone(),
+            lowest: config
+                .limits
+                .trust
+                .first()
+                .map_or_else(|| "".into(), |(l, _)| l.as_str().into()),
+        },
         trust::current_trust,
     ))
+    .route_layer(limits::concurrency(config))
     .route_layer(axum::middleware::from_fn_with_state(
         state.tokens.clone(),
         auth::require_auth,
@@ -189,6 +221,7 @@ pub fn app(
     }
     let readiness = state.readiness.clone();
     let proxies = config.trusted_proxies.clone();
+    let http = config.http;
     let router = router
         .fallback(routes::not_found)
         // Inside the router (so it sees the matched route), outside the
@@ -218,7 +251,12 @@ pub fn app(
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
+        .map_response(|res: http::Response<_>| res.map(Body::new))
+        .layer(RequestTimeoutLayer::new(http.request_timeout))
         .layer(SetClientIpLayer::new(proxies))
+        .map_response(|res: http::Response<_>| res.map(Body::new))
+        .layer(BodyTimeoutLayer::new(http.body_read_timeout))
+        .map_request(|req: Request<_>| req.map(Body::new))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .map_response(move |res| close_when_draining(&readiness, res))
         .service(router)
@@ -278,7 +316,7 @@ pub async fn run(
         None
     };
     let _cleanup = AbortOnDrop(cleanup::spawn(
-        state.pool.clone(),
+        state.system_pool.clone(),
         state.config.cleanup_interval,
         state.config.item_retention,
         addr.to_string(),
@@ -303,13 +341,8 @@ pub async fn run(
         tracing::info!("no longer accepting; finishing in-flight requests");
         let _ = signalled_tx.send(());
     };
-    let server = axum::serve(
-        listener,
-        axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<SocketAddr>(app(
-            state,
-        )),
-    )
-    .with_graceful_shutdown(signal);
+    let header_read_timeout = state.config.http.header_read_timeout;
+    let server = serve::serve(listener, app(state), header_read_timeout, signal);
     // axum's graceful shutdown waits forever for open connections; enforce
     // a deadline so one idle keep-alive connection cannot stall a deploy.
     let deadline = async move {
@@ -320,7 +353,7 @@ pub async fn run(
         }
     };
     tokio::select! {
-        result = server => result?,
+        () = server => {},
         () = deadline => tracing::warn!(?timeout, "shutdown deadline passed; closing remaining connections"),
     }
     tracing::info!("stopped");

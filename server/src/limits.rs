@@ -7,9 +7,18 @@
 //! | `GET /api/v1/items[/{id}]` | `tenant`, `trust`, `read` (`RATE_LIMIT_CLASS_READ`, per subject) |
 //! | `POST /api/v1/items`, `PUT`/`DELETE /api/v1/items/{id}` | `tenant`, `trust`, `write` (`RATE_LIMIT_CLASS_WRITE`, per subject) |
 //! | `/health`, `/ready`, `/metrics` | none |
+//!
+//! Every authenticated route also shares one [`concurrency`] layer
+//! (`tenant-concurrency`, `subject-concurrency`: requests in flight per
+//! tenant and per user on this replica) and one [`shed`] layer (requests
+//! shed by trust level when the pool is overloaded).
 
 use http::request::Parts;
-use tollgate::rate_limit::{ByClientIp, Key, KeyRejection, Policy, Quota, RateLimitLayer};
+use tollgate::rate_limit::{
+    ByClientIp, ConcurrencyLimitLayer, ConcurrencyPolicy, Key, KeyRejection, Policy, Quota,
+    RateLimitLayer,
+};
+use tollgate::shed::LoadShedLayer;
 
 use crate::AppState;
 use crate::auth::Claims;
@@ -119,4 +128,48 @@ fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {
         .extensions
         .get::<Claims>()
         .ok_or_else(|| KeyRejection::unauthorized("this route needs a bearer token"))
+}
+
+/// Requests in flight per tenant and per user
+/// (`RATE_LIMIT_TENANT_CONCURRENCY`, `RATE_LIMIT_SUBJECT_CONCURRENCY`),
+/// one layer shared by every authenticated route.
+pub fn concurrency(config: &Config) -> ConcurrencyLimitLayer {
+    let capacity = &config.capacity;
+    let mut layer = ConcurrencyLimitLayer::new();
+    if let Some(max) = capacity.tenant_concurrency {
+        layer = layer.with_policy(ConcurrencyPolicy::new(
+            "tenant-concurrency",
+            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.as_str()))),
+            max,
+        ));
+    }
+    if let Some(max) = capacity.subject_concurrency {
+        layer = layer.with_policy(ConcurrencyPolicy::new(
+            "subject-concurrency",
+            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
+            max,
+        ));
+    }
+    layer
+}
+
+/// Sheds authenticated requests by trust level when the tenant pool is
+/// overloaded: the lowest level at `LOAD_SHED_START`, each higher level
+/// `LOAD_SHED_STEP` later. Goes after the trust lookup, which sets the
+/// level the request is shed by.
+pub fn shed(state: &AppState) -> LoadShedLayer {
+    let capacity = &state.config.capacity;
+    let levels = state.config.limits.trust.clone();
+    let mut layer = LoadShedLayer::new(state.tenant_pool.clone());
+    for (i, (level, _)) in levels.iter().enumerate() {
+        let threshold = capacity
+            .shed_start
+            .map(|start| capacity.shed_step.mul_add(i as f64, start));
+        layer = layer.with_priority(level, threshold);
+    }
+    layer.with_priority_fn(move |parts: &Parts| {
+        let trust = &parts.extensions.get::<Claims>()?.trust;
+        // A level this build does not know ranks lowest.
+        Some(levels.iter().position(|(l, _)| l == trust).unwrap_or(0))
+    })
 }

@@ -9,7 +9,17 @@
 //! its own (it already dropped the entry after its commit). When the
 //! listener is down, it reconnects with back-off (1 s, 2 s, 4 s … 30 s)
 //! and the TTL alone bounds staleness; it never takes the server down.
+//!
+//! Lookups run on the system pool (never a tenant request's connection),
+//! at most a few at once so readiness checks always find a connection.
+//! They fail closed: when Postgres cannot say, the request gets the lowest
+//! level, never the one written in its token. A lookup that started before
+//! an invalidation does not write its (old) answer back after it: every
+//! invalidation bumps a generation, and an answer is cached only if the
+//! generation it started under is still current.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -40,12 +50,24 @@ pub const LISTENER_CONNECTED: &str = "tollgate_trust_listener_connected";
 /// `tollgate_trust_listener_reconnects_total`.
 pub const LISTENER_RECONNECTS: &str = "tollgate_trust_listener_reconnects_total";
 
+/// `tollgate_trust_lookup_failures_total`: lookups Postgres could not
+/// answer (the request got the lowest level).
+pub const LOOKUP_FAILURES: &str = "tollgate_trust_lookup_failures_total";
+
 /// Subjects' current trust levels, cached.
 #[derive(Clone)]
 pub struct TrustLevels {
     cache: Cache<Uuid, String>,
     pool: PgPool,
     origin: Uuid,
+    /// Bumped by every invalidation; guarded with the cache writes by
+    /// `writes`, so "check the generation, then insert" is atomic.
+    generation: Arc<AtomicU64>,
+    writes: Arc<Mutex<()>>,
+    /// Lookups at once, fewer than the system pool's connections.
+    lookups: Arc<tokio::sync::Semaphore>,
+    /// How long a lookup may wait and run before it counts as failed.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for TrustLevels {
@@ -58,8 +80,10 @@ impl std::fmt::Debug for TrustLevels {
 }
 
 impl TrustLevels {
-    /// A cache of at most 100 000 subjects, each entry living `ttl`.
-    pub fn new(pool: PgPool, ttl: Duration) -> Self {
+    /// A cache of at most 100 000 subjects, each entry living `ttl`,
+    /// filled from `pool` (the system pool) by at most `max_lookups`
+    /// queries at once, each bounded by `timeout`.
+    pub fn new(pool: PgPool, ttl: Duration, max_lookups: usize, timeout: Duration) -> Self {
         Self {
             cache: Cache::builder()
                 .max_capacity(100_000)
@@ -67,6 +91,23 @@ impl TrustLevels {
                 .build(),
             pool,
             origin: Uuid::new_v4(),
+            generation: Arc::new(AtomicU64::new(0)),
+            writes: Arc::new(Mutex::new(())),
+            lookups: Arc::new(tokio::sync::Semaphore::new(max_lookups.max(1))),
+            timeout,
+        }
+    }
+
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Caches `level` unless an invalidation came after `generation` was
+    /// read (the answer may predate it).
+    fn store_if_current(&self, generation: u64, user: Uuid, level: String) {
+        let _writes = self.write_lock();
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.cache.insert(user, level);
         }
     }
 
@@ -85,22 +126,44 @@ impl TrustLevels {
         let Ok(tenant) = claims.tenant.parse::<TenantId>() else {
             return Ok(None);
         };
-        let mut tx = begin(&self.pool, tenant, Access::ReadOnly).await?;
-        let level: Option<String> =
-            sqlx::query_scalar("SELECT trust_level FROM users WHERE id = $1")
-                .bind(claims.sub)
-                .fetch_optional(&mut *tx)
-                .await?;
-        tx.commit().await?;
+        let generation = self.generation.load(Ordering::Acquire);
+        let lookup = async {
+            let _permit = self
+                .lookups
+                .acquire()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            let mut tx = begin(&self.pool, tenant, Access::ReadOnly).await?;
+            let level: Option<String> =
+                sqlx::query_scalar("SELECT trust_level FROM users WHERE id = $1")
+                    .bind(claims.sub)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(level)
+        };
+        let level = tokio::time::timeout(self.timeout, lookup)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))?;
         if let Some(level) = &level {
-            self.cache.insert(claims.sub, level.clone());
+            self.store_if_current(generation, claims.sub, level.clone());
         }
         Ok(level)
     }
 
-    /// Drops the subject's entry.
+    /// Drops the subject's entry; lookups already under way will not write
+    /// their answer back.
     pub fn invalidate(&self, user: Uuid) {
+        let _writes = self.write_lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(&user);
+    }
+
+    /// Drops every entry (after the listener missed messages).
+    fn invalidate_all(&self) {
+        let _writes = self.write_lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
     }
 
     /// Handles one message from the channel: `<origin>:<user>`.
@@ -143,11 +206,25 @@ pub async fn notify(
 #[derive(Debug, Clone, Copy)]
 pub struct TrustChanged(pub Uuid);
 
+/// What [`current_trust`] needs: the cache and the lowest level, which
+/// applies when the current level cannot be read.
+#[derive(Debug, Clone)]
+pub struct CurrentTrust {
+    /// The cache.
+    pub levels: TrustLevels,
+    /// The lowest configured level (the first of `TRUST_LEVELS`).
+    pub lowest: Arc<str>,
+}
+
 /// Replaces the token's trust level with the current one (so a downgrade
 /// applies before the token expires); 401 when the user is gone. If the
-/// database cannot say, the token's level stands.
+/// database cannot say, the lowest level applies (fail closed): a level
+/// read from the token could be one the user no longer has.
 pub async fn current_trust(
-    State(trust): State<TrustLevels>,
+    State(CurrentTrust {
+        levels: trust,
+        lowest,
+    }): State<CurrentTrust>,
     mut req: Request,
     next: Next,
 ) -> Response {
@@ -163,7 +240,13 @@ pub async fn current_trust(
             Ok(None) => {
                 return AppError::Unauthorized("the token's user no longer exists").into_response();
             }
-            Err(err) => tracing::warn!(%err, "trust level lookup failed; using the token's"),
+            Err(err) => {
+                metrics::counter!(LOOKUP_FAILURES).increment(1);
+                tracing::warn!(%err, "trust level lookup failed; the lowest level applies");
+                if let Some(c) = req.extensions_mut().get_mut::<Claims>() {
+                    c.trust = lowest.to_string();
+                }
+            }
         }
     }
     let res = next.run(req).await;
@@ -196,7 +279,7 @@ pub fn spawn_listener(
                     metrics::gauge!(LISTENER_CONNECTED).set(1.0);
                     // Messages may have been missed while disconnected.
                     if !first {
-                        trust.cache.invalidate_all();
+                        trust.invalidate_all();
                     }
                     tracing::info!("trust listener connected");
                     backoff = Duration::from_secs(1);
@@ -237,10 +320,63 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 mod tests {
     use super::*;
 
+    fn unreachable() -> TrustLevels {
+        // Port 1 on loopback: nothing listens, connecting fails at once.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        TrustLevels::new(pool, Duration::from_secs(60), 2, Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_predates_an_invalidation_is_not_cached() {
+        let trust = unreachable();
+        let user = Uuid::new_v4();
+        let started = trust.generation.load(Ordering::Acquire);
+        // The lookup read "staff"; meanwhile the user was demoted.
+        trust.invalidate(user);
+        trust.store_if_current(started, user, "staff".into());
+        assert!(trust.cache.get(&user).is_none(), "stale level written back");
+        // A lookup that started after it is cached.
+        let now = trust.generation.load(Ordering::Acquire);
+        trust.store_if_current(now, user, "new".into());
+        assert_eq!(trust.cache.get(&user).as_deref(), Some("new"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_gives_the_lowest_level_not_the_tokens() {
+        use axum::{Extension, Router, routing::get};
+        use tower::ServiceExt;
+        let state = CurrentTrust {
+            levels: unreachable(),
+            lowest: "new".into(),
+        };
+        let app = Router::new()
+            .route(
+                "/",
+                get(|Extension(claims): Extension<Claims>| async move { claims.trust }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(state, current_trust));
+        let mut req = http::Request::get("/")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Claims {
+            sub: Uuid::new_v4(),
+            tenant: Uuid::new_v4().to_string(),
+            trust: "staff".into(),
+            iat: 0,
+            exp: u64::MAX,
+        });
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"new");
+    }
+
     #[tokio::test]
     async fn own_messages_are_ignored_and_others_invalidate() {
-        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1/none").unwrap();
-        let trust = TrustLevels::new(pool, Duration::from_secs(60));
+        let trust = unreachable();
         let user = Uuid::new_v4();
         trust.cache.insert(user, "basic".into());
         trust.on_message(&format!("{}:{user}", trust.origin()));

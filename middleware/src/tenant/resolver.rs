@@ -18,7 +18,7 @@ pub struct TenantId(Uuid);
 
 impl TenantId {
     /// The tenant with this UUID.
-    pub fn new(id: Uuid) -> Self {
+    pub const fn new(id: Uuid) -> Self {
         Self(id)
     }
 

@@ -8,13 +8,17 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::auth::verify_password;
 use crate::error::AppError;
+use tollgate::tenant::TenantId;
 
 /// `/auth/login`.
 pub fn router() -> Router<AppState> {
     Router::new().route("/auth/login", post(login))
 }
+
+/// The key logins take connections of the tenant pool under (the nil
+/// UUID, which no tenant has).
+pub const LOGIN_POOL_KEY: TenantId = TenantId::new(Uuid::nil());
 
 /// Credentials.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -49,6 +53,7 @@ pub struct TokenResponse {
         crate::openapi::BodyErrors,
         (status = 401, description = "Wrong e-mail or password", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many login attempts from this address", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many logins in progress (with Retry-After)", body = crate::openapi::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn login(
@@ -67,17 +72,24 @@ pub async fn login(
     if !errors.is_empty() {
         return Err(AppError::Invalid(errors));
     }
-    let user: Option<(Uuid, Uuid, String, String)> = sqlx::query_as(
-        "SELECT user_id, tenant_id, password_hash, trust_level FROM auth_lookup($1)",
-    )
-    .bind(&req.email)
-    .fetch_optional(&state.pool)
-    .await?;
+    // A place at the hashing gate first: beyond its queue, refuse before
+    // touching the database.
+    let place = state
+        .hashing
+        .admit()
+        .ok_or(AppError::Busy("too many logins in progress; retry shortly"))?;
+    let user: Option<(Uuid, Uuid, String, String)> = {
+        // Logins share the tenant pool as one more "tenant", capped like
+        // any other, so a login flood cannot take every connection.
+        let _permit = state.tenant_pool.acquire(LOGIN_POOL_KEY).await?;
+        sqlx::query_as("SELECT user_id, tenant_id, password_hash, trust_level FROM auth_lookup($1)")
+            .bind(&req.email)
+            .fetch_optional(&state.pool)
+            .await?
+    };
     let hash = user.as_ref().map(|(_, _, hash, _)| hash.clone());
-    // Argon2 takes milliseconds of CPU: keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || verify_password(hash.as_deref(), &req.password))
-        .await
-        .unwrap_or(false);
+    // Argon2 runs on a bounded set of blocking threads.
+    let ok = state.hashing.verify(&place, hash, req.password).await;
     match user {
         Some((sub, tenant, _, trust)) if ok => Ok(Json(TokenResponse {
             access_token: state.tokens.issue(sub, tenant, &trust),

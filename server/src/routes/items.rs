@@ -130,6 +130,7 @@ pub async fn list(
     if !(1..=PAGE_MAX).contains(&limit) {
         return Err(AppError::Invalid(vec![format!("limit: 1 to {PAGE_MAX}")]));
     }
+    // Input checked: only now take a connection.
     // Keyset pagination on (created_at, id): stable under inserts.
     let mut items: Vec<Item> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM items
@@ -141,7 +142,7 @@ pub async fn list(
     ))
     .bind(i64::from(limit) + 1)
     .bind(query.after)
-    .fetch_all(&mut *tx)
+    .fetch_all(tx.conn().await?)
     .await?;
     let next = if items.len() > limit as usize {
         items.truncate(limit as usize);
@@ -167,6 +168,8 @@ pub async fn create(
     mut tx: Tx,
     input: Result<Json<ItemInput>, JsonRejection>,
 ) -> Result<impl IntoResponse, AppError> {
+    // The body is read and checked before the transaction begins, so a
+    // slow client holds no pooled connection.
     let Json(input) = input?;
     input.validate()?;
     let item: Item = sqlx::query_as(&format!(
@@ -174,7 +177,7 @@ pub async fn create(
     ))
     .bind(input.name.trim())
     .bind(&input.body)
-    .fetch_one(&mut *tx)
+    .fetch_one(tx.conn().await?)
     .await?;
     let location = format!("/api/v1/items/{}", item.id);
     Ok((
@@ -205,7 +208,7 @@ pub async fn fetch(
         "SELECT {COLUMNS} FROM items WHERE id = $1 AND deleted_at IS NULL"
     ))
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(tx.conn().await?)
     .await?
     .map(Json)
     .ok_or(AppError::NotFound)
@@ -239,7 +242,7 @@ pub async fn update(
     .bind(id)
     .bind(input.name.trim())
     .bind(&input.body)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(tx.conn().await?)
     .await?
     .map(Json)
     .ok_or(AppError::NotFound)
@@ -266,7 +269,7 @@ pub async fn remove(
     let deleted =
         sqlx::query("UPDATE items SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
             .bind(id)
-            .execute(&mut *tx)
+            .execute(tx.conn().await?)
             .await?
             .rows_affected();
     if deleted == 0 {

@@ -20,6 +20,7 @@ async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => {
             record_pool(&state.pool, state.config.database.max_connections);
+            metrics::gauge!(tollgate::metrics::LOAD).set(state.tenant_pool.load());
             let mut res = handle.render().into_response();
             res.headers_mut().insert(
                 header::CONTENT_TYPE,

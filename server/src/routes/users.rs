@@ -60,10 +60,11 @@ pub async fn set_trust(
     let Json(input) = input?;
     let levels = &state.config.limits.trust;
     let highest = levels.last().map(|(l, _)| l.as_str());
+    let forbidden = || AppError::Forbidden("only the highest trust level may change trust levels");
+    // A quick refusal from the request's level (current, or the lowest
+    // when it could not be read) …
     if highest != Some(claims.trust.as_str()) {
-        return Err(AppError::Forbidden(
-            "only the highest trust level may change trust levels",
-        ));
+        return Err(forbidden());
     }
     if state
         .config
@@ -77,16 +78,29 @@ pub async fn set_trust(
             known.join(", ")
         )]));
     }
+    // … but the decision is made on the caller's level as stored, read in
+    // this transaction and held (FOR SHARE) until it commits: a cached or
+    // token level cannot grant a privilege the user has lost, nor can the
+    // caller be demoted between this check and the change.
+    let conn = tx.conn().await?;
+    let caller_level: Option<String> =
+        sqlx::query_scalar("SELECT trust_level FROM users WHERE id = $1 FOR SHARE")
+            .bind(claims.sub)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if caller_level.as_deref() != highest {
+        return Err(forbidden());
+    }
     let updated = sqlx::query("UPDATE users SET trust_level = $2 WHERE id = $1")
         .bind(id)
         .bind(&input.trust_level)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
     if updated == 0 {
         return Err(AppError::NotFound);
     }
     // Same transaction: other replicas hear of it only if it commits.
-    notify(&mut tx, state.trust.origin(), id).await?;
+    notify(conn, state.trust.origin(), id).await?;
     Ok((Extension(TrustChanged(id)), Json(input)))
 }
