@@ -73,9 +73,14 @@ load_cpu=$(( cores > 1 ? 1 : 0 ))
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
 plain_env="DATABASE_URL=$MIGRATION_DATABASE_URL TENANT_ID=$TENANT"
 ip_env="RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1"
+# The same stack without the capacity layers: no concurrency policies, no
+# header/body/request deadlines (rows named "… [no capacity layers]" are
+# compared with the row of the same name after the table).
+no_capacity="RATE_LIMIT_TENANT_CONCURRENCY=unlimited RATE_LIMIT_SUBJECT_CONCURRENCY=unlimited HTTP_HEADER_READ_TIMEOUT=off HTTP_BODY_READ_TIMEOUT=off HTTP_REQUEST_TIMEOUT=off"
 configs=(
   "bare axum|baseline|||/api/v1/ping|"
   "memory store|server|RATE_LIMIT_STORE=memory $ip_env|XFF|/api/v1/ping|"
+  "memory store [no capacity layers]|server|RATE_LIMIT_STORE=memory $ip_env $no_capacity|XFF|/api/v1/ping|"
   "redis store (batched)|server|RATE_LIMIT_STORE=redis $ip_env|XFF|/api/v1/ping|"
   "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"
   "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping|"
@@ -89,6 +94,10 @@ if [ "$LOADGEN" = oha ]; then
     "tenant route at $LATENCY_RATE req/s|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|$LATENCY_RATE"
   )
 fi
+configs+=(
+  "tenant route, c$TENANT_CONNECTIONS [no capacity layers]|server|RATE_LIMIT_STORE=memory $unlimited $no_capacity|AUTH|/api/v1/items|"
+  "tenant route, c$TENANT_CONNECTIONS|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
+)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true' EXIT
@@ -187,7 +196,9 @@ for i in "${!configs[@]}"; do
     per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
     non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-    if [ "$path" = /api/v1/items ]; then
+    if [[ "$name" == "tenant route, c"* ]]; then
+        ratio="(see below)"
+    elif [ "$path" = /api/v1/items ]; then
         # Database rows compare with the plain transaction, not with ping.
         # Each plain row is the reference of the tenant row after it.
         if [ -z "$plain" ]; then plain="$rps $p50 $p99"; ratio="(reference)"; else
@@ -198,4 +209,25 @@ for i in "${!configs[@]}"; do
         fi
     fi
     printf '| %s | %.0f | %s | %.3f | %.3f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per" "$non2xx"
+done
+
+# The capacity layers' cost: each "[no capacity layers]" row against the
+# row of the same name with them (the defaults).
+echo
+echo "| stack | with capacity layers req/s | without req/s | with / without | p50 ms with / without |"
+echo "|---|---|---|---|---|"
+for i in "${!configs[@]}"; do
+    IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
+    case "$name" in *" [no capacity layers]") ;; *) continue ;; esac
+    base_name=${name% \[no capacity layers\]}
+    for j in "${!configs[@]}"; do
+        IFS="|" read -r other _ _ _ _ _ <<<"${configs[$j]}"
+        [ "$other" = "$base_name" ] || continue
+        without=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
+        with=$(awk -F'|' -v i="$j" '$1 == i { print $3 }' "$tmp/results" | median)
+        p50_without=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
+        p50_with=$(awk -F'|' -v i="$j" '$1 == i { print $4 }' "$tmp/results" | median)
+        printf '| %s | %.0f | %.0f | %.3f | %.3f / %.3f |\n' "$base_name" "$with" "$without" \
+            "$(awk -v a="$with" -v b="$without" 'BEGIN { print a / b }')" "$p50_with" "$p50_without"
+    done
 done

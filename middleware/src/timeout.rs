@@ -103,12 +103,20 @@ fn problem_response<B>(problem: Problem) -> Response<ResponseBody<B>> {
 /// See the [module docs](self) for an example.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestTimeoutLayer {
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 impl RequestTimeoutLayer {
     /// A deadline of `timeout` per request.
     pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout: Some(timeout),
+        }
+    }
+
+    /// A deadline of `timeout`, or none (when a proxy in front enforces
+    /// one, or to measure the layer's cost).
+    pub fn optional(timeout: Option<Duration>) -> Self {
         Self { timeout }
     }
 }
@@ -128,7 +136,7 @@ impl<S> Layer<S> for RequestTimeoutLayer {
 #[derive(Debug, Clone)]
 pub struct RequestTimeout<S> {
     inner: S,
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 impl<S> RequestTimeout<S> {
@@ -150,7 +158,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         RequestTimeoutFuture {
             inner: self.inner.call(req),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: MaybeSleep::new(self.timeout),
         }
     }
 }
@@ -162,7 +170,36 @@ pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Sleep,
+        sleep: MaybeSleep,
+    }
+}
+
+pin_project! {
+    /// A deadline, or none.
+    #[project = MaybeSleepProj]
+    #[derive(Debug)]
+    enum MaybeSleep {
+        Some { #[pin] sleep: Sleep },
+        None,
+    }
+}
+
+impl MaybeSleep {
+    fn new(timeout: Option<Duration>) -> Self {
+        match timeout {
+            // The timer is registered only when first polled.
+            Some(timeout) => Self::Some {
+                sleep: tokio::time::sleep(timeout),
+            },
+            None => Self::None,
+        }
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project() {
+            MaybeSleepProj::Some { sleep } => sleep.poll(cx),
+            MaybeSleepProj::None => Poll::Pending,
+        }
     }
 }
 
@@ -199,12 +236,19 @@ where
 /// See the [module docs](self).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyTimeoutLayer {
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 impl BodyTimeoutLayer {
     /// The whole body must arrive within `timeout`.
     pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout: Some(timeout),
+        }
+    }
+
+    /// A deadline of `timeout`, or none.
+    pub fn optional(timeout: Option<Duration>) -> Self {
         Self { timeout }
     }
 }
@@ -224,7 +268,7 @@ impl<S> Layer<S> for BodyTimeoutLayer {
 #[derive(Debug, Clone)]
 pub struct BodyTimeout<S> {
     inner: S,
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 impl<S> BodyTimeout<S> {
@@ -250,7 +294,7 @@ where
         let req = req.map(|inner| TimeoutBody {
             inner,
             // The timer is registered only if the body is ever waited on.
-            sleep: tokio::time::sleep(timeout),
+            sleep: MaybeSleep::new(timeout),
             expired: body_expired,
         });
         BodyTimeoutFuture {
@@ -301,7 +345,7 @@ pin_project! {
         #[pin]
         inner: B,
         #[pin]
-        sleep: Sleep,
+        sleep: MaybeSleep,
         expired: Arc<AtomicBool>,
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Argon2, password_hash::rand_core::OsRng};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -130,14 +130,19 @@ pub const HASH_REJECTED: &str = "tollgate_auth_hash_rejected_total";
 pub const HASH_IN_FLIGHT: &str = "tollgate_auth_hash_in_flight";
 
 /// Bounds password hashing: Argon2 takes tens of milliseconds of CPU and
-/// about 19 MiB of memory per hash, so at most `workers` run at once (on
-/// blocking threads), at most `queue` more wait, and a login beyond that
-/// is refused at once (503) instead of piling up memory and threads.
+/// about 19 MiB of memory per hash, so it runs on `workers` threads of its
+/// own (started once; not the blocking pool, whose threads come and go and
+/// would each keep an allocator arena with Argon2's memory in it), at most
+/// `queue` more logins wait, and a login beyond that is refused at once
+/// (503) instead of piling up memory and threads.
 #[derive(Debug, Clone)]
 pub struct HashGate {
-    workers: Arc<tokio::sync::Semaphore>,
+    jobs: std::sync::mpsc::SyncSender<HashJob>,
     admitted: Arc<tokio::sync::Semaphore>,
 }
+
+/// A password to check and where to send the answer.
+type HashJob = (Option<String>, String, tokio::sync::oneshot::Sender<bool>);
 
 /// A login's place at the [`HashGate`]: running or queued.
 #[derive(Debug)]
@@ -150,11 +155,43 @@ impl Drop for Admitted {
 }
 
 impl HashGate {
-    /// `workers` hashes at once, `queue` more waiting.
+    /// `workers` hashing threads, `queue` more logins waiting. The threads
+    /// end when the last clone of the gate is dropped.
     pub fn new(workers: usize, queue: usize) -> Self {
+        let workers = workers.max(1);
+        // Admission bounds what is queued, so the channel never blocks.
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<HashJob>(workers + queue);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tollgate-argon2-{i}"))
+                .spawn(move || {
+                    // Argon2's memory, allocated once per thread and reused:
+                    // a fresh 19 MiB per hash would be kept by the allocator
+                    // (glibc raises its mmap threshold after the first free).
+                    let mut blocks = Vec::new();
+                    loop {
+                        // One waiter takes the next job; a poisoned lock
+                        // still holds a usable receiver.
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((hash, password, answer)) = job else {
+                            return;
+                        };
+                        let _ = answer.send(verify_password_with(
+                            &mut blocks,
+                            hash.as_deref(),
+                            &password,
+                        ));
+                    }
+                });
+            if let Err(err) = spawned {
+                tracing::error!(%err, "cannot start a password hashing thread");
+            }
+        }
         Self {
-            workers: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
-            admitted: Arc::new(tokio::sync::Semaphore::new(workers.max(1) + queue)),
+            jobs,
+            admitted: Arc::new(tokio::sync::Semaphore::new(workers + queue)),
         }
     }
 
@@ -172,14 +209,14 @@ impl HashGate {
         }
     }
 
-    /// [`verify_password`] on a worker, once one is free.
+    /// [`verify_password`] on a hashing thread, once one is free.
     pub async fn verify(&self, _place: &Admitted, hash: Option<String>, password: String) -> bool {
-        let Ok(_worker) = self.workers.acquire().await else {
+        let (answer, verdict) = tokio::sync::oneshot::channel();
+        // Holding a place means there is room in the channel.
+        if self.jobs.try_send((hash, password, answer)).is_err() {
             return false;
-        };
-        tokio::task::spawn_blocking(move || verify_password(hash.as_deref(), &password))
-            .await
-            .unwrap_or(false)
+        }
+        verdict.await.unwrap_or(false)
     }
 }
 
@@ -195,17 +232,43 @@ pub fn hash_password(password: &str) -> String {
 /// Whether `password` matches `hash`. Pass `None` for an unknown user: a
 /// dummy hash is verified instead, so both cases take the same time.
 pub fn verify_password(hash: Option<&str>, password: &str) -> bool {
+    verify_password_with(&mut Vec::new(), hash, password)
+}
+
+/// [`verify_password`] with Argon2's working memory in `blocks`, grown as
+/// needed and kept by the caller for the next hash.
+pub fn verify_password_with(
+    blocks: &mut Vec<argon2::Block>,
+    hash: Option<&str>,
+    password: &str,
+) -> bool {
     static DUMMY: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| hash_password("not a password anyone has"));
     let (hash, known) = match hash {
         Some(h) => (h, true),
         None => (DUMMY.as_str(), false),
     };
-    let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
+    matches_hash(blocks, hash, password).unwrap_or(false) && known
+}
+
+/// Recomputes the PHC string's hash of `password` in `blocks` and compares
+/// in constant time.
+fn matches_hash(blocks: &mut Vec<argon2::Block>, hash: &str, password: &str) -> Option<bool> {
+    let parsed = PasswordHash::new(hash).ok()?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).ok()?;
+    let version = match parsed.version {
+        Some(v) => argon2::Version::try_from(v).ok()?,
+        None => argon2::Version::default(),
     };
-    Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok()
-        && known
+    let params = argon2::Params::try_from(&parsed).ok()?;
+    let expected = parsed.hash?;
+    let mut salt = [0u8; 64];
+    let salt = parsed.salt?.decode_b64(&mut salt).ok()?;
+    let mut out = vec![0u8; expected.len()];
+    blocks.resize(params.block_count(), argon2::Block::default());
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut blocks[..])
+        .ok()?;
+    // `Output`'s equality is constant-time.
+    Some(argon2::password_hash::Output::new(&out).ok()? == expected)
 }

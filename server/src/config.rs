@@ -84,14 +84,15 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpConfig {
     /// `HTTP_HEADER_READ_TIMEOUT`: the request head must arrive within
-    /// this; a slowloris client is disconnected after it.
-    pub header_read_timeout: Duration,
+    /// this; a slowloris client is disconnected after it. `None` (`off`):
+    /// no deadline, for a proxy in front that enforces one.
+    pub header_read_timeout: Option<Duration>,
     /// `HTTP_BODY_READ_TIMEOUT`: the whole request body must arrive within
     /// this (408 after).
-    pub body_read_timeout: Duration,
+    pub body_read_timeout: Option<Duration>,
     /// `HTTP_REQUEST_TIMEOUT`: the whole request, until the response head
     /// (503 after).
-    pub request_timeout: Duration,
+    pub request_timeout: Option<Duration>,
 }
 
 /// Bounds on shared capacity per client.
@@ -459,8 +460,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
 ];
 
 /// The format of duration variables.
-pub const DURATION_FORMAT: &str =
-    "a duration with a unit (500ms, 30s, 5min, 1h) or a whole number of milliseconds, above 0";
+pub const DURATION_FORMAT: &str = "a duration with a unit (500ms, 30s, 5min, 1h) or a whole number of milliseconds, above 0; or off";
 
 /// `500ms`, `30s`, `5min`, `1h`, or a bare number of milliseconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -563,21 +563,23 @@ impl Config {
             cleanup_interval: millis_above_zero(var("CLEANUP_INTERVAL"), 60_000)?,
             item_retention: Duration::from_millis(var("ITEM_RETENTION").parse_or(604_800_000u64)?),
             http: HttpConfig {
-                header_read_timeout: duration(var("HTTP_HEADER_READ_TIMEOUT"), 10_000)?,
-                body_read_timeout: duration(var("HTTP_BODY_READ_TIMEOUT"), 10_000)?,
-                request_timeout: duration(var("HTTP_REQUEST_TIMEOUT"), 30_000)?,
+                header_read_timeout: duration_or_off(var("HTTP_HEADER_READ_TIMEOUT"), 10_000)?,
+                body_read_timeout: duration_or_off(var("HTTP_BODY_READ_TIMEOUT"), 10_000)?,
+                request_timeout: duration_or_off(var("HTTP_REQUEST_TIMEOUT"), 30_000)?,
             },
             capacity: capacity_config(&var)?,
         })
     }
 }
 
-/// A duration above zero, with units; `default_ms` when unset.
-fn duration(var: Var, default_ms: u64) -> Result<Duration, ConfigError> {
-    match &var.value {
-        None => Ok(Duration::from_millis(default_ms)),
+/// A duration above zero, with units, or `off`; `default_ms` when unset.
+fn duration_or_off(var: Var, default_ms: u64) -> Result<Option<Duration>, ConfigError> {
+    match var.value.as_deref().map(str::trim) {
+        None => Ok(Some(Duration::from_millis(default_ms))),
+        Some("off") => Ok(None),
         Some(v) => parse_duration(v)
             .filter(|d| !d.is_zero())
+            .map(Some)
             .ok_or_else(|| var.error()),
     }
 }
@@ -944,9 +946,9 @@ mod tests {
         assert_eq!(
             c.http,
             HttpConfig {
-                header_read_timeout: Duration::from_secs(10),
-                body_read_timeout: Duration::from_secs(10),
-                request_timeout: Duration::from_secs(30),
+                header_read_timeout: Some(Duration::from_secs(10)),
+                body_read_timeout: Some(Duration::from_secs(10)),
+                request_timeout: Some(Duration::from_secs(30)),
             }
         );
         assert_eq!(c.capacity.tenant_concurrency, Some(32));
@@ -1078,13 +1080,15 @@ mod tests {
         let c = parse(&[
             ("HTTP_HEADER_READ_TIMEOUT", "2s"),
             ("HTTP_BODY_READ_TIMEOUT", "1500"),
+            ("HTTP_REQUEST_TIMEOUT", "off"),
             ("RATE_LIMIT_TENANT_CONCURRENCY", "unlimited"),
             ("LOAD_SHED_START", "off"),
             ("DB_MAX_CONNECTIONS", "2"),
         ])
         .unwrap();
-        assert_eq!(c.http.header_read_timeout, Duration::from_secs(2));
-        assert_eq!(c.http.body_read_timeout, Duration::from_millis(1500));
+        assert_eq!(c.http.header_read_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(c.http.body_read_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(c.http.request_timeout, None);
         assert_eq!(c.capacity.tenant_concurrency, None);
         assert_eq!(c.capacity.shed_start, None);
         // A quarter of a small pool is still one connection.

@@ -155,15 +155,18 @@ pub fn concurrency(config: &Config) -> ConcurrencyLimitLayer {
 
 /// Sheds authenticated requests by trust level when the tenant pool is
 /// overloaded: the lowest level at `LOAD_SHED_START`, each higher level
-/// `LOAD_SHED_STEP` later. Goes after the trust lookup, which sets the
-/// level the request is shed by.
+/// `LOAD_SHED_STEP` later; the highest level (`staff` by default) is
+/// never shed, like Stripe's critical traffic. Goes after the trust
+/// lookup, which sets the level the request is shed by.
 pub fn shed(state: &AppState) -> LoadShedLayer {
     let capacity = &state.config.capacity;
     let levels = state.config.limits.trust.clone();
+    let highest = levels.len().saturating_sub(1);
     let mut layer = LoadShedLayer::new(state.tenant_pool.clone());
     for (i, (level, _)) in levels.iter().enumerate() {
         let threshold = capacity
             .shed_start
+            .filter(|_| i < highest)
             .map(|start| capacity.shed_step.mul_add(i as f64, start));
         layer = layer.with_priority(level, threshold);
     }

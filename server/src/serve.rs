@@ -30,7 +30,7 @@ pub const HEADER_TIMEOUTS: &str = "tollgate_http_header_timeouts_total";
 pub async fn serve<S>(
     listener: TcpListener,
     app: S,
-    header_read_timeout: Duration,
+    header_read_timeout: Option<Duration>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,

@@ -31,7 +31,7 @@ use super::transaction::TenantError;
 ///         .await?;
 ///     Ok(id.to_string())
 /// }
-/// # let _ = axum::routing::post(create);
+/// # let _: axum::routing::MethodRouter<()> = axum::routing::post(create);
 /// ```
 ///
 /// When the handler returns, the transaction goes back to the

@@ -43,7 +43,7 @@ use super::transaction::TenantError;
 /// // No tenant holds more than a quarter of the pool.
 /// let fair = TenantPool::new(pool).with_tenant_max(5);
 /// assert_eq!(fair.tenant_max(), 5);
-/// let layer = TenantLayer::new(fair.clone(), FromHeader::new("x-tenant-id"));
+/// let layer = TenantLayer::new(fair.clone(), FromHeader::new(http::HeaderName::from_static("x-tenant-id")));
 /// assert_eq!(fair.load(), 0.0);
 /// # let _ = layer;
 /// # }
