@@ -541,8 +541,9 @@ async fn overload_sheds_the_lowest_trust_level_first() {
         ("DB_TENANT_MAX_CONNECTIONS", "2"),
         ("RATE_LIMIT_TENANT_CONCURRENCY", "unlimited"),
         ("RATE_LIMIT_SUBJECT_CONCURRENCY", "unlimited"),
-        // `new` at a full pool; `staff`, the highest level, never.
+        // Every level at a full pool, except `staff`, the highest: never.
         ("LOAD_SHED_START", "1.0"),
+        ("LOAD_SHED_STEP", "0"),
     ]));
     let pool = app_pool().await;
     let http = client();
