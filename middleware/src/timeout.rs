@@ -275,7 +275,7 @@ impl<S> BodyTimeout<S> {
     define_inner_service_accessors!();
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BodyTimeout<S>
+impl<S, ReqBody: Body, ResBody> Service<Request<ReqBody>> for BodyTimeout<S>
 where
     S: Service<Request<TimeoutBody<ReqBody>>, Response = Response<ResBody>>,
 {
@@ -288,9 +288,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let expired = Arc::new(AtomicBool::new(false));
+        // A request without a body (most GETs) has nothing to wait for:
+        // no deadline, no flag, no allocation.
+        let timeout = self.timeout.filter(|_| !req.body().is_end_stream());
+        let expired = timeout.map(|_| Arc::new(AtomicBool::new(false)));
         let body_expired = expired.clone();
-        let timeout = self.timeout;
         let req = req.map(|inner| TimeoutBody {
             inner,
             // The timer is registered only if the body is ever waited on.
@@ -310,7 +312,7 @@ pin_project! {
     pub struct BodyTimeoutFuture<F> {
         #[pin]
         inner: F,
-        expired: Arc<AtomicBool>,
+        expired: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -323,7 +325,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx))?;
-        if !this.expired.load(Ordering::Acquire) {
+        if !this
+            .expired
+            .as_ref()
+            .is_some_and(|e| e.load(Ordering::Acquire))
+        {
             return Poll::Ready(Ok(res.map(ResponseBody::inner)));
         }
         // Whatever the handler made of its failed read (often a 400), the
@@ -346,7 +352,7 @@ pin_project! {
         inner: B,
         #[pin]
         sleep: MaybeSleep,
-        expired: Arc<AtomicBool>,
+        expired: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -367,7 +373,9 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         ready!(this.sleep.poll(cx));
-        this.expired.store(true, Ordering::Release);
+        if let Some(expired) = this.expired {
+            expired.store(true, Ordering::Release);
+        }
         Poll::Ready(Some(Err(Box::new(BodyTimedOut(())))))
     }
 

@@ -251,10 +251,8 @@ pub fn app(
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
-        .map_response(|res: http::Response<_>| res.map(Body::new))
         .layer(RequestTimeoutLayer::optional(http.request_timeout))
         .layer(SetClientIpLayer::new(proxies))
-        .map_response(|res: http::Response<_>| res.map(Body::new))
         .layer(BodyTimeoutLayer::optional(http.body_read_timeout))
         .map_request(|req: Request<_>| req.map(Body::new))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
