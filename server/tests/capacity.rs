@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::{Server, app_pool, client, login, seed_tenant, user_id};
+use common::{Server, app_pool, client, login, metric_with, seed_tenant, user_id};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,22 +45,6 @@ async fn half_sent_body(server: &Server, token: &str) -> TcpStream {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream
-}
-
-/// The sum of `metric`'s series whose labels contain `labels`.
-async fn metric_with(http: &reqwest::Client, server: &Server, metric: &str, labels: &str) -> f64 {
-    let text = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Polls `metric_with` until it equals `want` (at most `within`).

@@ -174,6 +174,16 @@ pub async fn user_id(pool: &sqlx::PgPool, tenant: uuid::Uuid, email: &str) -> uu
 /// The sum of every series of `metric` in the server's `/metrics` (0 when
 /// there is none).
 pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f64 {
+    metric_with(http, server, metric, "").await
+}
+
+/// The sum of the series of `metric` whose labels contain `labels`.
+pub async fn metric_with(
+    http: &reqwest::Client,
+    server: &Server,
+    metric: &str,
+    labels: &str,
+) -> f64 {
     let text = http
         .get(server.url("/metrics"))
         .send()
@@ -185,7 +195,7 @@ pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f6
     text.lines()
         .filter(|l| {
             l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(labels))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
