@@ -1,68 +1,4 @@
 //! [`ConcurrencyLimitLayer`]: at most N requests in flight per key.
-//!
-//! A rate limit counts requests as they arrive; it does not see how long
-//! each one holds what it holds. A client with a modest rate can still
-//! open many slow requests at once (half-sent bodies, expensive queries)
-//! and hold a replica's connections, pool slots and memory. A concurrency
-//! policy bounds that per key (tenant, subject, client IP: any
-//! [`KeyExtractor`]): the request over the limit is answered `429` at
-//! once, with `Retry-After: 1` and, in the form of
-//! draft-ietf-httpapi-ratelimit-headers-10, a `RateLimit-Policy` item whose
-//! quota unit is `qu="concurrent-requests"`.
-//!
-//! A request's slots are taken all-or-nothing across the layer's policies
-//! and given back when its response body has been sent, when the response
-//! or its future is dropped (the client went away), or when the handler
-//! panics: a slot cannot leak. Counts are per process (a replica's
-//! resources are what they protect) and an idle key holds no memory.
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use axum::{Router, routing::get};
-//! use tollgate::rate_limit::{ConcurrencyLimitLayer, ConcurrencyPolicy, Key};
-//! use tower::{Service, ServiceExt};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let per_tenant = |req: &http::request::Parts| {
-//!     Ok(req.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(Key::from))
-//! };
-//! let app = Router::new()
-//!     .route("/", get(|| async { "ok" }))
-//!     .layer(ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
-//!         "tenant-concurrency",
-//!         per_tenant,
-//!         1,
-//!     )));
-//! let req = |tenant: &str| {
-//!     http::Request::get("/").header("x-tenant", tenant).body(axum::body::Body::empty()).unwrap()
-//! };
-//!
-//! // Tenant a's first response is still held (its body not yet sent).
-//! let held = app.clone().oneshot(req("a")).await.unwrap();
-//! let res = app.clone().oneshot(req("a")).await.unwrap();
-//! assert_eq!(res.status(), 429);
-//! assert_eq!(res.headers()["retry-after"], "1");
-//! assert_eq!(
-//!     res.headers()["ratelimit-policy"],
-//!     r#""tenant-concurrency";q=1;qu="concurrent-requests""#
-//! );
-//! // Tenant b is not affected.
-//! assert_eq!(app.clone().oneshot(req("b")).await.unwrap().status(), 200);
-//! // Dropping the held response gives the slot back.
-//! drop(held);
-//! assert_eq!(app.oneshot(req("a")).await.unwrap().status(), 200);
-//! # }
-//! ```
-//!
-//! # Ordering
-//!
-//! Above the rate limiter, so a request refused for concurrency is not
-//! charged a rate quota, and below authentication, so subject and tenant
-//! keys come from verified claims.
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -123,7 +59,68 @@ impl ConcurrencyPolicy {
 /// [`ConcurrencyPolicy`]s. Clones share their counts, so one layer added
 /// to several routes bounds them together.
 ///
-/// See the [module docs](self) for an example.
+/// A rate limit counts requests as they arrive; it does not see how long
+/// each one holds what it holds. A client with a modest rate can still
+/// open many slow requests at once (half-sent bodies, expensive queries)
+/// and hold a replica's connections, pool slots and memory. A concurrency
+/// policy bounds that per key (tenant, subject, client IP: any
+/// [`KeyExtractor`]): the request over the limit is answered `429` at
+/// once, with `Retry-After: 1` and, in the form of
+/// draft-ietf-httpapi-ratelimit-headers-10, a `RateLimit-Policy` item whose
+/// quota unit is `qu="concurrent-requests"`.
+///
+/// A request's slots are taken all-or-nothing across the layer's policies
+/// and given back when its response body has been sent, when the response
+/// or its future is dropped (the client went away), or when the handler
+/// panics: a slot cannot leak. Counts are per process (a replica's
+/// resources are what they protect) and an idle key holds no memory.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use tollgate::rate_limit::{ConcurrencyLimitLayer, ConcurrencyPolicy, Key};
+/// use tower::{Service, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let per_tenant = |req: &http::request::Parts| {
+///     Ok(req.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(Key::from))
+/// };
+/// let app = Router::new()
+///     .route("/", get(|| async { "ok" }))
+///     .layer(ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
+///         "tenant-concurrency",
+///         per_tenant,
+///         1,
+///     )));
+/// let req = |tenant: &str| {
+///     http::Request::get("/").header("x-tenant", tenant).body(axum::body::Body::empty()).unwrap()
+/// };
+///
+/// // Tenant a's first response is still held (its body not yet sent).
+/// let held = app.clone().oneshot(req("a")).await.unwrap();
+/// let res = app.clone().oneshot(req("a")).await.unwrap();
+/// assert_eq!(res.status(), 429);
+/// assert_eq!(res.headers()["retry-after"], "1");
+/// assert_eq!(
+///     res.headers()["ratelimit-policy"],
+///     r#""tenant-concurrency";q=1;qu="concurrent-requests""#
+/// );
+/// // Tenant b is not affected.
+/// assert_eq!(app.clone().oneshot(req("b")).await.unwrap().status(), 200);
+/// // Dropping the held response gives the slot back.
+/// drop(held);
+/// assert_eq!(app.oneshot(req("a")).await.unwrap().status(), 200);
+/// # }
+/// ```
+///
+/// # Ordering
+///
+/// Above the rate limiter, so a request refused for concurrency is not
+/// charged a rate quota, and below authentication, so subject and tenant
+/// keys come from verified claims.
 #[derive(Debug, Clone, Default)]
 pub struct ConcurrencyLimitLayer {
     shared: Arc<Shared>,

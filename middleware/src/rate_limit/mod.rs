@@ -63,6 +63,12 @@
 //! # }
 //! ```
 //!
+//! # Concurrency
+//!
+//! A rate does not bound what requests *hold*. [`ConcurrencyLimitLayer`]
+//! bounds requests in flight per key (tenant, subject, client IP), answered
+//! 429 with `qu="concurrent-requests"`; put it above the rate limiter.
+//!
 //! # Compared with other crates
 //!
 //! - `tower::limit::RateLimit` limits a whole service by delaying
