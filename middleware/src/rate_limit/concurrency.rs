@@ -1,4 +1,5 @@
 //! [`ConcurrencyLimitLayer`]: at most N requests in flight per key.
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
