@@ -126,12 +126,25 @@ impl Singleton {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
-        i64::try_from(millis / self.interval.as_millis()).unwrap_or(i64::MAX)
+        i64::try_from(millis / self.interval_ms()).unwrap_or(i64::MAX)
     }
 
-    /// The interval, whole milliseconds (cycles are counted in them).
-    fn interval_ms(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX))
+    /// The interval in whole milliseconds (cycles are counted in them), at
+    /// least 1.
+    fn interval_ms(&self) -> u128 {
+        self.interval.as_millis().max(1)
+    }
+
+    /// When `cycle` starts, on the wall clock. Computed in 128 bits: a
+    /// cycle number times the interval does not fit 32 bits for short
+    /// intervals (50 ms cycles number about 3.5 × 10^10 today).
+    pub fn cycle_start(&self, cycle: i64) -> SystemTime {
+        let millis = u128::try_from(cycle).unwrap_or(0) * self.interval_ms();
+        u64::try_from(millis)
+            .ok()
+            .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+            // Beyond what the clock can represent: never.
+            .unwrap_or_else(|| UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 1000))
     }
 
     /// Runs `job` once per cycle, on this replica when it wins the cycle,
@@ -147,8 +160,8 @@ impl Singleton {
             loop {
                 // Sleep to the start of the next cycle (wall clock).
                 let now = SystemTime::now();
-                let cycle = self.cycle_at(now) + 1;
-                let start = UNIX_EPOCH + self.interval_ms() * u32::try_from(cycle).unwrap_or(0);
+                let cycle = self.cycle_at(now).saturating_add(1);
+                let start = self.cycle_start(cycle);
                 tokio::time::sleep(start.duration_since(now).unwrap_or_default()).await;
                 if let Err(err) = self.run_cycle(cycle, &job).await {
                     tracing::warn!(job = self.name, %err, "singleton cycle failed");
@@ -237,5 +250,35 @@ impl Singleton {
         metrics::counter!(metric, "job" => self.name).increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = (metric, self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn singleton(interval: Duration) -> Singleton {
+        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        Singleton::new(pool, "test", 1, interval)
+    }
+
+    /// The next cycle starts after `now` and no later than one interval
+    /// after it, for short intervals and far-future clocks alike.
+    #[tokio::test]
+    async fn the_next_cycle_starts_within_one_interval() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let far_future = UNIX_EPOCH + 500 * year;
+        for interval in [1, 50, 200, 417, 1_000, 60_000].map(Duration::from_millis) {
+            let singleton = singleton(interval);
+            for now in [SystemTime::now(), far_future] {
+                let cycle = singleton.cycle_at(now) + 1;
+                let start = singleton.cycle_start(cycle);
+                let wait = start.duration_since(now).unwrap_or_default();
+                assert!(
+                    start > now && wait <= interval,
+                    "interval {interval:?} at {now:?}: next cycle at {start:?}, {wait:?} away"
+                );
+            }
+        }
     }
 }
