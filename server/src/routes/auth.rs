@@ -65,6 +65,10 @@ pub async fn login(
     if req.email.is_empty() || req.email.len() > 254 {
         errors.push("email: 1 to 254 bytes".to_owned());
     }
+    // Postgres text cannot hold NUL: a 422, not a database error.
+    if req.email.contains('\0') {
+        errors.push("email: must not contain NUL (U+0000)".to_owned());
+    }
     // Hashing cost grows with the input; bound it.
     if req.password.is_empty() || req.password.len() > 1024 {
         errors.push("password: 1 to 1024 bytes".to_owned());

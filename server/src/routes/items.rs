@@ -62,10 +62,10 @@ pub struct Item {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemInput {
-    /// 1 to 200 characters, not blank.
+    /// 1 to 200 characters, not blank, no NUL.
     #[schema(example = "First item", min_length = 1, max_length = 200)]
     pub name: String,
-    /// Up to 10 000 characters.
+    /// Up to 10 000 characters, no NUL.
     #[serde(default)]
     #[schema(max_length = 10000)]
     pub body: String,
@@ -80,6 +80,13 @@ impl ItemInput {
         }
         if self.body.chars().count() > BODY_MAX {
             errors.push(format!("body: at most {BODY_MAX} characters"));
+        }
+        // Postgres text cannot hold NUL (SQLSTATE 22021): refuse it here.
+        if self.name.contains('\0') {
+            errors.push("name: must not contain NUL (U+0000)".to_owned());
+        }
+        if self.body.contains('\0') {
+            errors.push("body: must not contain NUL (U+0000)".to_owned());
         }
         if errors.is_empty() {
             Ok(())
