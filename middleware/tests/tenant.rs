@@ -86,6 +86,18 @@ fn app(pool: PgPool) -> Router {
             }),
         )
         .route(
+            "/swallowed-error",
+            // A handler that catches a database error and answers 2xx: the
+            // transaction is aborted, and Postgres answers its COMMIT with
+            // the tag ROLLBACK and no error.
+            post(|mut tx: Tx| async move {
+                insert(&mut tx, "swallowed").await?;
+                let failed = sqlx::query("SELECT 1 / 0").execute(tx.conn().await?).await;
+                assert!(failed.is_err());
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
             "/duplicate",
             post(|mut tx: Tx| async move {
                 insert(&mut tx, "twice").await?;
@@ -210,6 +222,11 @@ async fn tenants_see_only_their_rows_and_status_decides_commit() {
     assert_eq!(status, 403, "{body}");
     // GET runs READ ONLY: the write fails, nothing is kept.
     assert_eq!(call(&app, req("GET", "/write-on-get", A, "")).await.0, 500);
+    // A transaction aborted by an error the handler swallowed is not
+    // committed, and not answered 2xx.
+    let (status, body) = call(&app, req("POST", "/swallowed-error", A, "")).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("Commit failed"), "{body}");
     // A commit that fails (deferred unique check) is never answered 2xx.
     let (status, body) = call(&app, req("POST", "/duplicate", A, "")).await;
     assert_eq!(status, 500, "{body}");

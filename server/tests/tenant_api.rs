@@ -211,21 +211,25 @@ async fn crud_round_trip_and_validation() {
     // A NUL character cannot be stored in Postgres text: 422 naming the
     // field, never a 500 (also on login, before signing in).
     let nul_cases = [
-        (http.post(&items).json(&json!({ "name": "a\u{0}b" })), "name"),
         (
-            http.post(&items).json(&json!({ "name": "x", "body": "a\u{0}b" })),
-            "body",
-        ),
-        (
-            http.put(&url).json(&json!({ "name": "a\u{0}b" })),
+            http.post(&items).json(&json!({ "name": "a\u{0}b" })),
             "name",
         ),
+        (
+            http.post(&items)
+                .json(&json!({ "name": "x", "body": "a\u{0}b" })),
+            "body",
+        ),
+        (http.put(&url).json(&json!({ "name": "a\u{0}b" })), "name"),
     ];
     for (req, field) in nul_cases {
         let res = req.bearer_auth(&token).send().await.unwrap();
         assert_eq!(res.status(), 422);
         let problem: Value = res.json().await.unwrap();
-        assert!(problem["detail"].as_str().unwrap().contains(field), "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(field),
+            "{problem}"
+        );
     }
     let res = http
         .post(server.url("/auth/login"))
@@ -235,7 +239,10 @@ async fn crud_round_trip_and_validation() {
         .unwrap();
     assert_eq!(res.status(), 422);
     let problem: Value = res.json().await.unwrap();
-    assert!(problem["detail"].as_str().unwrap().contains("email"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("email"),
+        "{problem}"
+    );
     let (_, page) = get_json(&http, format!("{items}?limit=100"), &token).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 4);
 }

@@ -33,8 +33,11 @@ use crate::problem::Problem;
 /// `READ ONLY` unless
 /// [`read_only_safe_methods(false)`](Self::read_only_safe_methods).
 ///
-/// If the commit fails, the client gets a 500 problem, never the handler's
-/// 2xx. If the handler panics or the request is dropped, the transaction is
+/// If the commit fails, or the transaction was aborted by a database error
+/// the handler caught and answered 2xx anyway (Postgres then turns `COMMIT`
+/// into a silent `ROLLBACK`), the client gets a 500 problem, never the
+/// handler's 2xx. Read-write transactions pay one `SELECT 1` before
+/// `COMMIT` to tell. If the handler panics or the request is dropped, the transaction is
 /// rolled back.
 ///
 /// See the [module docs](super) for an example.
@@ -115,6 +118,7 @@ enum SlotState {
 #[derive(Debug)]
 pub(crate) struct Held {
     pub(crate) tx: Transaction<'static, Postgres>,
+    access: Access,
     _permit: PoolPermit,
 }
 
@@ -140,6 +144,7 @@ impl Slot {
         let tx = begin(self.pool.pool(), self.tenant, self.access).await?;
         Ok(Held {
             tx,
+            access: self.access,
             _permit: permit,
         })
     }
@@ -288,7 +293,11 @@ where
 /// Commits below 400, rolls back from 400 up; the pool permit goes back
 /// after.
 async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseBody<B>>, E> {
-    let Held { tx, _permit } = held;
+    let Held {
+        mut tx,
+        access,
+        _permit,
+    } = held;
     if res.status().as_u16() >= 400 {
         if let Err(err) = tx.rollback().await {
             // The connection is closed rather than reused; nothing to undo.
@@ -297,7 +306,21 @@ async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseB
         record_outcome("rollback");
         return Ok(res.map(ResponseBody::inner));
     }
-    match tx.commit().await {
+    // An aborted transaction (the handler swallowed a database error)
+    // answers COMMIT with the tag ROLLBACK and no error, which sqlx cannot
+    // tell from a commit. A statement in it fails with 25P02 instead: probe
+    // before committing a transaction that may have written.
+    let commit = match access {
+        Access::ReadWrite => match probe(&mut tx).await {
+            Ok(_) => tx.commit().await,
+            Err(err) => {
+                let _ = tx.rollback().await;
+                Err(err)
+            }
+        },
+        Access::ReadOnly => tx.commit().await,
+    };
+    match commit {
         Ok(()) => {
             record_outcome("commit");
             Ok(res.map(ResponseBody::inner))
@@ -310,6 +333,12 @@ async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseB
             Ok(problem_response(problem))
         }
     }
+}
+
+/// One statement in the transaction: fails (25P02) when it is aborted.
+async fn probe(tx: &mut Transaction<'static, Postgres>) -> Result<(), sqlx::Error> {
+    let conn: &mut sqlx::PgConnection = tx;
+    sqlx::Executor::execute(conn, "SELECT 1").await.map(drop)
 }
 
 fn problem_response<B>(problem: Problem) -> Response<ResponseBody<B>> {
