@@ -427,7 +427,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "",
         "at least 32 bytes; required unless TOLLGATE_ENV=development",
     ),
-    ("AUTH_TOKEN_TTL", "900", "seconds, a whole number above 0"),
+    (
+        "AUTH_TOKEN_TTL",
+        "900",
+        "seconds, a whole number from 1 to 31536000 (a year)",
+    ),
     ("RATE_LIMIT_TENANT", "3000/min", QUOTA_FORMAT),
     (
         "TRUST_LEVELS",
@@ -458,6 +462,9 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "milliseconds, a whole number (7 days by default)",
     ),
 ];
+
+/// The longest `AUTH_TOKEN_TTL`: a year.
+pub const MAX_TOKEN_TTL_SECS: u64 = 365 * 24 * 3600;
 
 /// The format of duration variables.
 pub const DURATION_FORMAT: &str = "a duration with a unit (500ms, 30s, 5min, 1h) or a whole number of milliseconds, above 0; or off";
@@ -715,9 +722,11 @@ fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigE
         None => return Err(secret_var.error()),
     };
     let ttl_var = var("AUTH_TOKEN_TTL");
+    // Bounded so that "now + ttl" cannot overflow, and a token cannot be
+    // valid for a lifetime by accident.
     let token_ttl = match ttl_var.parse_or(900u64)? {
-        0 => return Err(ttl_var.error()),
-        s => Duration::from_secs(s),
+        s @ 1..=MAX_TOKEN_TTL_SECS => Duration::from_secs(s),
+        _ => return Err(ttl_var.error()),
     };
     Ok(AuthConfig {
         secret,
@@ -1144,6 +1153,8 @@ mod tests {
             ("DB_MIGRATE_ON_START", "later"),
             ("TOLLGATE_ENV", "staging"),
             ("AUTH_TOKEN_TTL", "0"),
+            ("AUTH_TOKEN_TTL", "18446744073709551615"),
+            ("RATE_LIMIT_IP", "1/5000000000000000h,burst=2"),
             ("RATE_LIMIT_TENANT", "many"),
             ("TRUST_LEVELS", "New Users"),
             ("RATE_LIMIT_CLASS_WRITE", "1/fortnight"),

@@ -112,8 +112,13 @@ impl Quota {
 
     /// The time an exhausted key takes to earn back its whole burst; the
     /// `w` this quota advertises in `RateLimit-Policy`.
+    ///
+    /// Saturates at `Duration::MAX` for a quota built by hand with an
+    /// absurd period; parsing refuses such quotas.
     pub fn window(&self) -> Duration {
-        self.replenish_interval() * self.burst.get()
+        self.replenish_interval()
+            .checked_mul(self.burst.get())
+            .unwrap_or(Duration::MAX)
     }
 
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
@@ -180,6 +185,16 @@ impl FromStr for Quota {
                 }
                 _ => return Err(err("the only option is burst")),
             }
+        }
+        // The window is counted in nanoseconds (u64): about 584 years.
+        let window_fits = quota
+            .replenish_interval()
+            .checked_mul(quota.burst())
+            .is_some_and(|w| w.as_nanos() <= u128::from(u64::MAX));
+        if !window_fits {
+            return Err(err(
+                "PERIOD / N × burst is too long (at most about 584 years)",
+            ));
         }
         Ok(quota)
     }
@@ -259,5 +274,15 @@ mod tests {
         assert_eq!(q.window(), Duration::from_secs(60));
         let q = q.with_burst(20);
         assert_eq!(q.window(), Duration::from_secs(12));
+    }
+
+    #[test]
+    fn a_window_too_long_to_count_is_refused_not_a_panic() {
+        let err = "1/5000000000000000h,burst=2".parse::<Quota>().unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+        assert!("1/1000h,burst=1000".parse::<Quota>().is_ok());
+        // Built by hand, it saturates instead of panicking.
+        let q = Quota::new(1, Duration::from_secs(u64::MAX / 2)).with_burst(4);
+        assert_eq!(q.window(), Duration::MAX);
     }
 }
