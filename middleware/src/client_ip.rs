@@ -48,7 +48,7 @@
 //! ```
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -154,6 +154,12 @@ impl TrustedProxies {
     }
 
     /// The client address for a request from `peer` carrying `headers`.
+    ///
+    /// Elements are read one by one (a line with a non-ASCII byte in one
+    /// element still yields the others). When the walk meets an element it
+    /// cannot read where it needs an address (malformed, or an obfuscated
+    /// `Forwarded` node), the client is unknown: [`UNKNOWN_CLIENT`], a key
+    /// of its own, never the address of a proxy.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = peer.to_canonical();
         if !self.is_trusted(peer) {
@@ -163,21 +169,22 @@ impl TrustedProxies {
         match self.header {
             ForwardedHeader::XForwardedFor => {
                 for hop in rev_list(headers, "x-forwarded-for") {
-                    match parse_node(hop) {
+                    match hop.and_then(parse_node) {
                         Some(ip) if self.is_trusted(ip) => client = ip,
                         Some(ip) => return ip,
-                        // Garbage from a trusted proxy: the nearest address we
-                        // could read is the best identity we have.
-                        None => return client,
+                        // Unreadable where an address should be: keying it
+                        // as the nearest proxy would make every such client
+                        // share (and spend) that proxy's bucket.
+                        None => return UNKNOWN_CLIENT,
                     }
                 }
             }
             ForwardedHeader::Forwarded => {
                 for element in rev_list(headers, FORWARDED.as_str()) {
-                    match forwarded_for(element).and_then(parse_node) {
+                    match element.and_then(forwarded_for).and_then(parse_node) {
                         Some(ip) if self.is_trusted(ip) => client = ip,
                         Some(ip) => return ip,
-                        None => return client,
+                        None => return UNKNOWN_CLIENT,
                     }
                 }
             }
@@ -216,18 +223,21 @@ impl fmt::Display for TrustedProxies {
     }
 }
 
-/// The comma-separated entries of every `name` header line, last first.
-fn rev_list<'a>(headers: &'a HeaderMap, name: &str) -> impl Iterator<Item = &'a str> {
-    let lines: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    lines
-        .into_iter()
-        .rev()
-        .flat_map(|line| line.rsplit(',').map(str::trim))
+/// The comma-separated entries of every `name` header line, last first;
+/// `None` for an entry that is not UTF-8 (the line's other entries stay
+/// readable).
+fn rev_list<'a>(headers: &'a HeaderMap, name: &str) -> impl Iterator<Item = Option<&'a str>> {
+    let lines: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+    lines.into_iter().rev().flat_map(|line| {
+        line.rsplit(|b| *b == b',')
+            .map(|entry| std::str::from_utf8(entry).ok().map(str::trim))
+    })
 }
+
+/// The client of a request whose forwarding header could not be read
+/// where an address was needed: `0.0.0.0`, one key for all such requests,
+/// apart from every real address.
+pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 /// The `for=` parameter of one `Forwarded` element.
 fn forwarded_for(element: &str) -> Option<&str> {
@@ -390,10 +400,38 @@ mod tests {
     }
 
     #[test]
-    fn garbage_hop_stops_at_nearest_readable_address() {
+    fn a_garbage_hop_makes_the_client_unknown_never_a_proxy() {
         let proxies: TrustedProxies = "10.0.0.0/8".parse().unwrap();
         let h = headers(&[("x-forwarded-for", "198.51.100.2, not-an-ip, 10.2.2.2")]);
-        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("10.2.2.2"));
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), UNKNOWN_CLIENT);
+        let h = headers(&[("x-forwarded-for", "not-an-ip")]);
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), UNKNOWN_CLIENT);
+    }
+
+    #[test]
+    fn a_non_ascii_byte_spoils_only_its_own_element() {
+        let proxies: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+        let mut h = HeaderMap::new();
+        // The client wrote the first element; the proxy appended the rest.
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes("caf\u{e9}, 198.51.100.2".as_bytes()).unwrap(),
+        );
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("198.51.100.2"));
+        // Not UTF-8 at all.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.3").unwrap(),
+        );
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("198.51.100.3"));
+        // Unreadable where the address should be: unknown, not the proxy.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"198.51.100.3, \xff").unwrap(),
+        );
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), UNKNOWN_CLIENT);
     }
 
     #[test]
@@ -419,7 +457,7 @@ mod tests {
             .unwrap()
             .with_header(ForwardedHeader::Forwarded);
         let h = headers(&[("forwarded", "for=198.51.100.1, for=_hidden, for=10.0.0.7")]);
-        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("10.0.0.7"));
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), UNKNOWN_CLIENT);
     }
 
     #[test]
