@@ -99,7 +99,9 @@ impl Tables {
 /// with no allocation and no lock held across keys. A batch of several checks is
 /// decided all-or-nothing by reading every bucket, then swapping each in
 /// turn; if another request changed a bucket in between, the swaps already
-/// made are undone and the batch is decided again.
+/// made are undone and the batch is decided again. Policies of the same
+/// name share buckets: two checks of one name and key in a batch charge
+/// that bucket one after the other.
 ///
 /// # Memory
 ///
@@ -236,8 +238,18 @@ impl<C: Clock> MemoryStore<C> {
         'decide: loop {
             let mut seen: SmallVec<[(Option<u64>, Outcome); 4]> = SmallVec::new();
             let mut allowed = true;
-            for (check, table) in checks.iter().zip(&tables) {
-                let stored = table.get(&check.key).map(|tat| tat.load(Ordering::Acquire));
+            for (i, (check, table)) in checks.iter().zip(&tables).enumerate() {
+                // Policies of one name share buckets: a check of a bucket an
+                // earlier check of this batch charges is decided after that
+                // charge (and its swap expects what that one writes).
+                let earlier = checks[..i]
+                    .iter()
+                    .rposition(|c| c.policy == check.policy && c.key == check.key);
+                let stored = match earlier {
+                    Some(j) if seen[j].1.allowed => Some(seen[j].1.new_tat),
+                    Some(j) => seen[j].0,
+                    None => table.get(&check.key).map(|tat| tat.load(Ordering::Acquire)),
+                };
                 let outcome = check.quota.gcra().evaluate(stored, now, check.cost);
                 allowed &= outcome.allowed || !check.enforce;
                 seen.push((stored, outcome));
@@ -260,9 +272,11 @@ impl<C: Clock> MemoryStore<C> {
             for (i, (check, &(stored, outcome))) in checks.iter().zip(&seen).enumerate() {
                 // A denying shadow check is reported, not charged.
                 if outcome.allowed && !swap(&tables[i], &check.key, stored, outcome.new_tat) {
-                    // Raced with another request: undo and decide again.
+                    // Raced with another request: undo (latest first, so a
+                    // bucket charged twice is restored exactly) and decide
+                    // again.
                     for (j, (check, &(stored, outcome))) in
-                        checks.iter().zip(&seen).enumerate().take(i)
+                        checks.iter().zip(&seen).enumerate().take(i).rev()
                     {
                         if outcome.allowed {
                             let charge = check.quota.gcra().charge(check.cost);
@@ -608,5 +622,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Two policies of one name (or a shadow copy under the same name) in
+    /// one batch share the bucket: both charge it, and the batch ends.
+    #[test]
+    fn same_policy_and_key_twice_in_a_batch_shares_the_bucket() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let store = MemoryStore::with_clock(ManualClock::new());
+            let quota = Quota::per_minute(3);
+            let mut shadow = check("ip", "a", quota, 1);
+            shadow.enforce = false;
+            let first = decide(
+                &store,
+                &[check("ip", "a", quota, 1), check("ip", "a", quota, 1)],
+            );
+            let second = decide(&store, &[check("ip", "a", quota, 1), shadow.clone()]);
+            let third = decide(&store, &[check("ip", "a", quota, 1)]);
+            let _ = tx.send((first, second, third));
+        });
+        let (first, second, third) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a batch with one bucket twice never finished");
+        assert!(first.allowed);
+        assert_eq!(
+            first.each[1].remaining, 1,
+            "the second check saw the first's charge"
+        );
+        // One unit left: the enforced check takes it, the shadow copy is
+        // then over (reported, not enforced).
+        assert!(second.allowed);
+        assert!(!second.each[1].allowed);
+        assert!(!third.allowed);
     }
 }
