@@ -24,7 +24,9 @@ export AUTH_SECRET=${AUTH_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -
 # Migrations once, then replicas that do not run them.
 "$bin" migrate
 for port in 8081 8082 8083; do
-    LISTEN_ADDR=127.0.0.1:$port DB_MIGRATE_ON_START=false RATE_LIMIT_STORE=redis \
+    # Metrics on port + 1000 (9081…), as METRICS_ADDR in docker-compose.
+    LISTEN_ADDR=127.0.0.1:$port METRICS_ADDR=127.0.0.1:$((port + 1000)) \
+        DB_MIGRATE_ON_START=false RATE_LIMIT_STORE=redis \
         RATE_LIMIT_FALLBACK_REPLICAS=3 TRUSTED_PROXIES=127.0.0.1/32 \
         "$bin" >"$dir/server-$port.log" 2>&1 &
     pids+=($!)
@@ -50,7 +52,7 @@ CADDY
 HOME=$dir caddy run --adapter caddyfile --config "$dir/Caddyfile" >"$dir/caddy.log" 2>&1 &
 pids+=($!)
 
-sed -e 's/server-1:8080/127.0.0.1:8081/; s/server-2:8080/127.0.0.1:8082/; s/server-3:8080/127.0.0.1:8083/' \
+sed -e 's/server-1:9100/127.0.0.1:9081/; s/server-2:9100/127.0.0.1:9082/; s/server-3:9100/127.0.0.1:9083/' \
     -e "s#- alerts.yml#- $PWD/grafana/alerts.yml#" grafana/prometheus.yml >"$dir/prometheus.yml"
 prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/prometheus" \
     --web.listen-address=127.0.0.1:9090 >"$dir/prometheus.log" 2>&1 &

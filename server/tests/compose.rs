@@ -92,6 +92,8 @@ fn every_service_file_and_variable_it_references_exists() {
         assert_eq!(env["DB_MIGRATE_ON_START"].as_str(), Some("false"));
         assert_eq!(env["RATE_LIMIT_STORE"].as_str(), Some("redis"));
         assert!(env["AUTH_SECRET"].as_str().unwrap().contains("AUTH_SECRET"));
+        // Metrics on an address of their own, which Caddy does not proxy.
+        assert_eq!(env["METRICS_ADDR"].as_str(), Some("0.0.0.0:9100"));
     }
     assert_eq!(services["migrate"]["command"][0].as_str(), Some("migrate"));
 }
@@ -103,9 +105,14 @@ fn caddy_and_prometheus_point_at_the_replicas() {
     for n in 1..=3 {
         let target = format!("server-{n}:8080");
         assert!(caddyfile.contains(&target), "Caddyfile lacks {target}");
+        let metrics = format!("server-{n}:9100");
         assert!(
-            prometheus.contains(&target),
-            "prometheus.yml lacks {target}"
+            prometheus.contains(&metrics),
+            "prometheus.yml lacks {metrics}"
+        );
+        assert!(
+            !caddyfile.contains(&metrics),
+            "Caddy must not proxy the metrics address"
         );
     }
     assert!(caddyfile.contains("health_uri /ready"));

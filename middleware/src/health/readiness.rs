@@ -80,8 +80,10 @@ pub struct CheckReport {
     /// Always `"ms"`.
     #[serde(rename = "observedUnit")]
     pub unit: &'static str,
-    /// The last error, if the last run failed.
-    #[serde(rename = "output", skip_serializing_if = "Option::is_none")]
+    /// The last error, if the last run failed. Logged when the check
+    /// starts failing, never served: `/ready` is public, and driver errors
+    /// name hosts, users and databases.
+    #[serde(skip)]
     pub last_error: Option<String>,
     /// Whether the check gates readiness.
     #[serde(rename = "affectsReadiness")]
@@ -448,6 +450,10 @@ mod tests {
         let report = r.report();
         assert_eq!(report.checks["db"][0].status, CheckStatus::Fail);
         assert_eq!(report.checks["db"][0].last_error.as_deref(), Some("down"));
+        // The public body names the check and its status, not the error.
+        let body = serde_json::to_string(&report).unwrap();
+        assert!(body.contains(r#""status":"fail""#), "{body}");
+        assert!(!body.contains("down"), "error detail served: {body}");
         up.store(true, Ordering::SeqCst);
         next_round(&r).await;
         assert!(r.is_ready());
