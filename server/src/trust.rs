@@ -18,6 +18,7 @@
 //! invalidation bumps a generation, and an answer is cached only if the
 //! generation it started under is still current.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,7 +69,14 @@ pub struct TrustLevels {
     lookups: Arc<tokio::sync::Semaphore>,
     /// How long a lookup may wait and run before it counts as failed.
     timeout: Duration,
+    /// Lookups under way, by subject and generation.
+    inflight: Arc<Mutex<HashMap<(Uuid, u64), Arc<Flight>>>>,
+    /// Lookups that reached Postgres.
+    queries: Arc<AtomicU64>,
 }
+
+/// One lookup's answer, shared by every miss that joined it.
+type Flight = tokio::sync::OnceCell<Result<Option<String>, String>>;
 
 impl std::fmt::Debug for TrustLevels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +103,8 @@ impl TrustLevels {
             writes: Arc::new(Mutex::new(())),
             lookups: Arc::new(tokio::sync::Semaphore::new(max_lookups.max(1))),
             timeout,
+            inflight: Arc::default(),
+            queries: Arc::default(),
         }
     }
 
@@ -127,6 +137,50 @@ impl TrustLevels {
             return Ok(None);
         };
         let generation = self.generation.load(Ordering::Acquire);
+        // Single flight: misses for one subject arriving together share one
+        // query. Keyed by generation too, so a miss after an invalidation
+        // never joins a query that started before it.
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight
+                .entry((claims.sub, generation))
+                .or_default()
+                .clone()
+        };
+        let result = flight
+            .get_or_init(|| async {
+                self.queries.fetch_add(1, Ordering::Relaxed);
+                self.lookup(claims, tenant).await.map_err(|e| e.to_string())
+            })
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight
+                .get(&(claims.sub, generation))
+                .is_some_and(|f| Arc::ptr_eq(f, &flight))
+            {
+                inflight.remove(&(claims.sub, generation));
+            }
+        }
+        let level = result.map_err(sqlx::Error::Protocol)?;
+        if let Some(level) = &level {
+            self.store_if_current(generation, claims.sub, level.clone());
+        }
+        Ok(level)
+    }
+
+    /// Lookups that reached Postgres (misses coalesced into one count once).
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// One query for the subject's level, bounded in concurrency and time.
+    async fn lookup(
+        &self,
+        claims: &Claims,
+        tenant: TenantId,
+    ) -> Result<Option<String>, sqlx::Error> {
         let lookup = async {
             let _permit = self
                 .lookups
@@ -142,13 +196,9 @@ impl TrustLevels {
             tx.commit().await?;
             Ok::<_, sqlx::Error>(level)
         };
-        let level = tokio::time::timeout(self.timeout, lookup)
+        tokio::time::timeout(self.timeout, lookup)
             .await
-            .unwrap_or(Err(sqlx::Error::PoolTimedOut))?;
-        if let Some(level) = &level {
-            self.store_if_current(generation, claims.sub, level.clone());
-        }
-        Ok(level)
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
     }
 
     /// Drops the subject's entry; lookups already under way will not write

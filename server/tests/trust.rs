@@ -205,3 +205,64 @@ async fn only_the_highest_level_changes_levels() {
         .unwrap();
     assert_eq!(res.status(), 404);
 }
+
+/// Misses for one subject arriving together share one query (single
+/// flight); all of them get the level. In-process, on the shared database
+/// (a server migrates it first).
+#[tokio::test]
+async fn simultaneous_misses_for_one_subject_query_postgres_once() {
+    let _migrated = Server::start(&[]);
+    let pool = app_pool().await;
+    let (tenant, emails) = seed_tenant(&pool, &[("flight", "basic")], 0).await;
+    let sub = user_id(&pool, tenant, &emails[0]).await;
+    let trust = tollgate_server::trust::TrustLevels::new(
+        pool.clone(),
+        Duration::from_secs(60),
+        2,
+        Duration::from_secs(5),
+    );
+    let claims = tollgate_server::auth::Claims {
+        sub,
+        tenant: tenant.to_string(),
+        trust: "basic".into(),
+        iat: 0,
+        exp: u64::MAX,
+    };
+    let lookups = (0..20).map(|_| trust.current(&claims));
+    let levels = futures_join_all(lookups).await;
+    assert!(
+        levels
+            .iter()
+            .all(|l| l.as_ref().unwrap().as_deref() == Some("basic"))
+    );
+    assert_eq!(trust.queries(), 1, "20 simultaneous misses, one query");
+    // Cached now: no more queries.
+    trust.current(&claims).await.unwrap();
+    assert_eq!(trust.queries(), 1);
+}
+
+/// Polls every future together on this task (no extra dependency).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set: Vec<_> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in set.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
