@@ -143,6 +143,79 @@ async fn a_denied_key_is_answered_locally_until_its_wait_has_passed() {
     assert_eq!(store.stats().local_denials, 1000);
 }
 
+/// The over-limit cache remembers what the bucket owes, not the wait of
+/// the request that was denied: a denied request of cost 10 does not block
+/// a cost-1 request that Redis would allow.
+#[tokio::test]
+async fn a_costly_denial_does_not_block_cheaper_requests() {
+    let clock = ManualClock::new();
+    let store = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("cost"))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    // One unit every 6 s, burst 10.
+    let quota = Quota::per_minute(10);
+    let big = [check("ip", "k", quota, 10)];
+    let small = [check("ip", "k", quota, 1)];
+    assert!(store.check(&big).await.unwrap().allowed);
+    let d = store.check(&big).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.each[0].retry_after, Duration::from_secs(60));
+    // One unit has come back: a cost-1 request is Redis's to allow.
+    clock.advance(Duration::from_secs(6));
+    let d = store.check(&small).await.unwrap();
+    assert!(d.allowed, "the cost-10 denial blocked a cost-1 request");
+    // The bucket is empty again; a cost-10 request is now denied locally.
+    assert!(!store.check(&small).await.unwrap().allowed);
+    let calls = store.stats().script_calls;
+    assert!(!store.check(&big).await.unwrap().allowed);
+    assert_eq!(
+        store.stats().script_calls,
+        calls,
+        "not answered from the cache"
+    );
+}
+
+/// A full over-limit cache is swept at most once per quarter of its
+/// capacity of further denials, not on every one.
+#[tokio::test]
+async fn a_full_over_limit_cache_is_not_swept_on_every_denial() {
+    let clock = ManualClock::new();
+    let store = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("sweep"))
+        .clock(clock.clone())
+        .max_batch(4096)
+        .build()
+        .unwrap();
+    let quota = Quota::per_hour(1);
+    // Exhaust, then get denied: 2 × (capacity + 20 000) checks, batched.
+    let keys = tollgate::rate_limit::OVER_LIMIT_CACHE_CAPACITY + 20_000;
+    for round in 0..2 {
+        let mut pending = tokio::task::JoinSet::new();
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(4096) {
+            let store = store.clone();
+            let chunk = chunk.to_vec();
+            pending.spawn(async move {
+                for n in chunk {
+                    let _ = store.check(&[check("ip", format!("k{n}"), quota, 1)]).await;
+                }
+            });
+        }
+        while let Some(done) = pending.join_next().await {
+            done.unwrap();
+        }
+        if round == 0 {
+            assert_eq!(store.stats().cache_sweeps, 0);
+        }
+    }
+    let sweeps = store.stats().cache_sweeps;
+    assert!(
+        (1..=4).contains(&sweeps),
+        "{sweeps} sweeps for 20 000 denials past a full cache"
+    );
+}
+
 #[tokio::test]
 async fn a_dead_redis_opens_the_breaker_and_a_restarted_one_is_used_again() {
     let redis = OwnRedis::start(None);

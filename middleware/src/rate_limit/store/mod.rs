@@ -14,8 +14,8 @@ mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{
-    DEFAULT_REDIS_TIMEOUT, RedisConfig, RedisFuture, RedisStats, RedisStore, RedisStoreBuilder,
-    RedisTarget,
+    DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
+    RedisStore, RedisStoreBuilder, RedisTarget,
 };
 
 #[cfg(feature = "memory")]

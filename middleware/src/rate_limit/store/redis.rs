@@ -93,7 +93,15 @@ pub struct RedisStats {
     pub local_denials: u64,
     /// Checks failed at once because the circuit breaker was open.
     pub short_circuited: u64,
+    /// Sweeps of a full over-limit cache for expired entries.
+    pub cache_sweeps: u64,
 }
+
+/// Keys the over-limit cache holds at most; denials beyond it go
+/// uncached (Redis still decides them) until a sweep frees room. A full
+/// cache is swept at most once per quarter of this many further denials,
+/// so a flood of distinct keys costs O(1) amortised per denial.
+pub const OVER_LIMIT_CACHE_CAPACITY: usize = 65_536;
 
 /// GCRA state in Redis, shared by every replica: a quota holds for the
 /// whole fleet.
@@ -141,8 +149,10 @@ struct Shared {
     script_clock: Option<Arc<dyn Clock>>,
     /// Local time for the over-limit cache.
     clock: Arc<dyn Clock>,
-    /// Keys Redis denied, with the local time (ns) until which they stay
-    /// denied.
+    /// Keys Redis denied, with what the bucket owes: the local time (ns)
+    /// from which a request of cost c is allowed at the earliest is this
+    /// plus c units' charge. Remembering that instead of the denied
+    /// request's wait keeps cheaper requests decided correctly.
     over_limit: DashMap<(u32, Key), u64, foldhash::fast::RandomState>,
     breaker: Breaker,
     stats: Stats,
@@ -176,6 +186,9 @@ struct Stats {
     requests_sent: AtomicU64,
     local_denials: AtomicU64,
     short_circuited: AtomicU64,
+    cache_sweeps: AtomicU64,
+    /// Denials that found the cache full since its last sweep.
+    full_since_sweep: AtomicU64,
 }
 
 /// One request's checks, waiting for a batch.
@@ -219,6 +232,7 @@ impl RedisStore {
             requests_sent: s.requests_sent.load(Ordering::Relaxed),
             local_denials: s.local_denials.load(Ordering::Relaxed),
             short_circuited: s.short_circuited.load(Ordering::Relaxed),
+            cache_sweeps: s.cache_sweeps.load(Ordering::Relaxed),
         }
     }
 
@@ -245,7 +259,12 @@ impl RedisStore {
             .iter()
             .map(|check| {
                 let slot = (check.policy.id(), check.key.clone());
-                let until = self.shared.over_limit.get(&slot).map(|until| *until);
+                let charge = check.quota.gcra().charge(check.cost);
+                let until = self
+                    .shared
+                    .over_limit
+                    .get(&slot)
+                    .map(|owed| owed.saturating_add(charge));
                 match until {
                     Some(until) if until > now && check.enforce => {
                         denied = true;
@@ -257,10 +276,11 @@ impl RedisStore {
                             retry_after: wait,
                         }
                     }
-                    Some(until) => {
-                        if until <= now {
-                            self.shared.over_limit.remove_if(&slot, |_, u| *u <= now);
-                        }
+                    Some(_) => {
+                        // Free for any cost from here on: forget it.
+                        self.shared
+                            .over_limit
+                            .remove_if(&slot, |_, owed| *owed <= now);
                         unknown()
                     }
                     None => unknown(),
@@ -592,7 +612,11 @@ impl Shared {
                     && !decision.allowed
                     && !decision.retry_after.is_zero()
                 {
-                    self.remember_denial(cache_key, local_now + nanos(decision.retry_after));
+                    // The wait was for this request's cost: what the bucket
+                    // owes is that wait less the request's own charge.
+                    let charge = args[0].saturating_mul(args[2]);
+                    let owed = (local_now + nanos(decision.retry_after)).saturating_sub(charge);
+                    self.remember_denial(cache_key, owed);
                 }
                 each.push(decision);
             }
@@ -603,16 +627,24 @@ impl Shared {
         }
     }
 
-    fn remember_denial(&self, key: (u32, Key), until: u64) {
-        // Bounded: an attacker rotating keys must not grow it forever.
-        if self.over_limit.len() >= 65_536 {
+    fn remember_denial(&self, key: (u32, Key), owed: u64) {
+        // Bounded: an attacker rotating keys must not grow it forever. A
+        // sweep reads every entry, so a full cache is swept only after a
+        // quarter of its capacity of denials found it full.
+        if self.over_limit.len() >= OVER_LIMIT_CACHE_CAPACITY {
+            let full = self.stats.full_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+            if full < (OVER_LIMIT_CACHE_CAPACITY / 4) as u64 {
+                return;
+            }
+            self.stats.full_since_sweep.store(0, Ordering::Relaxed);
+            self.stats.cache_sweeps.fetch_add(1, Ordering::Relaxed);
             let now = nanos(self.clock.now());
-            self.over_limit.retain(|_, u| *u > now);
-            if self.over_limit.len() >= 65_536 {
+            self.over_limit.retain(|_, owed| *owed > now);
+            if self.over_limit.len() >= OVER_LIMIT_CACHE_CAPACITY {
                 return;
             }
         }
-        self.over_limit.insert(key, until);
+        self.over_limit.insert(key, owed);
     }
 
     async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
