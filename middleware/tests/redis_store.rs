@@ -143,6 +143,27 @@ async fn a_denied_key_is_answered_locally_until_its_wait_has_passed() {
     assert_eq!(store.stats().local_denials, 1000);
 }
 
+/// Policy names and keys may contain `:`; they never share a Redis key
+/// with another policy's bucket.
+#[tokio::test]
+async fn colons_in_policy_names_and_keys_do_not_collide() {
+    let store = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("colon"))
+        .local_cache(false)
+        .build()
+        .unwrap();
+    let quota = Quota::per_minute(1);
+    // Once spelled `{prefix}:a:k:k:x`, both of them.
+    let one = [check("a:k", "x", quota, 1)];
+    let other = [check("a", "k:x", quota, 1)];
+    assert!(store.check(&one).await.unwrap().allowed);
+    assert!(
+        store.check(&other).await.unwrap().allowed,
+        "another policy's bucket was charged"
+    );
+    assert!(!store.check(&one).await.unwrap().allowed);
+}
+
 /// The over-limit cache remembers what the bucket owes, not the wait of
 /// the request that was denied: a denied request of cost 10 does not block
 /// a cost-1 request that Redis would allow.

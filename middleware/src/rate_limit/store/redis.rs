@@ -30,7 +30,7 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// Prefix and hash tag of every key (`{tollgate}:ip:ip:192.0.2.1`).
+    /// Prefix and hash tag of every key (`{tollgate}:2:ip:ip:192.0.2.1`).
     /// All keys share the tag so one script call may decide several
     /// policies at once on Redis Cluster (one hash slot): exactness and
     /// all-or-nothing over spreading limits across shards.
@@ -241,10 +241,17 @@ impl RedisStore {
         self.shared.ping(self.shared.config.timeout).await
     }
 
+    /// `{prefix}:<policy length>:<policy>:<key>`. The policy's length makes
+    /// the name unambiguous whatever the policy and key contain (`:`
+    /// included): the policy ends where its length says, the key is the
+    /// rest.
     fn key_name(&self, check: &Check) -> String {
+        let policy = check.policy.as_str();
         format!(
-            "{{{}}}:{}:{}",
-            self.shared.config.prefix, check.policy, check.key
+            "{{{}}}:{}:{policy}:{}",
+            self.shared.config.prefix,
+            policy.len(),
+            check.key
         )
     }
 
