@@ -79,6 +79,9 @@ pub struct AppStateInner {
     pub config: Arc<Config>,
     /// Where rate limits are counted.
     pub store: AppStore,
+    /// Where they are counted while `store` fails (`RATE_LIMIT_FAILURE_MODE=local`):
+    /// one for the whole server.
+    pub fallback: tollgate::rate_limit::LocalFallback,
     /// Whether this replica should get traffic.
     pub readiness: Readiness,
     /// Renders `/metrics`; `None` when no recorder is installed (tests).
@@ -136,6 +139,7 @@ impl AppState {
         }
         Ok(Self(Arc::new(AppStateInner {
             store,
+            fallback: tollgate::rate_limit::LocalFallback::new(config.fallback_replicas),
             readiness: checks.start(),
             metrics,
             // Leaves a system connection each for a readiness check and a

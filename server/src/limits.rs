@@ -37,7 +37,9 @@ pub enum RouteClass {
 fn layer(state: &AppState) -> RateLimitLayer<AppStore> {
     RateLimitLayer::new(state.store.clone())
         .with_failure_policy(state.config.failure_mode)
-        .with_fallback_replicas(state.config.fallback_replicas)
+        // One fallback for every layer: a policy on several layers is
+        // counted once while the store fails, as the store counts it.
+        .with_local_fallback(state.fallback.clone())
 }
 
 fn per_ip(config: &Config, name: &str, quota: Quota) -> Policy {

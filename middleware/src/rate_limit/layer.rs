@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::policy::{FailurePolicy, Policy};
-use super::service::{Fallback, RateLimit, Shared};
+use super::service::{Fallback, LocalFallback, RateLimit, Shared};
 
 /// Applies [`RateLimit`] to a service: a store, the policies decided
 /// together, and a [`FailurePolicy`].
@@ -51,9 +51,21 @@ impl<St> RateLimitLayer<St> {
     /// deciding locally, so a fleet of that many replicas, each counting
     /// alone, still lets about the quota through. 1 (the default) keeps
     /// quotas whole: each replica then allows the full quota.
+    ///
+    /// This gives the layer a fallback of its own; layers on one store
+    /// should share one instead ([`with_local_fallback`](Self::with_local_fallback)).
     #[must_use]
     pub fn with_fallback_replicas(mut self, replicas: u32) -> Self {
         self.fallback = Arc::new(Fallback::new(replicas));
+        self
+    }
+
+    /// Decides in `fallback` under [`FailurePolicy::Local`]: give every
+    /// layer on one store the same one, so each key is counted once while
+    /// the store fails.
+    #[must_use]
+    pub fn with_local_fallback(mut self, fallback: LocalFallback) -> Self {
+        self.fallback = fallback.0;
         self
     }
 }

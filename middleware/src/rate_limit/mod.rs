@@ -109,7 +109,7 @@ pub use key::{ByClientIp, Global, Key, KeyExtractor, KeyRejection};
 pub use layer::RateLimitLayer;
 pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName, RouteClass};
 pub use quota::{ParseQuotaError, QUOTA_FORMAT, Quota};
-pub use service::RateLimit;
+pub use service::{LocalFallback, RateLimit};
 pub use store::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

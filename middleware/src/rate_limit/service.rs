@@ -111,6 +111,38 @@ impl<St> Shared<St> {
     }
 }
 
+/// The local store [`FailurePolicy::Local`] decides in while the store
+/// fails: one per process for one store, shared by every layer on it
+/// ([`RateLimitLayer::with_local_fallback`](super::RateLimitLayer::with_local_fallback)),
+/// so a policy stacked on several layers (say `tenant` on the read and the
+/// write routes) is counted once, as the shared store counts it. Policies
+/// of one name share buckets here as they do in every store.
+///
+/// ```
+/// use tollgate::rate_limit::{FailurePolicy, LocalFallback, MemoryStore, RateLimitLayer};
+///
+/// // Three replicas: each allows a third of the quota while deciding alone.
+/// let fallback = LocalFallback::new(3);
+/// let reads = RateLimitLayer::new(MemoryStore::new())
+///     .with_failure_policy(FailurePolicy::Local)
+///     .with_local_fallback(fallback.clone());
+/// let writes = RateLimitLayer::new(MemoryStore::new())
+///     .with_failure_policy(FailurePolicy::Local)
+///     .with_local_fallback(fallback);
+/// # let _ = (reads, writes);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalFallback(pub(crate) Arc<Fallback>);
+
+impl LocalFallback {
+    /// A fallback that divides quotas by `replicas` (at least 1) while it
+    /// decides, so that many replicas deciding alone let about the quota
+    /// through together. Its store is made on first use.
+    pub fn new(replicas: u32) -> Self {
+        Self(Arc::new(Fallback::new(replicas)))
+    }
+}
+
 /// The local store of [`FailurePolicy::Local`], made on first use.
 #[derive(Debug)]
 pub(crate) struct Fallback {
@@ -506,6 +538,19 @@ mod tests {
         assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
         let (_, headers, _) = get(&local, &[]).await;
         assert_eq!(headers["ratelimit-policy"], r#""ip";q=4;w=60"#);
+
+        // Two layers (say reads and writes) on one fallback count a policy
+        // of one name once, as the shared store would.
+        let fallback = crate::rate_limit::LocalFallback::new(1);
+        let layer = || {
+            RateLimitLayer::new(Broken)
+                .with_policy(policy.clone())
+                .with_failure_policy(FailurePolicy::Local)
+                .with_local_fallback(fallback.clone())
+        };
+        let (reads, writes) = (app(layer()), app(layer()));
+        assert_eq!(futures_statuses(&reads, 3).await, [200, 200, 200]);
+        assert_eq!(futures_statuses(&writes, 2).await, [200, 429]);
 
         // Divided among two replicas: half the quota each.
         let halved = app(RateLimitLayer::new(Broken)
