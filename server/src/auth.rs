@@ -29,6 +29,10 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at (Unix seconds).
     pub exp: u64,
+    /// Who issued it (`AUTH_ISSUER`).
+    pub iss: String,
+    /// Whom it is for (`AUTH_AUDIENCE`).
+    pub aud: String,
 }
 
 impl TenantClaims for Claims {
@@ -40,6 +44,8 @@ impl TenantClaims for Claims {
 /// Issues and verifies tokens with one shared secret.
 #[derive(Clone)]
 pub struct Tokens {
+    issuer: Arc<str>,
+    audience: Arc<str>,
     encoding: Arc<EncodingKey>,
     decoding: Arc<DecodingKey>,
     validation: Arc<Validation>,
@@ -53,13 +59,19 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    /// HS256 with `secret`; tokens valid for `ttl`.
-    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+    /// HS256 with `secret`; tokens valid for `ttl`, issued by `issuer`
+    /// for `audience`, and only such tokens accepted: a token another
+    /// service signed with a shared key is not one of ours.
+    pub fn new(secret: &[u8], ttl: Duration, issuer: &str, audience: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
         // Replicas share a clock source closely enough.
         validation.leeway = 5;
         Self {
+            issuer: issuer.into(),
+            audience: audience.into(),
             encoding: Arc::new(EncodingKey::from_secret(secret)),
             decoding: Arc::new(DecodingKey::from_secret(secret)),
             validation: Arc::new(validation),
@@ -80,7 +92,9 @@ impl Tokens {
             tenant: tenant.to_string(),
             trust: trust.to_owned(),
             iat: now,
-            exp: now + self.ttl.as_secs(),
+            exp: now.saturating_add(self.ttl.as_secs()),
+            iss: self.issuer.to_string(),
+            aud: self.audience.to_string(),
         })
     }
 

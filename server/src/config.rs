@@ -193,6 +193,10 @@ pub struct AuthConfig {
     pub secret_generated: bool,
     /// `AUTH_TOKEN_TTL` (seconds): how long a token is valid.
     pub token_ttl: Duration,
+    /// `AUTH_ISSUER`: the `iss` of tokens, required on every token.
+    pub issuer: String,
+    /// `AUTH_AUDIENCE`: the `aud` of tokens, required on every token.
+    pub audience: String,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -201,6 +205,8 @@ impl std::fmt::Debug for AuthConfig {
             .field("secret", &"***")
             .field("secret_generated", &self.secret_generated)
             .field("token_ttl", &self.token_ttl)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
             .finish()
     }
 }
@@ -425,7 +431,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "AUTH_SECRET",
         "",
-        "at least 32 bytes; required unless TOLLGATE_ENV=development",
+        "at least 32 bytes of at least 8 distinct values (e.g. openssl rand -hex 32); required unless TOLLGATE_ENV=development",
+    ),
+    (
+        "AUTH_ISSUER",
+        "tollgate",
+        "text of at most 256 characters, no control characters",
+    ),
+    (
+        "AUTH_AUDIENCE",
+        "tollgate-api",
+        "text of at most 256 characters, no control characters",
     ),
     (
         "AUTH_TOKEN_TTL",
@@ -708,7 +724,7 @@ fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigE
     };
     let secret_var = var("AUTH_SECRET");
     let (secret, secret_generated) = match &secret_var.value {
-        Some(s) if s.len() >= 32 => (s.as_bytes().to_vec(), false),
+        Some(s) if s.len() >= 32 && !weak_secret(s.as_bytes()) => (s.as_bytes().to_vec(), false),
         Some(_) => return Err(secret_var.error()),
         None if development => (
             uuid::Uuid::new_v4()
@@ -728,11 +744,31 @@ fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigE
         s @ 1..=MAX_TOKEN_TTL_SECS => Duration::from_secs(s),
         _ => return Err(ttl_var.error()),
     };
+    let text = |name: &'static str, default: &str| {
+        let v = var(name);
+        match v.value.as_deref().map(str::trim) {
+            None => Ok(default.to_owned()),
+            Some(t) if t.len() <= 256 && !t.chars().any(char::is_control) => Ok(t.to_owned()),
+            Some(_) => Err(v.error()),
+        }
+    };
     Ok(AuthConfig {
         secret,
         secret_generated,
         token_ttl,
+        issuer: text("AUTH_ISSUER", "tollgate")?,
+        audience: text("AUTH_AUDIENCE", "tollgate-api")?,
     })
+}
+
+/// A secret anyone could guess for all its length: fewer than 8 distinct
+/// bytes (`aaaa…`, `abab…`, `00000…`).
+fn weak_secret(secret: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    for &b in secret {
+        seen[usize::from(b)] = true;
+    }
+    seen.iter().filter(|s| **s).count() < 8
 }
 
 fn limits_config(
@@ -989,6 +1025,18 @@ mod tests {
         assert!(err.to_string().contains("at least 32 bytes"), "{err}");
         let short = parse(&[("AUTH_SECRET", "short")]).unwrap_err();
         assert_eq!((short.var, short.value.as_str()), ("AUTH_SECRET", "short"));
+        // Long enough, but guessable.
+        for weak in [
+            "a".repeat(64),
+            "ab".repeat(32),
+            "0".repeat(40),
+            "1234567".repeat(6),
+        ] {
+            let err = parse(&[("AUTH_SECRET", &weak)]).unwrap_err();
+            assert_eq!(err.var, "AUTH_SECRET", "{weak}");
+            assert!(err.to_string().contains("distinct"), "{err}");
+        }
+        assert!(parse(&[("AUTH_SECRET", &"0123456789abcdef".repeat(2))]).is_ok());
         let dev = Config::from_lookup(|v| (v == "TOLLGATE_ENV").then(|| "development".to_owned()))
             .unwrap();
         assert!(dev.auth.secret_generated && dev.auth.secret.len() == 32);

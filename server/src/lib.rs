@@ -110,7 +110,12 @@ impl AppState {
         let system_pool = db::system_pool(&config.database)?;
         let tenant_pool =
             TenantPool::new(pool.clone()).with_tenant_max(config.database.tenant_max_connections);
-        let tokens = Tokens::new(&config.auth.secret, config.auth.token_ttl);
+        let tokens = Tokens::new(
+            &config.auth.secret,
+            config.auth.token_ttl,
+            &config.auth.issuer,
+            &config.auth.audience,
+        );
         let (ping_pool, schema_pool) = (system_pool.clone(), system_pool.clone());
         let mut checks = Readiness::builder()
             .interval(config.ready_check_interval)

@@ -70,13 +70,16 @@ pub struct TrustLevels {
     /// How long a lookup may wait and run before it counts as failed.
     timeout: Duration,
     /// Lookups under way, by subject and generation.
-    inflight: Arc<Mutex<HashMap<(Uuid, u64), Arc<Flight>>>>,
+    inflight: Arc<Mutex<Flights>>,
     /// Lookups that reached Postgres.
     queries: Arc<AtomicU64>,
 }
 
 /// One lookup's answer, shared by every miss that joined it.
 type Flight = tokio::sync::OnceCell<Result<Option<String>, String>>;
+
+/// Lookups under way, by subject and the generation they started in.
+type Flights = HashMap<(Uuid, u64), Arc<Flight>>;
 
 impl std::fmt::Debug for TrustLevels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -417,6 +420,8 @@ mod tests {
             trust: "staff".into(),
             iat: 0,
             exp: u64::MAX,
+            iss: "tollgate".into(),
+            aud: "tollgate-api".into(),
         });
         let res = app.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200);

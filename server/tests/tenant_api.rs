@@ -261,15 +261,27 @@ async fn forged_expired_and_foreign_tokens() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let claims = |tenant: uuid::Uuid, exp: u64| Claims {
-        sub: uuid::Uuid::new_v4(),
-        tenant: tenant.to_string(),
+    // A real user of tenant A, so that nothing but the token's own
+    // validity can refuse these (an unknown user is refused too).
+    let user_a = common::user_id(&pool, tenant_a, &a[0]).await;
+    let claims_from = |_tenant: uuid::Uuid, exp: u64, iss: &str, aud: &str| Claims {
+        sub: user_a,
+        tenant: tenant_a.to_string(),
         trust: "staff".into(),
         iat: now,
         exp,
+        iss: iss.into(),
+        aud: aud.into(),
     };
-    let ours = Tokens::new(AUTH_SECRET.as_bytes(), Duration::from_secs(60));
-    let forged = Tokens::new(b"not-the-secret-0123456789abcdef!", Duration::from_secs(60));
+    let claims = |tenant, exp| claims_from(tenant, exp, "tollgate", "tollgate-api");
+    let ttl = Duration::from_secs(60);
+    let ours = Tokens::new(AUTH_SECRET.as_bytes(), ttl, "tollgate", "tollgate-api");
+    let forged = Tokens::new(
+        b"not-the-secret-0123456789abcdef!",
+        ttl,
+        "tollgate",
+        "tollgate-api",
+    );
     let unsigned = {
         // alg "none": header.payload. with an empty signature.
         let good = ours.sign(&claims(tenant_b, now + 60));
@@ -283,6 +295,15 @@ async fn forged_expired_and_foreign_tokens() {
     for bad in [
         forged.sign(&claims(tenant_b, now + 60)),
         ours.sign(&claims(tenant_b, now - 120)),
+        // Our key, but another issuer or audience (say, a token of another
+        // service sharing the secret).
+        ours.sign(&claims_from(
+            tenant_b,
+            now + 60,
+            "someone-else",
+            "tollgate-api",
+        )),
+        ours.sign(&claims_from(tenant_b, now + 60, "tollgate", "another-api")),
         unsigned,
         "garbage".to_owned(),
     ] {
@@ -292,6 +313,10 @@ async fn forged_expired_and_foreign_tokens() {
         assert_eq!(res.headers()["www-authenticate"], "Bearer");
     }
     assert_eq!(http.get(&items).send().await.unwrap().status(), 401);
+    // The control: the same claims, signed right, are accepted.
+    let good = ours.sign(&claims(tenant_b, now + 60));
+    let res = http.get(&items).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(res.status(), 200);
 
     // A header naming tenant B changes nothing: the token says A.
     let res = http

@@ -227,6 +227,8 @@ async fn simultaneous_misses_for_one_subject_query_postgres_once() {
         trust: "basic".into(),
         iat: 0,
         exp: u64::MAX,
+        iss: "tollgate".into(),
+        aud: "tollgate-api".into(),
     };
     let lookups = (0..20).map(|_| trust.current(&claims));
     let levels = futures_join_all(lookups).await;
