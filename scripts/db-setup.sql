@@ -19,3 +19,9 @@ SELECT format('CREATE ROLE tollgate_app LOGIN NOSUPERUSER NOCREATEDB NOCREATEROL
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tollgate_app') \gexec
 SELECT format('CREATE DATABASE %I OWNER tollgate_owner', :'database')
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'database') \gexec
+
+-- Postgres 14 and older let every role create objects in schema public;
+-- an app role that can create a function or view there can plant one the
+-- owner later runs. Only the owner creates (15 and later: the default).
+\connect :database
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;

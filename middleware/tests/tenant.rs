@@ -11,7 +11,8 @@ use http::{Request, StatusCode};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tollgate::tenant::{
-    Access, AuditError, FromHeader, TenantError, TenantId, TenantLayer, Tx, audit, begin,
+    Access, AuditError, FromHeader, TenantError, TenantId, TenantLayer, Tx, audit, audit_allowing,
+    begin,
 };
 use tollgate_test_support::TestDb;
 use tower::ServiceExt;
@@ -311,6 +312,49 @@ async fn dropped_and_panicked_requests_leave_a_clean_connection() {
 async fn audit_names_the_table_or_role_attribute() {
     let db = TestDb::create("tenant_audit", SCHEMA).await;
     let app_pool = pool(&db, 1).await;
+    audit(&app_pool).await.unwrap();
+
+    // A view over a tenant table, readable by the app role, running with
+    // its owner's rights: refused until it is security_invoker.
+    sqlx::raw_sql(
+        "CREATE VIEW note_bodies AS SELECT body FROM notes;
+         GRANT SELECT ON note_bodies TO tollgate_app",
+    )
+    .execute(&PgPool::connect(&db.owner_url()).await.unwrap())
+    .await
+    .unwrap();
+    let err = audit(&app_pool).await.unwrap_err();
+    assert!(
+        matches!(err, AuditError::ViewWithoutInvoker { ref view } if view == "public.note_bodies"),
+        "{err}"
+    );
+    sqlx::query("ALTER VIEW note_bodies SET (security_invoker = true)")
+        .execute(&PgPool::connect(&db.owner_url()).await.unwrap())
+        .await
+        .unwrap();
+    audit(&app_pool).await.unwrap();
+    // A SECURITY DEFINER function the app role can run: refused unless
+    // declared.
+    sqlx::raw_sql(
+        "CREATE FUNCTION all_notes() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+             AS 'SELECT count(*) FROM public.notes';
+         GRANT EXECUTE ON FUNCTION all_notes() TO tollgate_app",
+    )
+    .execute(&PgPool::connect(&db.owner_url()).await.unwrap())
+    .await
+    .unwrap();
+    let err = audit(&app_pool).await.unwrap_err();
+    assert!(
+        matches!(err, AuditError::SecurityDefiner { ref function } if function == "public.all_notes()"),
+        "{err}"
+    );
+    audit_allowing(&app_pool, &["public.all_notes"])
+        .await
+        .unwrap();
+    sqlx::query("REVOKE EXECUTE ON FUNCTION all_notes() FROM tollgate_app, PUBLIC")
+        .execute(&PgPool::connect(&db.owner_url()).await.unwrap())
+        .await
+        .unwrap();
     audit(&app_pool).await.unwrap();
 
     // The owner may act as the table's owner (and has BYPASSRLS).

@@ -11,6 +11,10 @@ use crate::config::{DatabaseConfig, redact_url};
 /// The schema, embedded at compile time from `server/migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// The `SECURITY DEFINER` functions the migrations declare, the only ones
+/// the app role may execute (the start-up audit refuses any other).
+pub const SECURITY_DEFINERS: &[&str] = &["public.auth_lookup", "public.purge_deleted_items"];
+
 /// Why the database could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -378,7 +378,7 @@ pub async fn prepare_database(
         db::migrate(config).await?;
         tracing::info!("migrations applied");
     }
-    tollgate::tenant::audit(pool).await?;
+    tollgate::tenant::audit_allowing(pool, db::SECURITY_DEFINERS).await?;
     tracing::info!("database role audited: row-level security applies to it");
     Ok(())
 }

@@ -94,7 +94,22 @@ fn every_service_file_and_variable_it_references_exists() {
         assert!(env["AUTH_SECRET"].as_str().unwrap().contains("AUTH_SECRET"));
         // Metrics on an address of their own, which Caddy does not proxy.
         assert_eq!(env["METRICS_ADDR"].as_str(), Some("0.0.0.0:9100"));
+        // The owner's credentials go to the one-shot migrate service only.
+        for (name, value) in env.as_hash().unwrap() {
+            let value = value.as_str().unwrap_or_default();
+            assert!(
+                !value.contains("tollgate_owner") && !value.contains("OWNER_PASSWORD"),
+                "server-{n} gets the owner's credentials in {name:?}"
+            );
+        }
     }
+    let migrate_env = &services["migrate"]["environment"];
+    assert!(
+        migrate_env["MIGRATION_DATABASE_URL"]
+            .as_str()
+            .unwrap()
+            .contains("tollgate_owner")
+    );
     assert_eq!(services["migrate"]["command"][0].as_str(), Some("migrate"));
 }
 

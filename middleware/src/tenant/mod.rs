@@ -105,7 +105,7 @@ mod pool;
 mod resolver;
 mod transaction;
 
-pub use audit::{AuditError, audit};
+pub use audit::{AuditError, audit, audit_allowing};
 pub use extract::Tx;
 pub use layer::{ResponseFuture, Tenant, TenantLayer};
 pub use pool::{PoolPermit, TenantPool};
