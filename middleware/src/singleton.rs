@@ -156,6 +156,11 @@ impl Singleton {
         Fut: Future<Output = Result<(), E>> + Send,
         E: Display + Send,
     {
+        // Every series exists from the start, at 0: "no failure" is a
+        // reading, not a missing metric.
+        for metric in [RUNS, SKIPPED, FAILURES] {
+            self.count_by(metric, 0);
+        }
         tokio::spawn(async move {
             loop {
                 // Sleep to the start of the next cycle (wall clock).
@@ -246,10 +251,14 @@ impl Singleton {
     }
 
     fn count(&self, metric: &'static str) {
+        self.count_by(metric, 1);
+    }
+
+    fn count_by(&self, metric: &'static str, n: u64) {
         #[cfg(feature = "metrics")]
-        metrics::counter!(metric, "job" => self.name).increment(1);
+        metrics::counter!(metric, "job" => self.name).increment(n);
         #[cfg(not(feature = "metrics"))]
-        let _ = (metric, self.name);
+        let _ = (metric, n, self.name);
     }
 }
 

@@ -87,6 +87,16 @@ fn app(pool: PgPool) -> Router {
             }),
         )
         .route(
+            "/pair",
+            // Two rows in one transaction: a request is committed whole
+            // (both) or not at all (neither).
+            post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await?;
+                insert(&mut tx, &format!("{body}-twin")).await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .route(
             "/swallowed-error",
             // A handler that catches a database error and answers 2xx: the
             // transaction is aborted, and Postgres answers its COMMIT with
@@ -261,7 +271,7 @@ async fn dropped_and_panicked_requests_leave_a_clean_connection() {
     for step in 0..200u64 {
         let call = app
             .clone()
-            .oneshot(req("POST", "/notes", A, &format!("n{step}")));
+            .oneshot(req("POST", "/pair", A, &format!("n{step}")));
         let _ = tokio::time::timeout(Duration::from_micros(step * 25), call).await;
         if assert_clean(&pool).await == first_pid {
             reused += 1;
@@ -298,11 +308,26 @@ async fn dropped_and_panicked_requests_leave_a_clean_connection() {
         "the connection was never reused; the test proves nothing"
     );
 
-    // Nothing of the cancelled requests is half there: each note either
+    // Nothing of the cancelled requests is half there: each pair either
     // committed whole or not at all, and none of the slow or panicked ones.
     let (_, body) = call(&app, req("GET", "/notes", A, "")).await;
     let notes: Vec<String> = serde_json::from_str(&body).unwrap();
     assert!(!notes.iter().any(|n| n == "slow" || n == "p"), "{notes:?}");
+    let mut whole = 0;
+    for step in 0..200u64 {
+        let (one, twin) = (format!("n{step}"), format!("n{step}-twin"));
+        let halves = (notes.contains(&one), notes.contains(&twin));
+        assert!(
+            halves.0 == halves.1,
+            "request {step} committed half: {halves:?}"
+        );
+        whole += u32::from(halves.0);
+    }
+    // Both outcomes happened, or the steps did not cut where they claim to.
+    assert!(
+        whole > 0 && whole < 200,
+        "{whole} of 200 cancelled pairs committed"
+    );
     server.abort();
     pool.close().await;
     db.drop_now().await;

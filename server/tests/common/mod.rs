@@ -177,6 +177,29 @@ pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f6
     metric_with(http, server, metric, "").await
 }
 
+/// The sum of `metric`'s series, failing the test when the server has no
+/// such series at all (so a renamed metric cannot pass as "0").
+pub async fn metric_present(http: &reqwest::Client, server: &Server, metric: &str) -> f64 {
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    assert!(!values.is_empty(), "the server exports no {metric}");
+    values.iter().sum()
+}
+
 /// The sum of the series of `metric` whose labels contain `labels`.
 pub async fn metric_with(
     http: &reqwest::Client,
