@@ -13,6 +13,7 @@ PG_VERSION=${PG_VERSION:-15}
 PG_CLUSTER=${PG_CLUSTER:-main}
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
+SCHEMATHESIS_VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -116,6 +117,15 @@ test_tools() {
     if ! command -v caddy >/dev/null; then
         log "installing caddy (for the cluster tests)"
         apt_install caddy
+    fi
+    if ! command -v docker-compose >/dev/null; then
+        log "installing docker-compose (its parser checks docker-compose.yml; no daemon needed)"
+        apt_install docker-compose
+    fi
+    if ! command -v schemathesis >/dev/null; then
+        log "installing schemathesis (the OpenAPI conformance test)"
+        python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+        hash -r
     fi
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::process::Command;
 
 use tollgate_server::config::VARIABLES;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -187,4 +188,32 @@ fn k6_scripts_parse_and_set_thresholds() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     assert!(checked >= 5, "only {checked} scripts");
+}
+
+/// Compose's own parser (Debian's `docker-compose`; `make test` installs
+/// it; no Docker daemon needed) accepts the file, and refuses to start the
+/// cluster without `AUTH_SECRET`.
+#[test]
+fn docker_compose_itself_accepts_the_file() {
+    let run = |secret: Option<&str>| {
+        let mut cmd = Command::new("docker-compose");
+        cmd.arg("-f")
+            .arg(repo("docker-compose.yml"))
+            .args(["config", "-q"])
+            .env_remove("AUTH_SECRET");
+        if let Some(secret) = secret {
+            cmd.env("AUTH_SECRET", secret);
+        }
+        cmd.output()
+            .expect("docker-compose on PATH (make test installs it)")
+    };
+    let out = run(Some("compose-check-0123456789abcdef0123456789"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_SECRET"));
 }

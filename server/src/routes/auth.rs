@@ -23,11 +23,16 @@ pub const LOGIN_POOL_KEY: TenantId = TenantId::new(Uuid::nil());
 /// Credentials.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
-    /// The user's e-mail address (case-insensitive).
-    #[schema(example = "ada@example.com", max_length = 254)]
+    /// The user's e-mail address (case-insensitive), 1 to 254 bytes, no
+    /// NUL.
+    #[schema(example = "ada@example.com", min_length = 1, max_length = 254)]
     pub email: String,
-    /// The user's password.
-    #[schema(example = "correct horse battery staple", max_length = 1024)]
+    /// The user's password, 1 to 1024 bytes.
+    #[schema(
+        example = "correct horse battery staple",
+        min_length = 1,
+        max_length = 1024
+    )]
     pub password: String,
 }
 

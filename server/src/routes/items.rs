@@ -98,8 +98,10 @@ impl ItemInput {
 
 /// Paging through items, oldest first.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Items per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<u32>,
     /// The `next` cursor of the previous page.
     pub after: Option<Uuid>,
