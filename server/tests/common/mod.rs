@@ -180,22 +180,7 @@ pub async fn metric(http: &reqwest::Client, server: &Server, metric: &str) -> f6
 /// The sum of `metric`'s series, failing the test when the server has no
 /// such series at all (so a renamed metric cannot pass as "0").
 pub async fn metric_present(http: &reqwest::Client, server: &Server, metric: &str) -> f64 {
-    let text = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .collect();
+    let values = series(http, server, metric, "").await;
     assert!(!values.is_empty(), "the server exports no {metric}");
     values.iter().sum()
 }
@@ -207,6 +192,11 @@ pub async fn metric_with(
     metric: &str,
     labels: &str,
 ) -> f64 {
+    series(http, server, metric, labels).await.iter().sum()
+}
+
+/// The values of `metric`'s series whose labels contain `labels`.
+async fn series(http: &reqwest::Client, server: &Server, metric: &str, labels: &str) -> Vec<f64> {
     let text = http
         .get(server.url("/metrics"))
         .send()
@@ -221,7 +211,7 @@ pub async fn metric_with(
                 .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(labels))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect()
 }
 
 /// A file of the repository.
