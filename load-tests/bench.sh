@@ -7,6 +7,7 @@
 #   bash load-tests/bench.sh                 # oha (installed when missing), 3 rounds of 5 s
 #   LOADGEN=wrk bash load-tests/bench.sh     # wrk from Debian; many client addresses via xff.lua
 #   ROUNDS=5 DURATION=10 bash load-tests/bench.sh
+#   ONLY='^memory store' ROUNDS=7 bash load-tests/bench.sh   # a subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -98,6 +99,16 @@ configs+=(
   "tenant route, c$TENANT_CONNECTIONS [no capacity layers]|server|RATE_LIMIT_STORE=memory $unlimited $no_capacity|AUTH|/api/v1/items|"
   "tenant route, c$TENANT_CONNECTIONS|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
 )
+
+# ONLY=REGEX keeps the configurations whose name matches (bare axum, the
+# reference of every ratio, always runs).
+if [ -n "${ONLY:-}" ]; then
+    kept=("${configs[0]}")
+    for c in "${configs[@]:1}"; do
+        if [[ "${c%%|*}" =~ $ONLY ]]; then kept+=("$c"); fi
+    done
+    configs=("${kept[@]}")
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true' EXIT
