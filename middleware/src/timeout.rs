@@ -67,7 +67,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -158,7 +158,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         RequestTimeoutFuture {
             inner: self.inner.call(req),
-            sleep: MaybeSleep::new(self.timeout),
+            sleep: Deadline::after(self.timeout),
         }
     }
 }
@@ -170,35 +170,41 @@ pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        sleep: MaybeSleep,
+        sleep: Deadline,
     }
 }
 
 pin_project! {
-    /// A deadline, or none.
-    #[project = MaybeSleepProj]
+    /// A deadline (or none), fixed when the request arrives but armed (a
+    /// timer made and registered) only when something first waits for it:
+    /// a request answered without waiting costs a clock read, no timer.
+    #[project = DeadlineProj]
     #[derive(Debug)]
-    enum MaybeSleep {
-        Some { #[pin] sleep: Sleep },
-        None,
+    enum Deadline {
+        Unarmed { at: Option<Instant> },
+        Armed { #[pin] sleep: Sleep },
     }
 }
 
-impl MaybeSleep {
-    fn new(timeout: Option<Duration>) -> Self {
-        match timeout {
-            // The timer is registered only when first polled.
-            Some(timeout) => Self::Some {
-                sleep: tokio::time::sleep(timeout),
-            },
-            None => Self::None,
+impl Deadline {
+    fn after(timeout: Option<Duration>) -> Self {
+        Self::Unarmed {
+            at: timeout.map(|t| Instant::now() + t),
         }
     }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let DeadlineProj::Unarmed { at } = self.as_mut().project() {
+            let Some(at) = *at else {
+                return Poll::Pending;
+            };
+            self.set(Self::Armed {
+                sleep: tokio::time::sleep_until(at),
+            });
+        }
         match self.project() {
-            MaybeSleepProj::Some { sleep } => sleep.poll(cx),
-            MaybeSleepProj::None => Poll::Pending,
+            DeadlineProj::Armed { sleep } => sleep.poll(cx),
+            DeadlineProj::Unarmed { .. } => Poll::Pending,
         }
     }
 }
@@ -296,7 +302,7 @@ where
         let req = req.map(|inner| TimeoutBody {
             inner,
             // The timer is registered only if the body is ever waited on.
-            sleep: MaybeSleep::new(timeout),
+            sleep: Deadline::after(timeout),
             expired: body_expired,
         });
         BodyTimeoutFuture {
@@ -351,7 +357,7 @@ pin_project! {
         #[pin]
         inner: B,
         #[pin]
-        sleep: MaybeSleep,
+        sleep: Deadline,
         expired: Option<Arc<AtomicBool>>,
     }
 }
