@@ -221,9 +221,9 @@ impl Shared {
         let mut map = self.lock();
         let full: SmallVec<[usize; 2]> = keys
             .iter()
-            .filter(|(i, key)| {
-                map.get(&(*i, key.clone()))
-                    .is_some_and(|&n| n >= self.policies[*i].max)
+            .filter(|slot| {
+                map.get(*slot)
+                    .is_some_and(|&n| n >= self.policies[slot.0].max)
             })
             .map(|(i, _)| *i)
             .collect();
@@ -482,6 +482,15 @@ mod tests {
         }
     }
 
+    /// One request in flight per `x-tenant`.
+    fn one_per_tenant() -> ConcurrencyLimitLayer {
+        ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
+            "tenant",
+            by_header("x-tenant"),
+            1,
+        ))
+    }
+
     fn req(tenant: &str, user: &str) -> Request<AxumBody> {
         Request::get("/")
             .header("x-tenant", tenant)
@@ -526,11 +535,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_request_gives_its_slot_back() {
-        let layer = ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
-            "tenant",
-            by_header("x-tenant"),
-            1,
-        ));
+        let layer = one_per_tenant();
         let app = axum::Router::new()
             .route(
                 "/",
@@ -550,11 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_gives_its_slot_back() {
-        let layer = ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
-            "tenant",
-            by_header("x-tenant"),
-            1,
-        ));
+        let layer = one_per_tenant();
         let app = axum::Router::new()
             .route(
                 "/",
