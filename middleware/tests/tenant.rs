@@ -514,3 +514,55 @@ async fn insert_raw(tx: &mut sqlx::PgConnection, body: &str) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn after_commit_runs_once_the_change_is_visible_and_never_on_rollback() {
+    let db = TestDb::create("tenant_after_commit", SCHEMA).await;
+    let pool = pool(&db, 4).await;
+    // What another connection saw when the hook ran.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Option<i64>>();
+    let observer = pool.clone();
+    let app = Router::new()
+        .route(
+            "/notes",
+            post(move |mut tx: Tx, body: String| {
+                let (observer, seen_tx) = (observer.clone(), seen_tx.clone());
+                async move {
+                    let status = if body == "fail" { 409 } else { 201 };
+                    insert(&mut tx, &body).await?;
+                    tx.after_commit(move || {
+                        // A hook must not block: look from a task.
+                        tokio::spawn(async move {
+                            let mut conn = observer.acquire().await.unwrap();
+                            sqlx::query(&format!("SET app.tenant_id = '{A}'"))
+                                .execute(&mut *conn)
+                                .await
+                                .unwrap();
+                            let count = sqlx::query_scalar("SELECT count(*) FROM notes")
+                                .fetch_one(&mut *conn)
+                                .await
+                                .ok();
+                            let _ = seen_tx.send(count);
+                        });
+                    });
+                    Ok::<_, TenantError>(StatusCode::from_u16(status).unwrap())
+                }
+            }),
+        )
+        .layer(TenantLayer::new(
+            pool.clone(),
+            FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
+        ));
+    assert_eq!(call(&app, req("POST", "/notes", A, "kept")).await.0, 201);
+    let count = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .expect("the hook did not run after the commit");
+    assert_eq!(count, Some(Some(1)), "the hook ran before the row was visible");
+    assert_eq!(call(&app, req("POST", "/notes", A, "fail")).await.0, 409);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), seen.recv())
+            .await
+            .is_err(),
+        "the hook ran after a rollback"
+    );
+}

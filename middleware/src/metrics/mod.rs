@@ -71,8 +71,8 @@ pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";
 pub const RATELIMIT_STORE_DURATION: &str = "tollgate_ratelimit_store_duration_seconds";
 /// `tollgate_ratelimit_store_errors_total{kind}`.
 pub const RATELIMIT_STORE_ERRORS: &str = "tollgate_ratelimit_store_errors_total";
-/// `tollgate_ratelimit_fallback_active{policy}`: 1 while a layer's store
-/// fails and its failure policy decides.
+/// `tollgate_ratelimit_fallback_active`: 1 while the Redis store's
+/// circuit breaker is open and failure policies decide.
 pub const RATELIMIT_FALLBACK_ACTIVE: &str = "tollgate_ratelimit_fallback_active";
 /// `tollgate_ratelimit_local_cache_hits_total`: requests the Redis store
 /// denied from its local over-limit cache.

@@ -181,10 +181,7 @@ fn verdict<St>(
     result: Result<Decisions, StoreError>,
 ) -> Verdict {
     match result {
-        Ok(decisions) => {
-            shared.store_answered();
-            decided(shared, index, checks, &decisions)
-        }
+        Ok(decisions) => decided(shared, index, checks, &decisions),
         Err(error) => {
             shared.store_failed(&error);
             #[cfg(feature = "metrics")]

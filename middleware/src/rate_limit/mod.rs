@@ -110,7 +110,9 @@ pub use layer::RateLimitLayer;
 pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName, RouteClass};
 pub use quota::{ParseQuotaError, QUOTA_FORMAT, Quota};
 pub use service::{LocalFallback, RateLimit};
-pub use store::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
+pub use store::{
+    Check, Decision, Decisions, EitherFuture, EitherStore, Store, StoreError, StoreErrorKind,
+};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};

@@ -1,7 +1,6 @@
 //! [`RateLimit`], the middleware.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
@@ -19,9 +18,6 @@ pub(crate) struct Shared<St> {
     pub(crate) policies: Vec<Policy>,
     pub(crate) failure: FailurePolicy,
     pub(crate) fallback: Arc<Fallback>,
-    /// Whether the last store call failed, so failure and recovery are
-    /// logged once per transition, not once per request.
-    failing: AtomicBool,
     /// `RateLimit-Policy` when it is the same for every response.
     pub(crate) single_policy_field: Option<HeaderValue>,
     #[cfg(feature = "metrics")]
@@ -51,7 +47,6 @@ impl<St> Shared<St> {
             policies,
             failure,
             fallback,
-            failing: AtomicBool::new(false),
             #[cfg(feature = "metrics")]
             metrics: std::sync::OnceLock::new(),
         }
@@ -85,29 +80,9 @@ impl<St> Shared<St> {
     }
 
     pub(crate) fn store_failed(&self, error: &super::StoreError) {
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            tracing::warn!(%error, "rate-limit store failing; applying the failure policy");
-            self.fallback_gauge(1.0);
-        }
-    }
-
-    pub(crate) fn store_answered(&self) {
-        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!("rate-limit store answering again");
-            self.fallback_gauge(0.0);
-        }
-    }
-
-    /// `tollgate_ratelimit_fallback_active`, labelled by the layer's first
-    /// policy.
-    fn fallback_gauge(&self, value: f64) {
-        #[cfg(feature = "metrics")]
-        if let Some(policy) = self.policies.first() {
-            metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE, "policy" => policy.name.as_str())
-                .set(value);
-        }
-        #[cfg(not(feature = "metrics"))]
-        let _ = value;
+        // Logged here per request at debug only: the store logs its own
+        // transitions (down, back) once each.
+        tracing::debug!(%error, "rate-limit store failed; applying the failure policy");
     }
 }
 

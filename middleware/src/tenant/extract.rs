@@ -66,6 +66,29 @@ impl Tx {
         };
         Ok(&mut held.tx)
     }
+
+    /// Runs `hook` once the request's transaction has committed (at once
+    /// after the response when the handler never began one), and never
+    /// when it rolls back: for work that must follow only a change that
+    /// stuck, such as dropping a cache entry the change made stale. A
+    /// hook run before the commit could let a concurrent reader cache the
+    /// old value again.
+    ///
+    /// ```
+    /// use tollgate::tenant::{TenantError, Tx};
+    ///
+    /// async fn rename(mut tx: Tx) -> Result<(), TenantError> {
+    ///     sqlx::query("UPDATE settings SET name = 'new'")
+    ///         .execute(tx.conn().await?)
+    ///         .await?;
+    ///     tx.after_commit(|| tracing::info!("renamed"));
+    ///     Ok(())
+    /// }
+    /// # let _: axum::routing::MethodRouter<()> = axum::routing::put(rename);
+    /// ```
+    pub fn after_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.slot.after_commit(Box::new(hook));
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Tx {

@@ -98,13 +98,25 @@ pub(crate) struct TenantContext {
 }
 
 /// The request's transaction, when begun and not lent to a handler.
-#[derive(Debug)]
 pub(crate) struct Slot {
     pool: TenantPool,
     tenant: TenantId,
     access: Access,
     state: Mutex<SlotState>,
+    after_commit: Mutex<Vec<AfterCommit>>,
 }
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("tenant", &self.tenant)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Work to run once the request's changes are durable.
+pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
 
 #[derive(Debug)]
 enum SlotState {
@@ -147,6 +159,18 @@ impl Slot {
             access: self.access,
             _permit: permit,
         })
+    }
+
+    /// Runs `hook` after the transaction commits ([`Tx::after_commit`](super::Tx::after_commit)).
+    pub(crate) fn after_commit(&self, hook: AfterCommit) {
+        self.after_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    fn take_after_commit(&self) -> Vec<AfterCommit> {
+        std::mem::take(&mut *self.after_commit.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Takes back a lent transaction.
@@ -201,6 +225,7 @@ where
             tenant,
             access,
             state: Mutex::new(SlotState::NotBegun),
+            after_commit: Mutex::new(Vec::new()),
         });
         parts.extensions.insert(tenant);
         parts.extensions.insert(TenantContext {
@@ -271,6 +296,7 @@ where
                     let result = ready!(future.poll(cx));
                     let slot = slot.take().expect("polled after completion");
                     let tx = slot.take();
+                    let hooks = slot.take_after_commit();
                     match (result, tx) {
                         (Err(err), tx) => {
                             if tx.is_some() {
@@ -278,9 +304,15 @@ where
                             }
                             return Poll::Ready(Err(err));
                         }
-                        (Ok(res), None) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                        (Ok(res), None) => {
+                            // Nothing to commit: nothing to wait for.
+                            if res.status().as_u16() < 400 {
+                                hooks.into_iter().for_each(|hook| hook());
+                            }
+                            return Poll::Ready(Ok(res.map(ResponseBody::inner)));
+                        }
                         (Ok(res), Some(tx)) => State::Finishing {
-                            future: Box::pin(finish(tx, res)),
+                            future: Box::pin(finish(tx, res, hooks)),
                         },
                     }
                 }
@@ -292,7 +324,11 @@ where
 
 /// Commits below 400, rolls back from 400 up; the pool permit goes back
 /// after.
-async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseBody<B>>, E> {
+async fn finish<B, E>(
+    held: Held,
+    res: Response<B>,
+    after_commit: Vec<AfterCommit>,
+) -> Result<Response<ResponseBody<B>>, E> {
     let Held {
         mut tx,
         access,
@@ -323,6 +359,7 @@ async fn finish<B, E>(held: Held, res: Response<B>) -> Result<Response<ResponseB
     match commit {
         Ok(()) => {
             record_outcome("commit");
+            after_commit.into_iter().for_each(|hook| hook());
             Ok(res.map(ResponseBody::inner))
         }
         Err(err) => {

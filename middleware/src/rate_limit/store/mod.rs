@@ -6,6 +6,7 @@
 //! round trip, and keeps a rejected request from eating a quota it did not
 //! use.
 
+mod either;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "redis")]
@@ -17,6 +18,8 @@ pub use self::redis::{
     DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
     RedisStore, RedisStoreBuilder, RedisTarget,
 };
+
+pub use either::{EitherFuture, EitherStore};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
@@ -83,6 +86,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Decides `checks` all-or-nothing.
     fn check(&self, checks: &[Check]) -> Self::Future;
+
+    /// Whether the store is in use: `false` while it is known to be down
+    /// (a remote store's circuit breaker is open) and checks go to the
+    /// failure policy. The one source of a store's health: readiness
+    /// checks and dashboards read this rather than tracking it again.
+    fn is_available(&self) -> bool {
+        true
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -90,6 +101,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn check(&self, checks: &[Check]) -> Self::Future {
         (**self).check(checks)
+    }
+
+    fn is_available(&self) -> bool {
+        (**self).is_available()
     }
 }
 

@@ -218,12 +218,6 @@ impl RedisStore {
         }
     }
 
-    /// Whether Redis is in use: `false` while the circuit breaker is open
-    /// and checks fail over to the failure policy.
-    pub fn is_available(&self) -> bool {
-        !self.shared.breaker.open.load(Ordering::Acquire)
-    }
-
     /// Counters since start.
     pub fn stats(&self) -> RedisStats {
         let s = &self.shared.stats;
@@ -236,9 +230,17 @@ impl RedisStore {
         }
     }
 
-    /// Sends `PING`, within the timeout; for readiness checks.
+    /// Sends `PING`, within the timeout; for readiness checks. The answer
+    /// feeds the circuit breaker like a check's would, so a readiness
+    /// check and the limiter see one state of Redis
+    /// ([`is_available`](Store::is_available)).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.shared.ping(self.shared.config.timeout).await
+        let result = self.shared.ping(self.shared.config.timeout).await;
+        match &result {
+            Ok(()) => self.shared.breaker.success(),
+            Err(_) => self.shared.breaker.failure(&self.shared),
+        }
+        result
     }
 
     /// `{prefix}:<policy length>:<policy>:<key>`. The policy's length makes
@@ -314,6 +316,12 @@ fn unknown() -> Decision {
 
 impl Store for RedisStore {
     type Future = RedisFuture;
+
+    /// `false` while the circuit breaker is open and checks fail over to
+    /// the failure policy.
+    fn is_available(&self) -> bool {
+        !self.shared.breaker.open.load(Ordering::Acquire)
+    }
 
     fn check(&self, checks: &[Check]) -> Self::Future {
         if let Some(denied) = self.local_denial(checks) {
@@ -487,6 +495,7 @@ impl RedisStoreBuilder {
         });
         let (jobs, rx) = mpsc::channel(16 * 1024);
         tokio::spawn(batcher(shared.clone(), rx));
+        fallback_gauge(0.0);
         Ok(RedisStore { shared, jobs })
     }
 }
@@ -702,10 +711,19 @@ impl Breaker {
                 failures,
                 "redis rate-limit store unavailable; failing over to the failure policy"
             );
+            fallback_gauge(1.0);
             return true;
         }
         false
     }
+}
+
+/// `tollgate_ratelimit_fallback_active`: 1 while the breaker is open.
+fn fallback_gauge(value: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE).set(value);
+    #[cfg(not(feature = "metrics"))]
+    let _ = value;
 }
 
 /// Pings a Redis the breaker cut off until it answers, then closes the
@@ -717,6 +735,7 @@ async fn probe(shared: Arc<Shared>) {
             shared.breaker.failures.store(0, Ordering::Relaxed);
             shared.breaker.open.store(false, Ordering::Release);
             tracing::info!("redis rate-limit store reachable again; back in use");
+            fallback_gauge(0.0);
             return;
         }
     }
