@@ -8,7 +8,7 @@ CARGO ?= cargo
 run: export MIGRATION_DATABASE_URL ?= postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate
 run: export TOLLGATE_ENV ?= development
 
-.PHONY: run test services test-services fmt lint docs unit bench cluster
+.PHONY: run test services test-services fmt lint docs unit bench cluster readme-config
 
 run: services
 	$(CARGO) run --release -p tollgate-server
@@ -46,3 +46,9 @@ bench: services
 # Prometheus); `server/tests/lb_cluster.rs` tests the same topology.
 cluster:
 	bash scripts/cluster.sh
+
+# Rewrites the README's configuration table from `config::VARIABLES` (a
+# unit test fails while they differ).
+readme-config:
+	$(CARGO) run -q -p tollgate-server -- config-table > target/config-table.md
+	python3 scripts/replace_between.py README.md '<!-- config-table -->' '<!-- /config-table -->' target/config-table.md

@@ -23,7 +23,9 @@ use http::StatusCode;
 use sqlx::Connection;
 use tollgate::client_ip::{SetClientIpLayer, TrustedProxies};
 use tollgate::rate_limit::{Key, KeyRejection, MemoryStore, Policy, Quota, RateLimitLayer};
-use tollgate::tenant::{FromClaims, TenantClaims, TenantError, TenantLayer, Tx};
+use tollgate::tenant::{
+    FromClaims, TenantClaims, TenantError, TenantId, TenantLayer, TenantRejection, Tx,
+};
 
 const OWNER: &str = "postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432";
 const APP: &str = "postgres://tollgate_app:tollgate_app@127.0.0.1:5432";
@@ -34,8 +36,8 @@ struct Claims {
 }
 
 impl TenantClaims for Claims {
-    fn tenant(&self) -> &str {
-        &self.tenant
+    fn tenant(&self) -> Result<TenantId, TenantRejection> {
+        self.tenant.parse()
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use tokio::time::Instant;
-use tollgate::rate_limit::Store as _;
 use tollgate::rate_limit::{
     Check, Decisions, Key, ManualClock, MemoryStore, PolicyName, Quota, RedisStore, RedisTarget,
     Store, StoreErrorKind,

@@ -557,7 +557,11 @@ async fn after_commit_runs_once_the_change_is_visible_and_never_on_rollback() {
     let count = tokio::time::timeout(Duration::from_secs(5), seen.recv())
         .await
         .expect("the hook did not run after the commit");
-    assert_eq!(count, Some(Some(1)), "the hook ran before the row was visible");
+    assert_eq!(
+        count,
+        Some(Some(1)),
+        "the hook ran before the row was visible"
+    );
     assert_eq!(call(&app, req("POST", "/notes", A, "fail")).await.0, 409);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), seen.recv())

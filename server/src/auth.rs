@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tollgate::tenant::TenantClaims;
+use tollgate::tenant::{TenantClaims, TenantId, TenantRejection};
 use uuid::Uuid;
 
 use crate::error::AppError;
@@ -21,8 +21,8 @@ use crate::error::AppError;
 pub struct Claims {
     /// The user's id.
     pub sub: Uuid,
-    /// The user's tenant.
-    pub tenant: String,
+    /// The user's tenant (a token naming anything else does not verify).
+    pub tenant: Uuid,
     /// The user's trust level when the token was issued.
     pub trust: String,
     /// Issued at (Unix seconds).
@@ -36,8 +36,8 @@ pub struct Claims {
 }
 
 impl TenantClaims for Claims {
-    fn tenant(&self) -> &str {
-        &self.tenant
+    fn tenant(&self) -> Result<TenantId, TenantRejection> {
+        Ok(TenantId::new(self.tenant))
     }
 }
 
@@ -89,7 +89,7 @@ impl Tokens {
         let now = jsonwebtoken::get_current_timestamp();
         self.sign(&Claims {
             sub,
-            tenant: tenant.to_string(),
+            tenant,
             trust: trust.to_owned(),
             iat: now,
             exp: now.saturating_add(self.ttl.as_secs()),

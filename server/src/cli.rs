@@ -7,6 +7,7 @@ use uuid::Uuid;
 use crate::auth::hash_password;
 use crate::config::{ConfigError, DatabaseConfig, LimitsConfig};
 use crate::db::{self, DbError};
+use crate::trust::{Trust, change_level};
 use tollgate::tenant::{Access, TenantId, begin};
 
 /// The Tollgate reference server. Without a subcommand it serves; every
@@ -22,6 +23,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Prints the configuration table (Markdown) the README carries.
+    ConfigTable,
     /// Applies pending migrations, as `MIGRATION_DATABASE_URL` (else
     /// `DATABASE_URL`), and exits.
     Migrate,
@@ -94,9 +97,14 @@ impl From<sqlx::Error> for CliError {
 
 /// Runs `command`, printing its result on stdout.
 pub async fn run(command: Command) -> Result<(), CliError> {
+    if let Command::ConfigTable = command {
+        print!("{}", crate::config::markdown_table());
+        return Ok(());
+    }
     let lookup = |name: &str| std::env::var(name).ok();
     let database = DatabaseConfig::from_lookup(lookup)?;
     match command {
+        Command::ConfigTable => {}
         Command::Migrate => {
             db::migrate(&database).await?;
             println!("migrations applied");
@@ -127,8 +135,8 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         }) => {
             let limits = LimitsConfig::from_lookup(lookup)?;
             let level = match trust_level {
-                Some(level) => known_level(&limits, level)?,
-                None => limits.trust[0].0.clone(),
+                Some(level) => known_level(&limits, &level)?,
+                None => limits.trust.lowest(),
             };
             let email = email.trim().to_lowercase();
             if email.len() < 3 || email.len() > 254 || !email.contains('@') {
@@ -159,7 +167,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
             .bind(tenant)
             .bind(&email)
             .bind(&hash)
-            .bind(&level)
+            .bind(&*level.name)
             .fetch_one(&mut *tx)
             .await
             .map_err(|err| match &err {
@@ -173,7 +181,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::User(UserCommand::SetTrust { email, level }) => {
             let limits = LimitsConfig::from_lookup(lookup)?;
-            let level = known_level(&limits, level)?;
+            let level = known_level(&limits, &level)?;
             let pool = db::pool(&database)?;
             let user: Option<(Uuid, Uuid)> =
                 sqlx::query_as("SELECT user_id, tenant_id FROM auth_lookup($1)")
@@ -184,28 +192,20 @@ pub async fn run(command: Command) -> Result<(), CliError> {
                 return Err(CliError::Usage(format!("--email {email}: no such user")));
             };
             let mut tx = begin(&pool, TenantId::new(tenant), Access::ReadWrite).await?;
-            sqlx::query("UPDATE users SET trust_level = $2 WHERE id = $1")
-                .bind(user_id)
-                .bind(&level)
-                .execute(&mut *tx)
-                .await?;
-            // Every replica drops its cached level when this commits.
-            crate::trust::notify(&mut tx, Uuid::new_v4(), user_id).await?;
+            // Every replica drops its cached level when this commits; this
+            // process caches nothing, so any origin id will do.
+            change_level(&mut tx, Uuid::new_v4(), user_id, &level).await?;
             tx.commit().await?;
-            println!("{user_id} {level}");
+            println!("{user_id} {}", level.name);
         }
     }
     Ok(())
 }
 
-fn known_level(limits: &LimitsConfig, level: String) -> Result<String, CliError> {
-    if limits.trust_quota(&level).is_some() {
-        Ok(level)
-    } else {
-        let known: Vec<&str> = limits.trust.iter().map(|(l, _)| l.as_str()).collect();
-        Err(CliError::Usage(format!(
-            "trust level {level:?} is not one of TRUST_LEVELS ({})",
-            known.join(", ")
-        )))
-    }
+fn known_level(limits: &LimitsConfig, level: &str) -> Result<Trust, CliError> {
+    limits.trust.parse(level).map_err(|known| {
+        CliError::Usage(format!(
+            "trust level {level:?} is not configured in TRUST_LEVELS: {known}"
+        ))
+    })
 }

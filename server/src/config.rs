@@ -9,7 +9,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tollgate::client_ip::{ForwardedHeader, TrustedProxies};
-use tollgate::rate_limit::{FailurePolicy, QUOTA_FORMAT, Quota};
+use tollgate::rate_limit::{FailurePolicy, QUOTA_FORMAT, Quota, RedisConfig, RedisTarget};
+
+use crate::trust::TrustTable;
 
 /// Everything the server reads from its environment.
 #[derive(Debug, Clone)]
@@ -42,16 +44,18 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// `LOG_FORMAT`: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
-    /// `READY_CHECK_INTERVAL` (ms): how often readiness checks run in the
+    /// `LOG_ACCESS`: one line per request at INFO.
+    pub access_log: bool,
+    /// `READY_CHECK_INTERVAL`: how often readiness checks run in the
     /// background.
     pub ready_check_interval: Duration,
-    /// `READY_CHECK_TIMEOUT` (ms): how long one readiness check may take.
+    /// `READY_CHECK_TIMEOUT`: how long one readiness check may take.
     pub ready_check_timeout: Duration,
-    /// `SHUTDOWN_DRAIN_DELAY` (ms): after SIGTERM, how long the server
+    /// `SHUTDOWN_DRAIN_DELAY`: after SIGTERM, how long the server
     /// keeps serving with readiness failing, so the load balancer notices
     /// before connections are refused.
     pub shutdown_drain_delay: Duration,
-    /// `SHUTDOWN_TIMEOUT` (ms): how long in-flight requests may take to
+    /// `SHUTDOWN_TIMEOUT`: how long in-flight requests may take to
     /// finish after SIGTERM before the server exits anyway; an idle
     /// keep-alive connection must not hold a deploy hostage.
     pub shutdown_timeout: Duration,
@@ -62,15 +66,15 @@ pub struct Config {
     /// `RATE_LIMIT_TENANT`, `TRUST_LEVELS`, `RATE_LIMIT_TRUST_*`,
     /// `RATE_LIMIT_CLASS_*`: limits of the authenticated API.
     pub limits: LimitsConfig,
-    /// `TRUST_CACHE_TTL` (ms): how long a replica trusts its cached copy of
+    /// `TRUST_CACHE_TTL`: how long a replica trusts its cached copy of
     /// a subject's trust level; the bound on staleness without broadcasts.
     pub trust_cache_ttl: Duration,
     /// `TRUST_BROADCAST_ENABLED`: listen for trust changes made elsewhere.
     pub trust_broadcast: bool,
-    /// `CLEANUP_INTERVAL` (ms): how often the fleet's cleanup job runs (on
+    /// `CLEANUP_INTERVAL`: how often the fleet's cleanup job runs (on
     /// one replica per cycle).
     pub cleanup_interval: Duration,
-    /// `ITEM_RETENTION` (ms): how long deleted items are kept before the
+    /// `ITEM_RETENTION`: how long deleted items are kept before the
     /// cleanup job purges them.
     pub item_retention: Duration,
     /// `HTTP_*_TIMEOUT`: how long a client may take.
@@ -133,12 +137,12 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// `DB_MIN_CONNECTIONS`.
     pub min_connections: u32,
-    /// `DB_IDLE_TIMEOUT` (ms).
+    /// `DB_IDLE_TIMEOUT`.
     pub idle_timeout: Duration,
-    /// `DB_CONNECTION_TIMEOUT` (ms): how long a request waits for a pooled
+    /// `DB_CONNECTION_TIMEOUT`: how long a request waits for a pooled
     /// connection before it gets 503.
     pub connection_timeout: Duration,
-    /// `DB_MAX_LIFETIME` (ms).
+    /// `DB_MAX_LIFETIME`.
     pub max_lifetime: Duration,
     /// `DB_TENANT_MAX_CONNECTIONS`: connections one tenant may hold at
     /// once (a quarter of the pool by default).
@@ -191,7 +195,7 @@ pub struct AuthConfig {
     pub secret: Vec<u8>,
     /// Whether `secret` was generated because `AUTH_SECRET` was unset.
     pub secret_generated: bool,
-    /// `AUTH_TOKEN_TTL` (seconds): how long a token is valid.
+    /// `AUTH_TOKEN_TTL`: how long a token is valid.
     pub token_ttl: Duration,
     /// `AUTH_ISSUER`: the `iss` of tokens, required on every token.
     pub issuer: String,
@@ -217,9 +221,8 @@ pub struct LimitsConfig {
     /// `RATE_LIMIT_TENANT`: per tenant, all its users together.
     pub tenant: Quota,
     /// `TRUST_LEVELS` and `RATE_LIMIT_TRUST_<LEVEL>`: per subject, by trust
-    /// level, lowest first; `None` is unlimited (only when configured as
-    /// `unlimited`).
-    pub trust: Vec<(String, Option<Quota>)>,
+    /// level.
+    pub trust: TrustTable,
     /// `RATE_LIMIT_CLASS_AUTH`: login attempts per client IP.
     pub class_auth: Quota,
     /// `RATE_LIMIT_CLASS_READ`: reads per subject.
@@ -228,41 +231,19 @@ pub struct LimitsConfig {
     pub class_write: Quota,
 }
 
-impl LimitsConfig {
-    /// The quota of trust level `level`: `Some(None)` unlimited, `None`
-    /// for an unknown level.
-    pub fn trust_quota(&self, level: &str) -> Option<Option<Quota>> {
-        self.trust
-            .iter()
-            .find(|(name, _)| name == level)
-            .map(|(_, quota)| *quota)
-    }
-}
-
 /// Where rate limits are counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// In this process: each replica counts alone.
     Memory,
-    /// In Redis: one count for the whole fleet.
+    /// In Redis: one count for the whole fleet. `REDIS_URL` and
+    /// `RATE_LIMIT_REDIS_CLUSTER` give the target, the other
+    /// `RATE_LIMIT_REDIS_*` variables the store's settings.
     Redis {
-        /// `REDIS_URL`.
-        url: String,
-        /// `RATE_LIMIT_REDIS_CLUSTER`: cluster nodes, empty for a single
-        /// server.
-        cluster_nodes: Vec<String>,
-        /// `RATE_LIMIT_REDIS_PREFIX`: key prefix and hash tag, so several
-        /// deployments can share one Redis.
-        prefix: String,
-        /// `RATE_LIMIT_REDIS_TIMEOUT_MS`: per-check timeout.
-        timeout: Duration,
-        /// `RATE_LIMIT_REDIS_MAX_BATCH`: requests per script call at most.
-        max_batch: usize,
-        /// `RATE_LIMIT_REDIS_MAX_IN_FLIGHT`: script calls in flight at once.
-        max_in_flight: usize,
-        /// `RATE_LIMIT_REDIS_LOCAL_CACHE`: answer denied keys locally until
-        /// their wait has passed.
-        local_cache: bool,
+        /// Where Redis is.
+        target: RedisTarget,
+        /// The store's settings.
+        config: RedisConfig,
     },
 }
 
@@ -287,225 +268,476 @@ pub struct ConfigError {
     pub expected: String,
 }
 
-/// Each variable: name, default, expected format. The README's table is
-/// generated from the same facts by hand; keep them in step.
-pub const VARIABLES: &[(&str, &str, &str)] = &[
-    (
+/// One environment variable: the only place its name, default, format and
+/// meaning are written. Parsing reads the default from here (an unset
+/// variable parses its default text, through the same parser as a set
+/// one), errors quote the format from here, and the README's table is
+/// generated from here ([`markdown_table`]; a test keeps them equal).
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// Its name.
+    pub name: &'static str,
+    /// What applies when it is unset.
+    pub default: DefaultValue,
+    /// What a value must look like.
+    pub format: &'static str,
+    /// What it does.
+    pub meaning: &'static str,
+}
+
+/// What applies when a [`Variable`] is unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This text, parsed like a set value.
+    Text(&'static str),
+    /// Nothing: the behaviour described.
+    Unset(&'static str),
+    /// A value computed at start-up, described.
+    Derived(&'static str),
+}
+
+const fn var(
+    name: &'static str,
+    default: DefaultValue,
+    format: &'static str,
+    meaning: &'static str,
+) -> Variable {
+    Variable {
+        name,
+        default,
+        format,
+        meaning,
+    }
+}
+
+use DefaultValue::{Derived, Text, Unset};
+
+/// The format of every duration variable.
+pub const DURATION_FORMAT: &str =
+    "a duration: a whole number with a unit (500ms, 30s, 5min, 1h, 7d), or bare milliseconds";
+/// The format of duration variables that may be turned off.
+pub const DURATION_OR_OFF_FORMAT: &str = "a duration above 0: a whole number with a unit (500ms, 30s, 5min, 1h, 7d) or bare milliseconds; or off";
+const POSITIVE_DURATION_FORMAT: &str = "a duration above 0: a whole number with a unit (500ms, 30s, 5min, 1h, 7d), or bare milliseconds";
+const WHOLE_ABOVE_ZERO: &str = "a whole number above 0";
+const BOOLEAN: &str = "true or false";
+const DB_URL_FORMAT: &str = "a postgres:// or postgresql:// URL";
+const TEXT_FORMAT: &str = "text of at most 256 characters, no control characters";
+/// The format of `RATE_LIMIT_TRUST_<LEVEL>`.
+pub const TRUST_QUOTA_FORMAT: &str =
+    "N/PERIOD[,burst=B] (e.g. 100/min), or unlimited; required for every level in TRUST_LEVELS";
+/// The longest `AUTH_TOKEN_TTL`: a year.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Every variable the server reads, in the README's order.
+pub const VARIABLES: &[Variable] = &[
+    var(
         "LISTEN_ADDR",
-        "127.0.0.1:8080",
+        Text("127.0.0.1:8080"),
         "a socket address, e.g. 0.0.0.0:8080",
+        "where the API listens; loopback by default so a development server is not exposed by accident",
     ),
-    (
+    var(
         "TRUSTED_PROXIES",
-        "",
-        "comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,192.168.1.10",
+        Unset("nobody"),
+        "comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,192.168.1.10; a /0 is refused",
+        "peers whose forwarding header is believed; nobody by default, so a client cannot choose its own IP",
     ),
-    (
+    var(
         "CLIENT_IP_HEADER",
-        "x-forwarded-for",
+        Text("x-forwarded-for"),
         "x-forwarded-for or forwarded",
+        "the one header your proxies write",
     ),
-    (
+    var(
         "RATE_LIMIT_IPV6_PREFIX",
-        "64",
+        Text("64"),
         "a prefix length from 0 to 128",
+        "IPv6 clients share a quota per prefix of this length (one host usually holds a /64)",
     ),
-    ("RATE_LIMIT_IP", "100/min", QUOTA_FORMAT),
-    ("RATE_LIMIT_SHADOW", "false", "true or false"),
-    ("RATE_LIMIT_STORE", "memory", "memory or redis"),
-    (
-        "REDIS_URL",
-        "redis://127.0.0.1:6379",
-        "a redis://, rediss:// or unix:// URL",
+    var(
+        "RATE_LIMIT_IP",
+        Text("100/min"),
+        QUOTA_FORMAT,
+        "the per-IP quota of public routes and logins",
     ),
-    (
-        "RATE_LIMIT_REDIS_PREFIX",
-        "tollgate",
-        "letters, digits, '-', '_' or '.'",
+    var(
+        "RATE_LIMIT_SHADOW",
+        Text("false"),
+        BOOLEAN,
+        "count would-be rejections, never reject (to tune limits on live traffic)",
     ),
-    (
-        "RATE_LIMIT_REDIS_CLUSTER",
-        "false",
-        "true, false, or comma-separated node URLs (redis://host:port,…)",
+    var(
+        "RATE_LIMIT_STORE",
+        Text("memory"),
+        "memory or redis",
+        "where limits are counted: memory (each replica alone) or redis (one count for the fleet)",
     ),
-    (
-        "RATE_LIMIT_REDIS_TIMEOUT_MS",
-        "50",
-        "milliseconds, a whole number above 0",
+    var(
+        "RATE_LIMIT_FAILURE_MODE",
+        Text("local"),
+        "open, closed or local",
+        "when the store fails: open (allow), closed (503 problem+json) or local (decide with an in-process store)",
     ),
-    (
-        "RATE_LIMIT_REDIS_MAX_BATCH",
-        "256",
-        "a whole number above 0",
-    ),
-    (
-        "RATE_LIMIT_REDIS_MAX_IN_FLIGHT",
-        "2",
-        "a whole number above 0",
-    ),
-    ("RATE_LIMIT_REDIS_LOCAL_CACHE", "true", "true or false"),
-    ("RATE_LIMIT_FAILURE_MODE", "local", "open, closed or local"),
-    (
+    var(
         "RATE_LIMIT_FALLBACK_REPLICAS",
-        "1",
-        "a whole number above 0",
+        Text("1"),
+        WHOLE_ABOVE_ZERO,
+        "quotas are divided by this while a replica decides alone (local), so the fleet stays near its quota",
     ),
-    (
+    var(
+        "REDIS_URL",
+        Text("redis://127.0.0.1:6379"),
+        "a redis://, rediss:// or unix:// URL",
+        "the Redis of RATE_LIMIT_STORE=redis",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_PREFIX",
+        Text("tollgate"),
+        "letters, digits, '-', '_' or '.'",
+        "key prefix and hash tag ({tollgate}:2:ip:ip:192.0.2.1), so deployments can share a Redis",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_CLUSTER",
+        Text("false"),
+        "true, false, or comma-separated node URLs (redis://host:port,…)",
+        "true: REDIS_URL is a cluster node; or the nodes themselves",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_TIMEOUT",
+        Text("50ms"),
+        POSITIVE_DURATION_FORMAT,
+        "how long a check may wait for Redis, queueing included (then the failure mode decides)",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_MAX_BATCH",
+        Text("256"),
+        WHOLE_ABOVE_ZERO,
+        "most requests decided by one script call",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_MAX_IN_FLIGHT",
+        Text("2"),
+        WHOLE_ABOVE_ZERO,
+        "script calls in flight at once",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_LOCAL_CACHE",
+        Text("true"),
+        BOOLEAN,
+        "answer keys Redis denied locally until their wait has passed",
+    ),
+    var(
         "METRICS_ADDR",
-        "",
-        "a socket address, e.g. 127.0.0.1:9090; unset: /metrics on LISTEN_ADDR",
+        Unset("/metrics on LISTEN_ADDR"),
+        "a socket address, e.g. 127.0.0.1:9090",
+        "serve /metrics only here, an admin address that need not face the internet",
     ),
-    ("LOG_FORMAT", "text", "text or json"),
-    (
+    var(
+        "LOG_FORMAT",
+        Text("text"),
+        "text or json",
+        "text for people, json for log pipelines",
+    ),
+    var(
+        "LOG_ACCESS",
+        Text("true"),
+        BOOLEAN,
+        "one line per request at INFO (written off the request path)",
+    ),
+    var(
         "READY_CHECK_INTERVAL",
-        "5000",
-        "milliseconds, a whole number above 0",
+        Text("5s"),
+        POSITIVE_DURATION_FORMAT,
+        "how often readiness checks run in the background",
     ),
-    (
+    var(
         "READY_CHECK_TIMEOUT",
-        "2000",
-        "milliseconds, a whole number above 0",
+        Text("2s"),
+        POSITIVE_DURATION_FORMAT,
+        "how long one readiness check may take",
     ),
-    (
+    var(
         "SHUTDOWN_DRAIN_DELAY",
-        "5000",
-        "milliseconds, a whole number",
+        Text("5s"),
+        DURATION_FORMAT,
+        "after SIGTERM, how long the server keeps serving with readiness failing, so the load balancer notices",
     ),
-    ("SHUTDOWN_TIMEOUT", "30000", "milliseconds, a whole number"),
-    (
+    var(
+        "SHUTDOWN_TIMEOUT",
+        Text("30s"),
+        DURATION_FORMAT,
+        "how long in-flight requests get after the drain delay",
+    ),
+    var(
         "DATABASE_URL",
-        "postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate",
-        "a postgres:// or postgresql:// URL",
+        Text("postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate"),
+        DB_URL_FORMAT,
+        "the role the server runs as (not the owner)",
     ),
-    (
+    var(
         "MIGRATION_DATABASE_URL",
-        "",
-        "a postgres:// or postgresql:// URL (the owner role); unset: DATABASE_URL",
+        Unset("DATABASE_URL"),
+        DB_URL_FORMAT,
+        "the owner role, for migrations",
     ),
-    ("DB_MIGRATE_ON_START", "true", "true or false"),
-    ("DB_MAX_CONNECTIONS", "20", "a whole number above 0"),
-    (
+    var(
+        "DB_MIGRATE_ON_START",
+        Text("true"),
+        BOOLEAN,
+        "apply pending migrations at start-up; off when a deploy step runs tollgate-server migrate once",
+    ),
+    var(
+        "DB_MAX_CONNECTIONS",
+        Text("20"),
+        WHOLE_ABOVE_ZERO,
+        "the tenant pool's size",
+    ),
+    var(
         "DB_MIN_CONNECTIONS",
-        "0",
+        Text("0"),
         "a whole number, at most DB_MAX_CONNECTIONS",
+        "connections kept open",
     ),
-    ("DB_IDLE_TIMEOUT", "30000", "milliseconds, a whole number"),
-    (
+    var(
+        "DB_IDLE_TIMEOUT",
+        Text("30s"),
+        DURATION_FORMAT,
+        "an idle connection is closed after this (0: never)",
+    ),
+    var(
         "DB_CONNECTION_TIMEOUT",
-        "5000",
-        "milliseconds, a whole number above 0",
+        Text("5s"),
+        POSITIVE_DURATION_FORMAT,
+        "how long a request waits for a pooled connection (then 503)",
     ),
-    ("DB_MAX_LIFETIME", "1800000", "milliseconds, a whole number"),
-    (
+    var(
+        "DB_MAX_LIFETIME",
+        Text("30min"),
+        DURATION_FORMAT,
+        "a connection is replaced after this (0: never)",
+    ),
+    var(
         "DB_TENANT_MAX_CONNECTIONS",
-        "DB_MAX_CONNECTIONS / 4",
+        Derived("DB_MAX_CONNECTIONS / 4, at least 1"),
         "a whole number from 1 to DB_MAX_CONNECTIONS",
+        "connections one tenant holds at once; its further work waits in its own queue (503 after DB_CONNECTION_TIMEOUT)",
     ),
-    ("DB_SYSTEM_CONNECTIONS", "5", "a whole number, at least 3"),
-    ("HTTP_HEADER_READ_TIMEOUT", "10s", DURATION_FORMAT),
-    ("HTTP_BODY_READ_TIMEOUT", "10s", DURATION_FORMAT),
-    ("HTTP_REQUEST_TIMEOUT", "30s", DURATION_FORMAT),
-    (
+    var(
+        "DB_SYSTEM_CONNECTIONS",
+        Text("5"),
+        "a whole number, at least 3",
+        "the separate pool for readiness checks, trust lookups and singleton jobs",
+    ),
+    var(
+        "HTTP_HEADER_READ_TIMEOUT",
+        Text("10s"),
+        DURATION_OR_OFF_FORMAT,
+        "the request head must arrive within this, else the connection is closed (slowloris); off for a proxy that enforces one",
+    ),
+    var(
+        "HTTP_BODY_READ_TIMEOUT",
+        Text("10s"),
+        DURATION_OR_OFF_FORMAT,
+        "the whole request body must arrive within this, else 408 and the connection is closed",
+    ),
+    var(
+        "HTTP_REQUEST_TIMEOUT",
+        Text("30s"),
+        DURATION_OR_OFF_FORMAT,
+        "the whole request, until the response head, else 503 with Retry-After",
+    ),
+    var(
         "RATE_LIMIT_TENANT_CONCURRENCY",
-        "32",
+        Text("32"),
         "a whole number above 0, or unlimited",
+        "one tenant's requests in flight on a replica (429 qu=\"concurrent-requests\" above)",
     ),
-    (
+    var(
         "RATE_LIMIT_SUBJECT_CONCURRENCY",
-        "8",
+        Text("8"),
         "a whole number above 0, or unlimited",
+        "one user's requests in flight on a replica",
     ),
-    (
+    var(
         "LOAD_SHED_START",
-        "1.5",
-        "a number above 0 (pool load: held + queued over size), or off",
+        Text("1.5"),
+        "a number above 0, or off",
+        "the pool load (connections held + queued, over DB_MAX_CONNECTIONS) at which the lowest trust level is shed (503 + Retry-After)",
     ),
-    ("LOAD_SHED_STEP", "0.5", "a number, at least 0"),
-    (
+    var(
+        "LOAD_SHED_STEP",
+        Text("0.5"),
+        "a number, at least 0",
+        "each higher trust level is shed at this much more load; the highest never",
+    ),
+    var(
         "AUTH_HASH_WORKERS",
-        "the number of cores",
-        "a whole number above 0",
+        Derived("the number of cores"),
+        WHOLE_ABOVE_ZERO,
+        "password hashes computed at once",
     ),
-    ("AUTH_HASH_QUEUE", "8", "a whole number"),
-    ("TOLLGATE_ENV", "production", "production or development"),
-    (
+    var(
+        "AUTH_HASH_QUEUE",
+        Text("8"),
+        "a whole number",
+        "logins that may wait for a hashing worker; beyond it, 503 + Retry-After",
+    ),
+    var(
+        "TOLLGATE_ENV",
+        Text("production"),
+        "production or development",
+        "development allows a missing AUTH_SECRET (make run sets it)",
+    ),
+    var(
         "AUTH_SECRET",
-        "",
+        Unset("required, except in development (then random per process)"),
         "at least 32 bytes of at least 8 distinct values (e.g. openssl rand -hex 32); required unless TOLLGATE_ENV=development",
+        "the HMAC key of tokens, the same on every replica",
     ),
-    (
+    var(
         "AUTH_ISSUER",
-        "tollgate",
-        "text of at most 256 characters, no control characters",
+        Text("tollgate"),
+        TEXT_FORMAT,
+        "the iss of tokens; a token without it, or with another, is 401",
     ),
-    (
+    var(
         "AUTH_AUDIENCE",
-        "tollgate-api",
-        "text of at most 256 characters, no control characters",
+        Text("tollgate-api"),
+        TEXT_FORMAT,
+        "the aud of tokens, checked like iss",
     ),
-    (
+    var(
         "AUTH_TOKEN_TTL",
-        "900",
-        "seconds, a whole number from 1 to 31536000 (a year)",
+        Text("15min"),
+        "a duration from 1s to a year, with a unit (900s, 15min, 1h) or bare seconds",
+        "how long a token is valid",
     ),
-    ("RATE_LIMIT_TENANT", "3000/min", QUOTA_FORMAT),
-    (
+    var(
+        "RATE_LIMIT_TENANT",
+        Text("3000/min"),
+        QUOTA_FORMAT,
+        "per tenant, all its users together",
+    ),
+    var(
         "TRUST_LEVELS",
-        "new,basic,trusted,staff",
+        Text("new,basic,trusted,staff"),
         "comma-separated names, lowest first (a-z, 0-9, '_', '-')",
+        "trust levels; the highest may change levels and is never shed",
     ),
-    ("RATE_LIMIT_TRUST_NEW", "60/min", TRUST_QUOTA_FORMAT),
-    ("RATE_LIMIT_TRUST_BASIC", "300/min", TRUST_QUOTA_FORMAT),
-    ("RATE_LIMIT_TRUST_TRUSTED", "1200/min", TRUST_QUOTA_FORMAT),
-    ("RATE_LIMIT_TRUST_STAFF", "unlimited", TRUST_QUOTA_FORMAT),
-    ("RATE_LIMIT_CLASS_AUTH", "10/min,burst=5", QUOTA_FORMAT),
-    ("RATE_LIMIT_CLASS_READ", "600/min", QUOTA_FORMAT),
-    ("RATE_LIMIT_CLASS_WRITE", "120/min", QUOTA_FORMAT),
-    (
+    var(
+        "RATE_LIMIT_TRUST_NEW",
+        Text("60/min"),
+        TRUST_QUOTA_FORMAT,
+        "per user at level new (RATE_LIMIT_TRUST_<LEVEL> for each level)",
+    ),
+    var(
+        "RATE_LIMIT_TRUST_BASIC",
+        Text("300/min"),
+        TRUST_QUOTA_FORMAT,
+        "per user at level basic",
+    ),
+    var(
+        "RATE_LIMIT_TRUST_TRUSTED",
+        Text("1200/min"),
+        TRUST_QUOTA_FORMAT,
+        "per user at level trusted",
+    ),
+    var(
+        "RATE_LIMIT_TRUST_STAFF",
+        Text("unlimited"),
+        TRUST_QUOTA_FORMAT,
+        "per user at level staff",
+    ),
+    var(
+        "RATE_LIMIT_CLASS_AUTH",
+        Text("10/min,burst=5"),
+        QUOTA_FORMAT,
+        "login attempts per client address",
+    ),
+    var(
+        "RATE_LIMIT_CLASS_READ",
+        Text("600/min"),
+        QUOTA_FORMAT,
+        "reads per user",
+    ),
+    var(
+        "RATE_LIMIT_CLASS_WRITE",
+        Text("120/min"),
+        QUOTA_FORMAT,
+        "writes per user",
+    ),
+    var(
         "TRUST_CACHE_TTL",
-        "60000",
-        "milliseconds, a whole number above 0",
+        Text("1min"),
+        POSITIVE_DURATION_FORMAT,
+        "how long a replica keeps a user's trust level; the bound on staleness without broadcasts",
     ),
-    ("TRUST_BROADCAST_ENABLED", "true", "true or false"),
-    (
+    var(
+        "TRUST_BROADCAST_ENABLED",
+        Text("true"),
+        BOOLEAN,
+        "listen for trust changes made elsewhere (LISTEN tollgate_trust)",
+    ),
+    var(
         "CLEANUP_INTERVAL",
-        "60000",
-        "milliseconds, a whole number above 0",
+        Text("1min"),
+        POSITIVE_DURATION_FORMAT,
+        "how often the fleet's cleanup job runs (on one replica per cycle)",
     ),
-    (
+    var(
         "ITEM_RETENTION",
-        "604800000",
-        "milliseconds, a whole number (7 days by default)",
+        Text("7d"),
+        DURATION_FORMAT,
+        "how long deleted items are kept before the cleanup job purges them",
     ),
 ];
 
-/// The longest `AUTH_TOKEN_TTL`: a year.
-pub const MAX_TOKEN_TTL_SECS: u64 = 365 * 24 * 3600;
+/// The README's configuration table, from [`VARIABLES`].
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| variable | default | format | what it does |\n|---|---|---|---|\n");
+    for v in VARIABLES {
+        let default = match v.default {
+            Text(text) => format!("`{text}`"),
+            Unset(what) | Derived(what) => format!("*{what}*"),
+        };
+        let cell = |text: &str| text.replace('|', "\\|");
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            v.name,
+            cell(&default),
+            cell(v.format),
+            cell(v.meaning)
+        ));
+    }
+    out
+}
 
-/// The format of duration variables.
-pub const DURATION_FORMAT: &str = "a duration with a unit (500ms, 30s, 5min, 1h) or a whole number of milliseconds, above 0; or off";
-
-/// `500ms`, `30s`, `5min`, `1h`, or a bare number of milliseconds.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+/// A duration: a whole number with a unit (`ms`, `s`, `min`, `h`, `d`), or
+/// a bare number of `bare` units.
+pub fn parse_duration_as(text: &str, bare: Duration) -> Option<Duration> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
-    let ms = match unit.trim() {
-        "" | "ms" => 1,
-        "s" | "sec" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
+    let unit = match unit.trim() {
+        "" => bare,
+        "ms" => Duration::from_millis(1),
+        "s" | "sec" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(24 * 3600),
         _ => return None,
     };
-    n.checked_mul(ms).map(Duration::from_millis)
+    unit.checked_mul(u32::try_from(n).ok()?)
 }
 
-/// The format of `RATE_LIMIT_TRUST_<LEVEL>`.
-pub const TRUST_QUOTA_FORMAT: &str =
-    "N/PERIOD[,burst=B] (e.g. 100/min), or unlimited; required for every level in TRUST_LEVELS";
+/// A duration with a unit, or bare milliseconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    parse_duration_as(text, Duration::from_millis(1))
+}
 
 impl Config {
     /// Reads the process environment.
@@ -513,31 +745,13 @@ impl Config {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
-    /// Reads variables through `lookup` (tests pass a map instead of
-    /// mutating the process environment).
-    ///
-    /// ```
-    /// use tollgate_server::config::Config;
-    ///
-    /// let env = |ip: &'static str| move |var: &str| match var {
-    ///     "RATE_LIMIT_IP" => Some(ip.to_owned()),
-    ///     "AUTH_SECRET" => Some("0123456789abcdef0123456789abcdef".to_owned()),
-    ///     _ => None,
-    /// };
-    /// let config = Config::from_lookup(env("5/s")).unwrap();
-    /// assert_eq!(config.rate_limit_ip.count(), 5);
-    ///
-    /// let err = Config::from_lookup(env("fast")).unwrap_err();
-    /// assert!(err.to_string().starts_with(r#"invalid RATE_LIMIT_IP="fast": expected N/PERIOD"#));
-    /// ```
+    /// Reads variables through `lookup` (tests pass a map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let var = |name: &'static str| Var::read(&lookup, name);
-        let header: ForwardedHeader =
-            var("CLIENT_IP_HEADER").parse_or(ForwardedHeader::default())?;
+        let header: ForwardedHeader = var("CLIENT_IP_HEADER").parse()?;
         let proxies = var("TRUSTED_PROXIES");
         let trusted_proxies = match &proxies.value {
             None => TrustedProxies::none(),
-            // The library's error says *why* (a /0 trusts everyone).
             Some(v) => v.parse::<TrustedProxies>().map_err(|e| {
                 let mut err = proxies.error();
                 err.expected = format!("{} ({e})", err.expected);
@@ -545,125 +759,92 @@ impl Config {
             })?,
         }
         .with_header(header);
-        let ipv6_prefix = var("RATE_LIMIT_IPV6_PREFIX").parse_or(64u8)?;
-        if ipv6_prefix > 128 {
-            return Err(var("RATE_LIMIT_IPV6_PREFIX").error());
-        }
+        let ipv6 = var("RATE_LIMIT_IPV6_PREFIX");
+        let ipv6_prefix = ipv6.parse::<u8>().and_then(|p| ipv6.check(p, p <= 128))?;
+        let metrics = var("METRICS_ADDR");
         Ok(Self {
-            listen_addr: var("LISTEN_ADDR").parse_or(SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            listen_addr: var("LISTEN_ADDR").parse()?,
             trusted_proxies,
             ipv6_prefix,
-            rate_limit_ip: var("RATE_LIMIT_IP").parse_or(Quota::per_minute(100))?,
-            rate_limit_shadow: var("RATE_LIMIT_SHADOW").parse_bool_or(false)?,
+            rate_limit_ip: var("RATE_LIMIT_IP").parse()?,
+            rate_limit_shadow: var("RATE_LIMIT_SHADOW").boolean()?,
             store: store_config(&var)?,
-            metrics_addr: match var("METRICS_ADDR").value {
-                None => None,
-                Some(_) => {
-                    Some(var("METRICS_ADDR").parse_or(SocketAddr::from(([127, 0, 0, 1], 0)))?)
-                }
-            },
-            failure_mode: var("RATE_LIMIT_FAILURE_MODE").parse_or(FailurePolicy::Local)?,
-            fallback_replicas: match var("RATE_LIMIT_FALLBACK_REPLICAS").parse_or(1u32)? {
-                0 => return Err(var("RATE_LIMIT_FALLBACK_REPLICAS").error()),
-                n => n,
-            },
-            log_format: match var("LOG_FORMAT").value.as_deref().map(str::trim) {
-                None | Some("text") => LogFormat::Text,
+            metrics_addr: metrics
+                .value
+                .as_ref()
+                .map(|_| metrics.parse())
+                .transpose()?,
+            failure_mode: var("RATE_LIMIT_FAILURE_MODE").parse()?,
+            fallback_replicas: var("RATE_LIMIT_FALLBACK_REPLICAS").above_zero()?,
+            log_format: match var("LOG_FORMAT").text() {
+                Some("text") => LogFormat::Text,
                 Some("json") => LogFormat::Json,
-                Some(_) => return Err(var("LOG_FORMAT").error()),
+                _ => return Err(var("LOG_FORMAT").error()),
             },
-            ready_check_interval: millis_above_zero(var("READY_CHECK_INTERVAL"), 5_000)?,
-            ready_check_timeout: millis_above_zero(var("READY_CHECK_TIMEOUT"), 2_000)?,
-            shutdown_drain_delay: Duration::from_millis(
-                var("SHUTDOWN_DRAIN_DELAY").parse_or(5_000u64)?,
-            ),
-            shutdown_timeout: Duration::from_millis(var("SHUTDOWN_TIMEOUT").parse_or(30_000u64)?),
+            access_log: var("LOG_ACCESS").boolean()?,
+            ready_check_interval: var("READY_CHECK_INTERVAL").positive_duration()?,
+            ready_check_timeout: var("READY_CHECK_TIMEOUT").positive_duration()?,
+            shutdown_drain_delay: var("SHUTDOWN_DRAIN_DELAY").duration()?,
+            shutdown_timeout: var("SHUTDOWN_TIMEOUT").duration()?,
             database: database_config(&var)?,
             auth: auth_config(&var)?,
             limits: limits_config(&var, &lookup)?,
-            trust_cache_ttl: millis_above_zero(var("TRUST_CACHE_TTL"), 60_000)?,
-            trust_broadcast: var("TRUST_BROADCAST_ENABLED").parse_bool_or(true)?,
-            cleanup_interval: millis_above_zero(var("CLEANUP_INTERVAL"), 60_000)?,
-            item_retention: Duration::from_millis(var("ITEM_RETENTION").parse_or(604_800_000u64)?),
+            trust_cache_ttl: var("TRUST_CACHE_TTL").positive_duration()?,
+            trust_broadcast: var("TRUST_BROADCAST_ENABLED").boolean()?,
+            cleanup_interval: var("CLEANUP_INTERVAL").positive_duration()?,
+            item_retention: var("ITEM_RETENTION").duration()?,
             http: HttpConfig {
-                header_read_timeout: duration_or_off(var("HTTP_HEADER_READ_TIMEOUT"), 10_000)?,
-                body_read_timeout: duration_or_off(var("HTTP_BODY_READ_TIMEOUT"), 10_000)?,
-                request_timeout: duration_or_off(var("HTTP_REQUEST_TIMEOUT"), 30_000)?,
+                header_read_timeout: var("HTTP_HEADER_READ_TIMEOUT").duration_or_off()?,
+                body_read_timeout: var("HTTP_BODY_READ_TIMEOUT").duration_or_off()?,
+                request_timeout: var("HTTP_REQUEST_TIMEOUT").duration_or_off()?,
             },
             capacity: capacity_config(&var)?,
         })
     }
 }
 
-/// A duration above zero, with units, or `off`; `default_ms` when unset.
-fn duration_or_off(var: Var, default_ms: u64) -> Result<Option<Duration>, ConfigError> {
-    match var.value.as_deref().map(str::trim) {
-        None => Ok(Some(Duration::from_millis(default_ms))),
-        Some("off") => Ok(None),
-        Some(v) => parse_duration(v)
-            .filter(|d| !d.is_zero())
-            .map(Some)
-            .ok_or_else(|| var.error()),
-    }
-}
-
 fn capacity_config(var: &impl Fn(&'static str) -> Var) -> Result<CapacityConfig, ConfigError> {
-    let concurrency = |name: &'static str, default: u32| {
+    let concurrency = |name: &'static str| {
         let v = var(name);
-        match v.value.as_deref().map(str::trim) {
+        match v.text() {
             Some("unlimited") => Ok(None),
-            _ => match v.parse_or(default)? {
-                0 => Err(v.error()),
-                n => Ok(Some(n)),
-            },
+            _ => v.above_zero().map(Some),
         }
     };
     let start = var("LOAD_SHED_START");
-    let shed_start = match start.value.as_deref().map(str::trim) {
+    let shed_start = match start.text() {
         Some("off") => None,
-        _ => match start.parse_or(1.5f64)? {
-            s if s.is_finite() && s > 0.0 => Some(s),
-            _ => return Err(start.error()),
-        },
+        _ => {
+            let s: f64 = start.parse()?;
+            Some(start.check(s, s.is_finite() && s > 0.0)?)
+        }
     };
     let step = var("LOAD_SHED_STEP");
-    let shed_step = match step.parse_or(0.5f64)? {
-        s if s.is_finite() && s >= 0.0 => s,
-        _ => return Err(step.error()),
-    };
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let shed_step: f64 = step.parse()?;
     let workers = var("AUTH_HASH_WORKERS");
-    let hash_workers = match workers.parse_or(cores)? {
-        0 => return Err(workers.error()),
-        n => n,
+    let hash_workers = match workers.value {
+        None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        Some(_) => workers.above_zero()?,
     };
     Ok(CapacityConfig {
-        tenant_concurrency: concurrency("RATE_LIMIT_TENANT_CONCURRENCY", 32)?,
-        subject_concurrency: concurrency("RATE_LIMIT_SUBJECT_CONCURRENCY", 8)?,
+        tenant_concurrency: concurrency("RATE_LIMIT_TENANT_CONCURRENCY")?,
+        subject_concurrency: concurrency("RATE_LIMIT_SUBJECT_CONCURRENCY")?,
         shed_start,
-        shed_step,
+        shed_step: step.check(shed_step, shed_step.is_finite() && shed_step >= 0.0)?,
         hash_workers,
-        hash_queue: var("AUTH_HASH_QUEUE").parse_or(8usize)?,
+        hash_queue: var("AUTH_HASH_QUEUE").parse()?,
     })
 }
 
-fn millis_above_zero(var: Var, default: u64) -> Result<Duration, ConfigError> {
-    match var.parse_or(default)? {
-        0 => Err(var.error()),
-        ms => Ok(Duration::from_millis(ms)),
-    }
-}
-
 impl DatabaseConfig {
-    /// The `DATABASE_URL`, `MIGRATION_DATABASE_URL` and `DB_*` variables
-    /// alone (the CLI needs no more).
+    /// Reads only the database variables (for the CLI).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         database_config(&|name| Var::read(&lookup, name))
     }
 }
 
 impl LimitsConfig {
-    /// The limit variables alone.
+    /// Reads only the limits (for the CLI, which checks trust levels).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         limits_config(&|name| Var::read(&lookup, name), &lookup)
     }
@@ -672,7 +853,7 @@ impl LimitsConfig {
 fn database_config(var: &impl Fn(&'static str) -> Var) -> Result<DatabaseConfig, ConfigError> {
     let url = |name: &'static str| -> Result<Option<String>, ConfigError> {
         let v = var(name);
-        match v.value.as_deref().map(str::trim) {
+        match v.text() {
             None => Ok(None),
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
                 Ok(Some(u.to_owned()))
@@ -680,47 +861,39 @@ fn database_config(var: &impl Fn(&'static str) -> Var) -> Result<DatabaseConfig,
             Some(_) => Err(v.error()),
         }
     };
-    let max_connections = match var("DB_MAX_CONNECTIONS").parse_or(20u32)? {
-        0 => return Err(var("DB_MAX_CONNECTIONS").error()),
-        n => n,
-    };
-    let min_connections = var("DB_MIN_CONNECTIONS").parse_or(0u32)?;
-    if min_connections > max_connections {
-        return Err(var("DB_MIN_CONNECTIONS").error());
-    }
+    let max_connections: u32 = var("DB_MAX_CONNECTIONS").above_zero()?;
+    let min = var("DB_MIN_CONNECTIONS");
+    let min_connections: u32 = min.parse()?;
     let tenant_max = var("DB_TENANT_MAX_CONNECTIONS");
-    let tenant_max_connections = match tenant_max.parse_or((max_connections / 4).max(1))? {
-        n if (1..=max_connections).contains(&n) => n,
-        _ => return Err(tenant_max.error()),
+    let tenant_max_connections = match tenant_max.value {
+        None => (max_connections / 4).max(1),
+        Some(_) => {
+            let n: u32 = tenant_max.parse()?;
+            tenant_max.check(n, (1..=max_connections).contains(&n))?
+        }
     };
     let system = var("DB_SYSTEM_CONNECTIONS");
-    // A readiness check, a singleton job and trust lookups each need one.
-    let system_connections = match system.parse_or(5u32)? {
-        n if n >= 3 => n,
-        _ => return Err(system.error()),
-    };
+    let system_connections: u32 = system.parse()?;
     Ok(DatabaseConfig {
         tenant_max_connections,
-        system_connections,
-        url: url("DATABASE_URL")?.unwrap_or_else(|| {
-            "postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate".to_owned()
-        }),
+        system_connections: system.check(system_connections, system_connections >= 3)?,
+        url: url("DATABASE_URL")?.unwrap_or_default(),
         migration_url: url("MIGRATION_DATABASE_URL")?,
-        migrate_on_start: var("DB_MIGRATE_ON_START").parse_bool_or(true)?,
+        migrate_on_start: var("DB_MIGRATE_ON_START").boolean()?,
         max_connections,
-        min_connections,
-        idle_timeout: Duration::from_millis(var("DB_IDLE_TIMEOUT").parse_or(30_000u64)?),
-        connection_timeout: millis_above_zero(var("DB_CONNECTION_TIMEOUT"), 5_000)?,
-        max_lifetime: Duration::from_millis(var("DB_MAX_LIFETIME").parse_or(1_800_000u64)?),
+        min_connections: min.check(min_connections, min_connections <= max_connections)?,
+        idle_timeout: var("DB_IDLE_TIMEOUT").duration()?,
+        connection_timeout: var("DB_CONNECTION_TIMEOUT").positive_duration()?,
+        max_lifetime: var("DB_MAX_LIFETIME").duration()?,
     })
 }
 
 fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigError> {
     let env = var("TOLLGATE_ENV");
-    let development = match env.value.as_deref().map(str::trim) {
-        None | Some("production") => false,
+    let development = match env.text() {
+        Some("production") => false,
         Some("development" | "dev") => true,
-        Some(_) => return Err(env.error()),
+        _ => return Err(env.error()),
     };
     let secret_var = var("AUTH_SECRET");
     let (secret, secret_generated) = match &secret_var.value {
@@ -738,31 +911,28 @@ fn auth_config(var: &impl Fn(&'static str) -> Var) -> Result<AuthConfig, ConfigE
         None => return Err(secret_var.error()),
     };
     let ttl_var = var("AUTH_TOKEN_TTL");
-    // Bounded so that "now + ttl" cannot overflow, and a token cannot be
-    // valid for a lifetime by accident.
-    let token_ttl = match ttl_var.parse_or(900u64)? {
-        s @ 1..=MAX_TOKEN_TTL_SECS => Duration::from_secs(s),
-        _ => return Err(ttl_var.error()),
-    };
-    let text = |name: &'static str, default: &str| {
+    // Bare numbers stay seconds here, as they always were for this one.
+    let token_ttl = ttl_var
+        .text()
+        .and_then(|t| parse_duration_as(t, Duration::from_secs(1)))
+        .filter(|d| *d >= Duration::from_secs(1) && *d <= MAX_TOKEN_TTL)
+        .ok_or_else(|| ttl_var.error())?;
+    let text = |name: &'static str| {
         let v = var(name);
-        match v.value.as_deref().map(str::trim) {
-            None => Ok(default.to_owned()),
+        match v.text() {
             Some(t) if t.len() <= 256 && !t.chars().any(char::is_control) => Ok(t.to_owned()),
-            Some(_) => Err(v.error()),
+            _ => Err(v.error()),
         }
     };
     Ok(AuthConfig {
         secret,
         secret_generated,
         token_ttl,
-        issuer: text("AUTH_ISSUER", "tollgate")?,
-        audience: text("AUTH_AUDIENCE", "tollgate-api")?,
+        issuer: text("AUTH_ISSUER")?,
+        audience: text("AUTH_AUDIENCE")?,
     })
 }
 
-/// A secret anyone could guess for all its length: fewer than 8 distinct
-/// bytes (`aaaa…`, `abab…`, `00000…`).
 fn weak_secret(secret: &[u8]) -> bool {
     let mut seen = [false; 256];
     for &b in secret {
@@ -776,12 +946,12 @@ fn limits_config(
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<LimitsConfig, ConfigError> {
     let levels_var = var("TRUST_LEVELS");
-    let levels: Vec<String> = match &levels_var.value {
-        None => ["new", "basic", "trusted", "staff"]
-            .map(str::to_owned)
-            .to_vec(),
-        Some(v) => v.split(',').map(|l| l.trim().to_owned()).collect(),
-    };
+    let levels: Vec<String> = levels_var
+        .text()
+        .unwrap_or_default()
+        .split(',')
+        .map(|l| l.trim().to_owned())
+        .collect();
     let valid_level = |l: &String| {
         !l.is_empty()
             && l.len() <= 32
@@ -794,51 +964,43 @@ fn limits_config(
     }
     let mut trust = Vec::with_capacity(levels.len());
     for level in levels {
-        // The variable's name is built from the level, so it is not in
-        // VARIABLES for custom levels; the error says the format anyway.
         let name = format!(
             "RATE_LIMIT_TRUST_{}",
             level.to_ascii_uppercase().replace('-', "_")
         );
-        let default = match level.as_str() {
-            "new" => Some("60/min"),
-            "basic" => Some("300/min"),
-            "trusted" => Some("1200/min"),
-            "staff" => Some("unlimited"),
-            _ => None,
+        // A level of the table has its default there; others have none.
+        let v = match VARIABLES.iter().find(|v| v.name == name) {
+            Some(known) => var(known.name),
+            None => Var {
+                value: lookup_value(lookup, &name),
+                // Leaked once per configured level, at start-up.
+                name: Box::leak(name.into_boxed_str()),
+                defaulted: false,
+                format: TRUST_QUOTA_FORMAT,
+            },
         };
-        let raw = lookup(&name).filter(|v| !v.trim().is_empty());
-        let error = |value: Option<String>| ConfigError {
-            var: Box::leak(name.clone().into_boxed_str()),
-            value: value.unwrap_or_default(),
-            expected: TRUST_QUOTA_FORMAT.to_owned(),
-        };
-        let value = match raw.as_deref().or(default) {
-            Some(v) => v.trim().to_owned(),
-            None => return Err(error(None)),
-        };
-        let quota = if value == "unlimited" {
-            None
-        } else {
-            Some(value.parse::<Quota>().map_err(|_| error(raw.clone()))?)
+        let quota = match v.text() {
+            Some("unlimited") => None,
+            Some(_) => Some(v.parse::<Quota>()?),
+            None => return Err(v.error()),
         };
         trust.push((level, quota));
     }
     Ok(LimitsConfig {
-        tenant: var("RATE_LIMIT_TENANT").parse_or(Quota::per_minute(3000))?,
-        trust,
-        class_auth: var("RATE_LIMIT_CLASS_AUTH").parse_or(Quota::per_minute(10).with_burst(5))?,
-        class_read: var("RATE_LIMIT_CLASS_READ").parse_or(Quota::per_minute(600))?,
-        class_write: var("RATE_LIMIT_CLASS_WRITE").parse_or(Quota::per_minute(120))?,
+        tenant: var("RATE_LIMIT_TENANT").parse()?,
+        trust: TrustTable::new(trust).ok_or_else(|| levels_var.error())?,
+        class_auth: var("RATE_LIMIT_CLASS_AUTH").parse()?,
+        class_read: var("RATE_LIMIT_CLASS_READ").parse()?,
+        class_write: var("RATE_LIMIT_CLASS_WRITE").parse()?,
     })
 }
 
 fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, ConfigError> {
     let kind = var("RATE_LIMIT_STORE");
-    match kind.value.as_deref().map(str::trim) {
-        None | Some("memory") => return Ok(StoreConfig::Memory),
+    match kind.text() {
+        Some("memory") => return Ok(StoreConfig::Memory),
         Some("redis") => {}
-        Some(_) => return Err(kind.error()),
+        _ => return Err(kind.error()),
     }
     let is_url = |v: &str| {
         ["redis://", "rediss://", "unix://"]
@@ -846,34 +1008,29 @@ fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, Confi
             .any(|p| v.starts_with(p))
     };
     let url_var = var("REDIS_URL");
-    let url = url_var
-        .value
-        .clone()
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-    if !is_url(url.trim()) {
+    let url = url_var.text().unwrap_or_default().to_owned();
+    if !is_url(&url) {
         return Err(url_var.error());
     }
     let cluster = var("RATE_LIMIT_REDIS_CLUSTER");
-    let cluster_nodes = match cluster.value.as_deref().map(str::trim) {
-        None => Vec::new(),
-        Some(v) => match cluster.parse_bool_or(false) {
-            Ok(true) => vec![url.clone()],
-            Ok(false) => Vec::new(),
-            Err(_) => {
-                let nodes: Vec<String> = v.split(',').map(|n| n.trim().to_owned()).collect();
-                if nodes.iter().any(|n| !is_url(n)) {
-                    return Err(cluster.error());
-                }
-                nodes
+    let target = match cluster.boolean() {
+        Ok(false) => RedisTarget::Single(url),
+        Ok(true) => RedisTarget::Cluster(vec![url]),
+        Err(_) => {
+            let nodes: Vec<String> = cluster
+                .text()
+                .unwrap_or_default()
+                .split(',')
+                .map(|n| n.trim().to_owned())
+                .collect();
+            if nodes.iter().any(|n| !is_url(n)) {
+                return Err(cluster.error());
             }
-        },
+            RedisTarget::Cluster(nodes)
+        }
     };
     let prefix_var = var("RATE_LIMIT_REDIS_PREFIX");
-    let prefix = prefix_var
-        .value
-        .clone()
-        .unwrap_or_else(|| "tollgate".to_owned());
-    // Braces would break the hash tag; spaces and colons the key layout.
+    let prefix = prefix_var.text().unwrap_or_default().to_owned();
     if prefix.is_empty()
         || !prefix
             .chars()
@@ -881,68 +1038,107 @@ fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, Confi
     {
         return Err(prefix_var.error());
     }
-    let timeout_var = var("RATE_LIMIT_REDIS_TIMEOUT_MS");
-    let timeout = match timeout_var.parse_or(50u64)? {
-        0 => return Err(timeout_var.error()),
-        ms => Duration::from_millis(ms),
-    };
-    let above_zero = |name: &'static str, default: usize| {
-        let v = var(name);
-        match v.parse_or(default)? {
-            0 => Err(v.error()),
-            n => Ok(n),
-        }
-    };
-    Ok(StoreConfig::Redis {
-        url: url.trim().to_owned(),
-        cluster_nodes,
-        prefix,
-        timeout,
-        max_batch: above_zero("RATE_LIMIT_REDIS_MAX_BATCH", 256)?,
-        max_in_flight: above_zero("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", 2)?,
-        local_cache: var("RATE_LIMIT_REDIS_LOCAL_CACHE").parse_bool_or(true)?,
-    })
+    // The library's other settings (breaker, probe) keep its defaults.
+    let mut config = RedisConfig::default();
+    config.prefix = prefix;
+    config.timeout = var("RATE_LIMIT_REDIS_TIMEOUT").positive_duration()?;
+    config.max_batch = var("RATE_LIMIT_REDIS_MAX_BATCH").above_zero()?;
+    config.max_in_flight = var("RATE_LIMIT_REDIS_MAX_IN_FLIGHT").above_zero()?;
+    config.local_cache = var("RATE_LIMIT_REDIS_LOCAL_CACHE").boolean()?;
+    Ok(StoreConfig::Redis { target, config })
 }
 
-/// One variable as read.
+fn lookup_value(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    lookup(name).filter(|v| !v.trim().is_empty())
+}
+
+/// One variable as read: its value, or its default text when unset.
 struct Var {
     name: &'static str,
+    /// What was set (trimmed later), or the default text.
     value: Option<String>,
+    /// Whether `value` is the default.
+    defaulted: bool,
+    format: &'static str,
 }
 
 impl Var {
     fn read(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Self {
+        let spec = VARIABLES
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("{name} is not in VARIABLES"));
+        let set = lookup_value(lookup, name);
+        let defaulted = set.is_none();
+        let value = set.or_else(|| match spec.default {
+            Text(text) => Some(text.to_owned()),
+            Unset(_) | Derived(_) => None,
+        });
         Self {
             name,
-            value: lookup(name).filter(|v| !v.trim().is_empty()),
+            value,
+            defaulted,
+            format: spec.format,
         }
+    }
+
+    /// The value (or default text), trimmed; `None` when unset without one.
+    fn text(&self) -> Option<&str> {
+        self.value.as_deref().map(str::trim)
     }
 
     fn error(&self) -> ConfigError {
-        let expected = VARIABLES
-            .iter()
-            .find(|(name, ..)| *name == self.name)
-            .map_or("", |(.., format)| format);
         ConfigError {
             var: self.name,
-            value: self.value.clone().unwrap_or_default(),
-            expected: expected.to_owned(),
+            value: if self.defaulted {
+                String::new()
+            } else {
+                self.value.clone().unwrap_or_default()
+            },
+            expected: self.format.to_owned(),
         }
     }
 
-    fn parse_or<T: FromStr>(&self, default: T) -> Result<T, ConfigError> {
-        match &self.value {
-            None => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| self.error()),
+    /// `value` when `ok`, else this variable's error.
+    fn check<T>(&self, value: T, ok: bool) -> Result<T, ConfigError> {
+        if ok { Ok(value) } else { Err(self.error()) }
+    }
+
+    fn parse<T: FromStr>(&self) -> Result<T, ConfigError> {
+        self.text()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.error())
+    }
+
+    fn above_zero<T: FromStr + PartialOrd + Default>(&self) -> Result<T, ConfigError> {
+        let n: T = self.parse()?;
+        let ok = n > T::default();
+        self.check(n, ok)
+    }
+
+    fn boolean(&self) -> Result<bool, ConfigError> {
+        match self.text().map(str::to_ascii_lowercase).as_deref() {
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            _ => Err(self.error()),
         }
     }
 
-    fn parse_bool_or(&self, default: bool) -> Result<bool, ConfigError> {
-        match self.value.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
-            None => Ok(default),
-            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
-            Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => Ok(false),
-            Some(_) => Err(self.error()),
+    fn duration(&self) -> Result<Duration, ConfigError> {
+        self.text()
+            .and_then(parse_duration)
+            .ok_or_else(|| self.error())
+    }
+
+    fn positive_duration(&self) -> Result<Duration, ConfigError> {
+        let d = self.duration()?;
+        self.check(d, !d.is_zero())
+    }
+
+    fn duration_or_off(&self) -> Result<Option<Duration>, ConfigError> {
+        match self.text() {
+            Some("off") => Ok(None),
+            _ => self.positive_duration().map(Some),
         }
     }
 }
@@ -1001,11 +1197,10 @@ mod tests {
         assert_eq!(c.capacity.shed_start, Some(1.5));
         assert_eq!(c.capacity.hash_queue, 8);
         assert!(c.capacity.hash_workers >= 1);
-        let levels: Vec<_> = c
-            .limits
-            .trust
-            .iter()
-            .map(|(l, q)| (l.as_str(), *q))
+        let trust = &c.limits.trust;
+        let levels: Vec<_> = trust
+            .names()
+            .map(|name| (name, trust.quota(&trust.find(name).unwrap())))
             .collect();
         assert_eq!(
             levels,
@@ -1053,12 +1248,13 @@ mod tests {
             ("RATE_LIMIT_TRUST_PRO", "unlimited"),
         ])
         .unwrap();
+        let trust = &c.limits.trust;
         assert_eq!(
-            c.limits.trust_quota("free"),
-            Some(Some(Quota::per_minute(10)))
+            trust.quota(&trust.find("free").unwrap()),
+            Some(Quota::per_minute(10))
         );
-        assert_eq!(c.limits.trust_quota("pro"), Some(None));
-        assert_eq!(c.limits.trust_quota("new"), None);
+        assert_eq!(trust.quota(&trust.find("pro").unwrap()), None);
+        assert_eq!(trust.find("new"), None);
         let err = parse(&[("RATE_LIMIT_TRUST_NEW", "lots")]).unwrap_err();
         assert_eq!(
             (err.var, err.value.as_str()),
@@ -1069,16 +1265,12 @@ mod tests {
     #[test]
     fn redis_store() {
         let c = parse(&[("RATE_LIMIT_STORE", "redis")]).unwrap();
+        // The variables' defaults are the library's.
         assert_eq!(
             c.store,
             StoreConfig::Redis {
-                url: "redis://127.0.0.1:6379".into(),
-                cluster_nodes: vec![],
-                prefix: "tollgate".into(),
-                timeout: Duration::from_millis(50),
-                max_batch: 256,
-                max_in_flight: 2,
-                local_cache: true,
+                target: RedisTarget::Single("redis://127.0.0.1:6379".into()),
+                config: RedisConfig::default(),
             }
         );
         let c = parse(&[
@@ -1086,23 +1278,20 @@ mod tests {
             ("REDIS_URL", "redis://10.0.0.5:7000"),
             ("RATE_LIMIT_REDIS_CLUSTER", "true"),
             ("RATE_LIMIT_REDIS_PREFIX", "api-prod"),
-            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "20"),
+            ("RATE_LIMIT_REDIS_TIMEOUT", "20ms"),
             ("RATE_LIMIT_FAILURE_MODE", "closed"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "3"),
         ])
         .unwrap();
-        let StoreConfig::Redis {
-            cluster_nodes,
-            prefix,
-            timeout,
-            ..
-        } = c.store
-        else {
+        let StoreConfig::Redis { target, config } = c.store else {
             panic!("not redis")
         };
-        assert_eq!(cluster_nodes, ["redis://10.0.0.5:7000"]);
-        assert_eq!(prefix, "api-prod");
-        assert_eq!(timeout, Duration::from_millis(20));
+        assert_eq!(
+            target,
+            RedisTarget::Cluster(vec!["redis://10.0.0.5:7000".into()])
+        );
+        assert_eq!(config.prefix, "api-prod");
+        assert_eq!(config.timeout, Duration::from_millis(20));
         assert_eq!(c.failure_mode, FailurePolicy::Closed);
         assert_eq!(c.fallback_replicas, 3);
         let c = parse(&[
@@ -1110,10 +1299,13 @@ mod tests {
             ("RATE_LIMIT_REDIS_CLUSTER", "redis://a:1, redis://b:2"),
         ])
         .unwrap();
-        let StoreConfig::Redis { cluster_nodes, .. } = c.store else {
+        let StoreConfig::Redis { target, .. } = c.store else {
             panic!("not redis")
         };
-        assert_eq!(cluster_nodes, ["redis://a:1", "redis://b:2"]);
+        assert_eq!(
+            target,
+            RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
     }
 
     #[test]
@@ -1131,7 +1323,19 @@ mod tests {
                 "{text}"
             );
         }
-        for text in ["", "s", "5d", "1.5s", "-1s", "99999999999999999999h"] {
+        assert_eq!(
+            parse_duration("7d"),
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        for text in [
+            "",
+            "s",
+            "5w",
+            "1.5s",
+            "-1s",
+            "99999999999999999999h",
+            "9999999999d",
+        ] {
             assert_eq!(parse_duration(text), None, "{text}");
         }
         let c = parse(&[
@@ -1189,7 +1393,7 @@ mod tests {
             ("RATE_LIMIT_STORE", "etcd"),
             ("RATE_LIMIT_FAILURE_MODE", "maybe"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "0"),
-            ("SHUTDOWN_TIMEOUT", "5s"),
+            ("SHUTDOWN_TIMEOUT", "5 parsecs"),
             ("SHUTDOWN_DRAIN_DELAY", "-1"),
             ("READY_CHECK_INTERVAL", "0"),
             ("READY_CHECK_TIMEOUT", "soon"),
@@ -1209,7 +1413,10 @@ mod tests {
             ("TRUST_CACHE_TTL", "0"),
             ("TRUST_BROADCAST_ENABLED", "sometimes"),
             ("CLEANUP_INTERVAL", "hourly"),
-            ("ITEM_RETENTION", "7d"),
+            ("ITEM_RETENTION", "a week"),
+            ("AUTH_TOKEN_TTL", "2y"),
+            ("AUTH_TOKEN_TTL", "500ms"),
+            ("DB_IDLE_TIMEOUT", "soon"),
             ("DB_TENANT_MAX_CONNECTIONS", "21"),
             ("DB_TENANT_MAX_CONNECTIONS", "0"),
             ("DB_SYSTEM_CONNECTIONS", "2"),
@@ -1230,7 +1437,8 @@ mod tests {
             ("REDIS_URL", "http://localhost"),
             ("RATE_LIMIT_REDIS_PREFIX", "a{b}"),
             ("RATE_LIMIT_REDIS_CLUSTER", "maybe"),
-            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "0"),
+            ("RATE_LIMIT_REDIS_TIMEOUT", "0"),
+            ("RATE_LIMIT_REDIS_TIMEOUT", "50 ms please"),
             ("RATE_LIMIT_REDIS_MAX_BATCH", "0"),
             ("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", "many"),
             ("RATE_LIMIT_REDIS_LOCAL_CACHE", "sometimes"),
@@ -1244,5 +1452,68 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn every_default_parses_and_every_duration_takes_units() {
+        // Defaults are text parsed like a set value: each must parse.
+        let c = parse(&[("RATE_LIMIT_STORE", "redis")]).unwrap();
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(900));
+        assert_eq!(c.item_retention, Duration::from_secs(7 * 24 * 3600));
+        // Every duration variable takes a unit, and bare milliseconds
+        // (AUTH_TOKEN_TTL: bare seconds, as it always was).
+        let durations = VARIABLES.iter().filter(|v| {
+            [
+                DURATION_FORMAT,
+                DURATION_OR_OFF_FORMAT,
+                POSITIVE_DURATION_FORMAT,
+            ]
+            .contains(&v.format)
+        });
+        let mut seen = 0;
+        for v in durations {
+            seen += 1;
+            parse(&[(v.name, "3s"), ("RATE_LIMIT_STORE", "redis")])
+                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            parse(&[(v.name, "1500"), ("RATE_LIMIT_STORE", "redis")])
+                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+        }
+        assert_eq!(seen, 14, "duration variables besides AUTH_TOKEN_TTL");
+        let c = parse(&[("AUTH_TOKEN_TTL", "1h"), ("TRUST_CACHE_TTL", "1500")]).unwrap();
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.trust_cache_ttl, Duration::from_millis(1500));
+        assert_eq!(
+            parse(&[("AUTH_TOKEN_TTL", "600")]).unwrap().auth.token_ttl,
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn every_variable_is_read_and_documented_once() {
+        let mut names: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a variable is listed twice");
+        // Every listed variable is read: a bad value for it is refused
+        // naming it (or, for free text, accepted).
+        for v in VARIABLES {
+            let result = parse(&[(v.name, "\u{1}bad value"), ("RATE_LIMIT_STORE", "redis")]);
+            if let Err(err) = result {
+                assert_eq!(err.var, v.name);
+                assert!(err.expected.starts_with(v.format), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_table_is_generated_from_the_variables() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table is out of date: run `make readme-config`\n{table}"
+        );
     }
 }

@@ -1,128 +1,241 @@
-//! The rate-limit policies of the reference server, by route:
+//! [`Limits`]: everything that limits a request, built once at start-up
+//! and asked for by route class.
 //!
-//! | Route | Policies (all-or-nothing per layer) |
-//! |---|---|
-//! | `POST /auth/login` | `ip` (`RATE_LIMIT_IP`), `auth` (`RATE_LIMIT_CLASS_AUTH`, per IP) |
-//! | `GET /api/v1/ping`, `GET /openapi.json` | `ip` |
-//! | `GET /api/v1/items[/{id}]` | `tenant`, `trust`, `read` (`RATE_LIMIT_CLASS_READ`, per subject) |
-//! | `POST /api/v1/items`, `PUT`/`DELETE /api/v1/items/{id}` | `tenant`, `trust`, `write` (`RATE_LIMIT_CLASS_WRITE`, per subject) |
-//! | `/health`, `/ready`, `/metrics` | none |
+//! | Class | Routes | Rate-limit policies (all-or-nothing) |
+//! |---|---|---|
+//! | [`Probe`](Class::Probe), [`Admin`](Class::Admin) | `/health`, `/ready`, `/metrics` | none, never shed |
+//! | [`Public`](Class::Public) | `GET /api/v1/ping`, `GET /openapi.json` | `ip` (`RATE_LIMIT_IP`) |
+//! | [`Login`](Class::Login) | `POST /auth/login` | `ip`, `auth` (`RATE_LIMIT_CLASS_AUTH`, per IP) |
+//! | [`Read`](Class::Read) | `GET /api/v1/items[/{id}]` | `tenant`, `trust`, `read` (per user) |
+//! | [`Write`](Class::Write) | item writes, `PUT /api/v1/users/{id}/trust` | `tenant`, `trust`, `write` (per user) |
 //!
-//! Every authenticated route also shares one [`concurrency`] layer
-//! (`tenant-concurrency`, `subject-concurrency`: requests in flight per
-//! tenant and per user on this replica) and one [`shed`] layer (requests
-//! shed by trust level when the pool is overloaded).
+//! Authenticated classes also share one [`concurrency`](Limits::concurrency)
+//! layer (requests in flight per tenant and per user on this replica) and
+//! one [`shed`](Limits::shed) layer (by trust level when the tenant pool is
+//! overloaded). Which class a route has is written where the route is
+//! declared (`routes`).
+//!
+//! `Limits` owns the store (memory or Redis, chosen by `RATE_LIMIT_STORE`),
+//! the one local fallback every layer shares while the store fails, and the
+//! trust table. The store's health has one source: the store itself
+//! ([`Store::is_available`]; Redis's circuit breaker), which logs its
+//! transitions once each; the readiness check asks it too
+//! ([`check_store`](Limits::check_store)).
+
+use std::sync::Arc;
 
 use http::request::Parts;
 use tollgate::rate_limit::{
-    ByClientIp, ConcurrencyLimitLayer, ConcurrencyPolicy, Key, KeyRejection, Policy, Quota,
-    RateLimitLayer,
+    ByClientIp, ConcurrencyLimitLayer, ConcurrencyPolicy, EitherStore, Key, KeyRejection,
+    LocalFallback, MemoryStore, Policy, Quota, RateLimitLayer, RedisStore, Store, StoreError,
 };
 use tollgate::shed::LoadShedLayer;
+use tollgate::tenant::TenantPool;
 
-use crate::AppState;
 use crate::auth::Claims;
-use crate::config::Config;
-use crate::store::AppStore;
+use crate::config::{Config, StoreConfig};
+use crate::trust::{Trust, TrustTable};
 
-/// A route class of the authenticated API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteClass {
-    /// Reads.
+/// What a route is, for its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// Liveness and readiness: never limited, never shed.
+    Probe,
+    /// `/metrics`: never limited; moved to `METRICS_ADDR` when set.
+    Admin,
+    /// Anonymous routes, per client IP.
+    Public,
+    /// The login route: per IP, and the stricter `auth` class per IP.
+    Login,
+    /// Authenticated reads.
     Read,
-    /// Writes.
+    /// Authenticated writes.
     Write,
 }
 
-fn layer(state: &AppState) -> RateLimitLayer<AppStore> {
-    RateLimitLayer::new(state.store.clone())
-        .with_failure_policy(state.config.failure_mode)
-        // One fallback for every layer: a policy on several layers is
-        // counted once while the store fails, as the store counts it.
-        .with_local_fallback(state.fallback.clone())
+impl Class {
+    /// Whether requests of this class carry a bearer token (and run in a
+    /// tenant transaction).
+    pub fn is_authenticated(self) -> bool {
+        matches!(self, Self::Read | Self::Write)
+    }
 }
 
-fn per_ip(config: &Config, name: &str, quota: Quota) -> Policy {
-    Policy::new(
-        name,
-        ByClientIp::new().with_ipv6_prefix(config.ipv6_prefix),
-        quota,
-    )
-    .shadow(config.rate_limit_shadow)
+/// The store limits are counted in, chosen at start-up.
+pub type LimitStore = EitherStore<MemoryStore, RedisStore>;
+
+/// Every limit of the server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    store: LimitStore,
+    fallback: LocalFallback,
+    config: Arc<Config>,
+    trust: Arc<TrustTable>,
 }
 
-/// Public routes: per IP.
-pub fn public(state: &AppState) -> RateLimitLayer<AppStore> {
-    let config = &state.config;
-    layer(state).with_policy(per_ip(config, "ip", config.rate_limit_ip).with_route_class("public"))
-}
-
-/// The login route: per IP, and the stricter `auth` class per IP.
-pub fn login(state: &AppState) -> RateLimitLayer<AppStore> {
-    let config = &state.config;
-    layer(state)
-        .with_policy(per_ip(config, "ip", config.rate_limit_ip).with_route_class("auth"))
-        .with_policy(per_ip(config, "auth", config.limits.class_auth).with_route_class("auth"))
-}
-
-/// Authenticated routes of `class`: per tenant, per subject by trust
-/// level, and per subject for the class. Goes under the authentication
-/// layer, which puts [`Claims`] in the request.
-pub fn authenticated(state: &AppState, class: RouteClass) -> RateLimitLayer<AppStore> {
-    let config = &state.config;
-    let limits = &config.limits;
-    let (name, quota) = match class {
-        RouteClass::Read => ("read", limits.class_read),
-        RouteClass::Write => ("write", limits.class_write),
-    };
-    let tenant = Policy::new(
-        "tenant",
-        |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.as_str()))),
-        limits.tenant,
-    );
-    // The closures share the server's configuration (one `Arc`).
-    let (key_config, quota_config) = (config.clone(), config.clone());
-    // The first configured level stands in for a level this build does not
-    // know (say, one removed from TRUST_LEVELS after the token was issued).
-    let lowest = limits
-        .trust
-        .first()
-        .and_then(|(_, q)| *q)
-        .unwrap_or(limits.class_read);
-    let trust = Policy::new(
-        "trust",
-        move |parts: &Parts| {
-            let claims = claims(parts)?;
-            Ok(match key_config.limits.trust_quota(&claims.trust) {
-                Some(None) => None, // unlimited, as configured
-                // Keyed by level too: a raised level starts a fresh
-                // allowance instead of inheriting the lower one's debt.
-                _ => Some(Key::from(format!("{}:{}", claims.sub, claims.trust))),
-            })
-        },
-        lowest,
-    )
-    .with_quota_fn(move |parts: &Parts| {
-        parts
-            .extensions
-            .get::<Claims>()
-            .and_then(|c| quota_config.limits.trust_quota(&c.trust).flatten())
-            .unwrap_or(lowest)
-    });
-    let class_policy = Policy::new(
-        name,
-        |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
-        quota,
-    );
-    [tenant, trust, class_policy]
-        .into_iter()
-        .fold(layer(state), |layer, policy| {
-            layer.with_policy(
-                policy
-                    .with_route_class(name)
-                    .shadow(config.rate_limit_shadow),
-            )
+impl Limits {
+    /// The limits `config` asks for. Connects to Redis lazily: a Redis
+    /// that is down at start-up is the failure policy's to handle.
+    pub fn new(config: Arc<Config>) -> Result<Self, StoreError> {
+        let store = match &config.store {
+            StoreConfig::Memory => EitherStore::Left(MemoryStore::new()),
+            StoreConfig::Redis {
+                target,
+                config: redis,
+            } => EitherStore::Right(
+                RedisStore::builder(target.clone())
+                    .config(redis.clone())
+                    .build()?,
+            ),
+        };
+        Ok(Self {
+            store,
+            fallback: LocalFallback::new(config.fallback_replicas),
+            trust: Arc::new(config.limits.trust.clone()),
+            config,
         })
+    }
+
+    /// The trust levels and their quotas.
+    pub fn trust(&self) -> &Arc<TrustTable> {
+        &self.trust
+    }
+
+    /// The rate-limit layer of `class`; `None` for classes never limited.
+    pub fn layer(&self, class: Class) -> Option<RateLimitLayer<LimitStore>> {
+        let config = &self.config;
+        let limits = &config.limits;
+        let policies = match class {
+            Class::Probe | Class::Admin => return None,
+            Class::Public => vec![self.per_ip("ip", config.rate_limit_ip, "public")],
+            Class::Login => vec![
+                self.per_ip("ip", config.rate_limit_ip, "auth"),
+                self.per_ip("auth", limits.class_auth, "auth"),
+            ],
+            Class::Read => self.authenticated("read", limits.class_read),
+            Class::Write => self.authenticated("write", limits.class_write),
+        };
+        let layer = RateLimitLayer::new(self.store.clone())
+            .with_failure_policy(config.failure_mode)
+            // One fallback for every layer: a policy on several layers is
+            // counted once while the store fails, as the store counts it.
+            .with_local_fallback(self.fallback.clone());
+        Some(policies.into_iter().fold(layer, |layer, policy| {
+            layer.with_policy(policy.shadow(config.rate_limit_shadow))
+        }))
+    }
+
+    fn per_ip(&self, name: &str, quota: Quota, class: &str) -> Policy {
+        Policy::new(
+            name,
+            ByClientIp::new().with_ipv6_prefix(self.config.ipv6_prefix),
+            quota,
+        )
+        .with_route_class(class)
+    }
+
+    /// Per tenant, per user by current trust level, and per user for the
+    /// class. Goes under authentication and the trust lookup, which put
+    /// [`Claims`] and [`Trust`] in the request.
+    fn authenticated(&self, class: &str, quota: Quota) -> Vec<Policy> {
+        let tenant = Policy::new(
+            "tenant",
+            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.to_string()))),
+            self.config.limits.tenant,
+        );
+        let lowest = self.trust.quota(&self.trust.lowest()).unwrap_or(quota);
+        let (key_table, quota_table) = (self.trust.clone(), self.trust.clone());
+        let trust = Policy::new(
+            "trust",
+            move |parts: &Parts| {
+                let claims = claims(parts)?;
+                let trust = current(parts)?;
+                Ok(key_table.quota(trust).map(|_| {
+                    // Keyed by level too: a raised level starts a fresh
+                    // allowance instead of inheriting the lower one's debt.
+                    Key::from(format!("{}:{}", claims.sub, trust.name))
+                }))
+            },
+            lowest,
+        )
+        .with_quota_fn(move |parts: &Parts| {
+            parts
+                .extensions
+                .get::<Trust>()
+                .and_then(|t| quota_table.quota(t))
+                .unwrap_or(lowest)
+        });
+        let per_user = Policy::new(
+            class,
+            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
+            quota,
+        );
+        [tenant, trust, per_user]
+            .into_iter()
+            .map(|policy| policy.with_route_class(class))
+            .collect()
+    }
+
+    /// Requests in flight per tenant and per user
+    /// (`RATE_LIMIT_TENANT_CONCURRENCY`, `RATE_LIMIT_SUBJECT_CONCURRENCY`),
+    /// one layer shared by every authenticated route.
+    pub fn concurrency(&self) -> ConcurrencyLimitLayer {
+        let capacity = &self.config.capacity;
+        let mut layer = ConcurrencyLimitLayer::new();
+        if let Some(max) = capacity.tenant_concurrency {
+            layer = layer.with_policy(ConcurrencyPolicy::new(
+                "tenant-concurrency",
+                |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.to_string()))),
+                max,
+            ));
+        }
+        if let Some(max) = capacity.subject_concurrency {
+            layer = layer.with_policy(ConcurrencyPolicy::new(
+                "subject-concurrency",
+                |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
+                max,
+            ));
+        }
+        layer
+    }
+
+    /// Sheds authenticated requests by trust level when `pool` is
+    /// overloaded: the lowest level at `LOAD_SHED_START`, each higher level
+    /// `LOAD_SHED_STEP` later; the highest level (`staff` by default) is
+    /// never shed, like Stripe's critical traffic. Goes after the trust
+    /// lookup, which sets the level a request is shed by.
+    pub fn shed(&self, pool: TenantPool) -> LoadShedLayer {
+        let capacity = &self.config.capacity;
+        let highest = self.trust.len() - 1;
+        let mut layer = LoadShedLayer::new(pool);
+        for (rank, level) in self.trust.names().enumerate() {
+            let threshold = capacity
+                .shed_start
+                .filter(|_| rank < highest)
+                .map(|start| capacity.shed_step.mul_add(rank as f64, start));
+            layer = layer.with_priority(level, threshold);
+        }
+        layer.with_priority_fn(|parts: &Parts| parts.extensions.get::<Trust>().map(|t| t.rank))
+    }
+
+    /// Whether the store is in use (not failing over).
+    pub fn store_available(&self) -> bool {
+        self.store.is_available()
+    }
+
+    /// For the readiness check: pings Redis (which feeds its circuit
+    /// breaker, the one record of its health); always fine in memory.
+    pub async fn check_store(&self) -> Result<(), String> {
+        match &self.store {
+            EitherStore::Left(_) => Ok(()),
+            EitherStore::Right(redis) => redis.ping().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether the store is Redis (then it gets a readiness check).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.store, EitherStore::Right(_))
+    }
 }
 
 fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {
@@ -132,49 +245,9 @@ fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {
         .ok_or_else(|| KeyRejection::unauthorized("this route needs a bearer token"))
 }
 
-/// Requests in flight per tenant and per user
-/// (`RATE_LIMIT_TENANT_CONCURRENCY`, `RATE_LIMIT_SUBJECT_CONCURRENCY`),
-/// one layer shared by every authenticated route.
-pub fn concurrency(config: &Config) -> ConcurrencyLimitLayer {
-    let capacity = &config.capacity;
-    let mut layer = ConcurrencyLimitLayer::new();
-    if let Some(max) = capacity.tenant_concurrency {
-        layer = layer.with_policy(ConcurrencyPolicy::new(
-            "tenant-concurrency",
-            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.as_str()))),
-            max,
-        ));
-    }
-    if let Some(max) = capacity.subject_concurrency {
-        layer = layer.with_policy(ConcurrencyPolicy::new(
-            "subject-concurrency",
-            |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
-            max,
-        ));
-    }
-    layer
-}
-
-/// Sheds authenticated requests by trust level when the tenant pool is
-/// overloaded: the lowest level at `LOAD_SHED_START`, each higher level
-/// `LOAD_SHED_STEP` later; the highest level (`staff` by default) is
-/// never shed, like Stripe's critical traffic. Goes after the trust
-/// lookup, which sets the level the request is shed by.
-pub fn shed(state: &AppState) -> LoadShedLayer {
-    let capacity = &state.config.capacity;
-    let levels = state.config.limits.trust.clone();
-    let highest = levels.len().saturating_sub(1);
-    let mut layer = LoadShedLayer::new(state.tenant_pool.clone());
-    for (i, (level, _)) in levels.iter().enumerate() {
-        let threshold = capacity
-            .shed_start
-            .filter(|_| i < highest)
-            .map(|start| capacity.shed_step.mul_add(i as f64, start));
-        layer = layer.with_priority(level, threshold);
-    }
-    layer.with_priority_fn(move |parts: &Parts| {
-        let trust = &parts.extensions.get::<Claims>()?.trust;
-        // A level this build does not know ranks lowest.
-        Some(levels.iter().position(|(l, _)| l == trust).unwrap_or(0))
-    })
+fn current(parts: &Parts) -> Result<&Trust, KeyRejection> {
+    parts
+        .extensions
+        .get::<Trust>()
+        .ok_or_else(|| KeyRejection::unauthorized("this route needs a bearer token"))
 }

@@ -23,27 +23,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
-    let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(addr = %config.listen_addr, %err, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The first signal drains; a second one exits at once.
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        tollgate_server::shutdown_signal().await;
-        let _ = first_tx.send(());
-        tollgate_server::shutdown_signal().await;
-        tracing::warn!("second signal: exiting now");
-        #[allow(clippy::exit)] // deliberate: the operator asked twice
-        std::process::exit(130);
-    });
-    let shutdown = async move {
-        let _ = first_rx.await;
-    };
+    // Flushes buffered log lines when main returns.
+    let _log_writer = init_tracing(config.log_format);
     let metrics = match tollgate::metrics::prometheus_builder().install_recorder() {
         Ok(handle) => Some(handle),
         Err(err) => {
@@ -51,7 +32,24 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tollgate_server::run(listener, config, metrics, shutdown).await {
+    let server = match tollgate_server::Server::bind(config, metrics).await {
+        Ok(server) => server,
+        Err(err) => {
+            tracing::error!(%err, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The first signal drains; a second one exits at once.
+    let shutdown = server.shutdown_handle();
+    tokio::spawn(async move {
+        tollgate_server::shutdown_signal().await;
+        shutdown.shutdown();
+        tollgate_server::shutdown_signal().await;
+        tracing::warn!("second signal: exiting now");
+        #[allow(clippy::exit)] // deliberate: the operator asked twice
+        std::process::exit(130);
+    });
+    match server.run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(%err, "server failed");
@@ -60,13 +58,19 @@ async fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stdout through a non-blocking writer: lines go to a buffer a
+/// dedicated thread writes out, so a slow or blocked stdout never stalls a
+/// request (when the buffer is full, lines are dropped and counted, not
+/// waited for).
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -75,4 +79,5 @@ fn init_tracing(format: LogFormat) {
             .with_current_span(true)
             .init(),
     }
+    guard
 }

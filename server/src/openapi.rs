@@ -1,13 +1,11 @@
-//! The OpenAPI 3 document of the reference server, generated from the
-//! handlers' annotations and served at `GET /openapi.json`.
+//! The OpenAPI 3 document's shared parts: the problem schema, the error
+//! sets routes refer to, and the document's frame ([`ApiDoc`]). The paths
+//! come from the handlers' annotations, collected from the route
+//! declarations when the app is built; `routes::openapi` serves it.
 
-use axum::{Json, Router, routing::get};
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
-
-use crate::AppState;
-use crate::routes::{api, auth, items, users};
 
 /// RFC 9457 problem details, the body of every error.
 #[derive(Debug, Serialize, ToSchema)]
@@ -67,42 +65,6 @@ pub enum BodyErrors {
     Invalid(Problem),
 }
 
-/// The operational routes come from `tollgate::health` and the metrics
-/// exporter, not from handlers here; these stubs only carry their
-/// documentation.
-mod operational {
-    /// Liveness: 200 while the process runs; touches no dependency.
-    #[utoipa::path(get, path = "/health", tag = "operations",
-        responses((status = 200, description = "Alive", content_type = "application/health+json")))]
-    #[allow(dead_code)]
-    fn health() {}
-
-    /// Readiness: 200 when every critical background check passes and the
-    /// replica is not draining, else 503; the body names each check.
-    #[utoipa::path(get, path = "/ready", tag = "operations",
-        responses(
-            (status = 200, description = "Ready", content_type = "application/health+json"),
-            (status = 503, description = "Not ready (a check fails, or draining)", content_type = "application/health+json"),
-        ))]
-    #[allow(dead_code)]
-    fn ready() {}
-
-    /// Prometheus metrics (text format), unless `METRICS_ADDR` moves them.
-    #[utoipa::path(get, path = "/metrics", tag = "operations",
-        responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4")))]
-    #[allow(dead_code)]
-    fn metrics() {}
-
-    /// This document.
-    #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-        responses(
-            (status = 200, description = "OpenAPI 3 document", content_type = "application/json"),
-            (status = 429, body = super::Problem, content_type = "application/problem+json"),
-        ))]
-    #[allow(dead_code)]
-    fn openapi() {}
-}
-
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -120,23 +82,15 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The document.
+/// What the document says besides its paths: title, tags, the bearer
+/// scheme. The paths and their schemas come from the route declarations
+/// (`routes::all`), when the app is built.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tollgate reference server", description = "A small multi-tenant API behind Tollgate's layers: per-IP, per-tenant, trust-level and route-class rate limits, and Postgres row-level security."),
-    paths(auth::login, items::list, items::create, items::fetch, items::update, items::remove, users::set_trust, api::ping, operational::health, operational::ready, operational::metrics, operational::openapi),
-    components(schemas(Problem, api::Pong, auth::LoginRequest, auth::TokenResponse, items::Item, items::ItemInput, items::ItemPage, users::TrustLevel)),
+    components(schemas(Problem)),
     modifiers(&BearerAuth),
     tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "users", description = "Tenant-scoped; staff only"), (name = "public"), (name = "operations", description = "Probes and metrics; never rate limited (except this document)"))
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
-
-/// `GET /openapi.json`.
-pub fn router() -> Router<AppState> {
-    let doc = ApiDoc::openapi();
-    Router::new().route(
-        "/openapi.json",
-        get(move || async move { Json(doc.clone()) }),
-    )
-}

@@ -1,12 +1,17 @@
-//! Current trust levels: read from Postgres through an in-process cache
-//! with a TTL, and invalidated across replicas with `LISTEN/NOTIFY`.
+//! Trust levels: the configured table ([`TrustTable`]), each request's
+//! current level ([`Trust`]), and how a level changes ([`change_level`]).
 //!
-//! A change (`user set-trust`, or `PUT /api/v1/users/{id}/trust`) runs
-//! `pg_notify` in the same transaction as the `UPDATE`, so the message is
-//! sent only if the change commits. Each replica listens on one connection
-//! of its own (not from the request pool) and drops the user's entry. A
-//! message carries the sender's per-boot origin id, and a replica ignores
-//! its own (it already dropped the entry after its commit). When the
+//! The flow is one way. [`current_trust`] reads the subject's level as
+//! stored (through an in-process cache with a TTL) and puts a [`Trust`] in
+//! the request extensions; the token's claims are never rewritten, and
+//! limits, shedding and handlers read the [`Trust`]. A change — from the
+//! API or the CLI — goes through [`change_level`], which runs `pg_notify`
+//! in the same transaction as the `UPDATE`, so the message is sent only if
+//! the change commits. Each replica listens on one connection of its own
+//! (not from the request pool) and drops the user's entry. A message
+//! carries the sender's per-boot origin id, and a replica ignores its own:
+//! it drops its entry itself once its transaction commits
+//! ([`Tx::after_commit`](tollgate::tenant::Tx::after_commit)). When the
 //! listener is down, it reconnects with back-off (1 s, 2 s, 4 s … 30 s)
 //! and the TTL alone bounds staleness; it never takes the server down.
 //!
@@ -30,11 +35,94 @@ use moka::sync::Cache;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::task::JoinHandle;
+use tollgate::rate_limit::Quota;
 use tollgate::tenant::{Access, TenantId, begin};
 use uuid::Uuid;
 
 use crate::auth::Claims;
 use crate::error::AppError;
+
+/// The configured levels (`TRUST_LEVELS`), lowest first, each with its
+/// quota (`RATE_LIMIT_TRUST_<LEVEL>`; `None` is unlimited). Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustTable(Vec<(Arc<str>, Option<Quota>)>);
+
+impl TrustTable {
+    /// The table of `levels`, lowest first; `None` when there are none.
+    pub fn new(levels: Vec<(String, Option<Quota>)>) -> Option<Self> {
+        (!levels.is_empty()).then(|| {
+            Self(
+                levels
+                    .into_iter()
+                    .map(|(name, quota)| (name.into(), quota))
+                    .collect(),
+            )
+        })
+    }
+
+    /// The level called `name`, if configured.
+    pub fn find(&self, name: &str) -> Option<Trust> {
+        self.0
+            .iter()
+            .position(|(level, _)| &**level == name)
+            .map(|rank| self.at(rank))
+    }
+
+    /// The level called `name`, or an error listing the configured ones.
+    pub fn parse(&self, name: &str) -> Result<Trust, String> {
+        self.find(name).ok_or_else(|| {
+            let known: Vec<&str> = self.names().collect();
+            format!("one of {}", known.join(", "))
+        })
+    }
+
+    /// The lowest level: what applies when the current one cannot be read.
+    pub fn lowest(&self) -> Trust {
+        self.at(0)
+    }
+
+    /// The highest level, the only one that may change levels.
+    pub fn highest(&self) -> Trust {
+        self.at(self.0.len() - 1)
+    }
+
+    /// The quota of `level` (`None`: unlimited).
+    pub fn quota(&self, level: &Trust) -> Option<Quota> {
+        self.0.get(level.rank).and_then(|(_, quota)| *quota)
+    }
+
+    /// The levels' names, lowest first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(name, _)| &**name)
+    }
+
+    /// How many levels there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never: a table has at least one level.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn at(&self, rank: usize) -> Trust {
+        Trust {
+            rank,
+            name: self.0[rank].0.clone(),
+        }
+    }
+}
+
+/// A request's current trust level, put in the request extensions by
+/// [`current_trust`] (the token's level may be stale; this one is not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trust {
+    /// 0 for the lowest level, counting up.
+    pub rank: usize,
+    /// The level's name.
+    pub name: Arc<str>,
+}
 
 /// The channel trust changes are announced on.
 pub const TRUST_CHANNEL: &str = "tollgate_trust";
@@ -136,9 +224,7 @@ impl TrustLevels {
             return Ok(Some(level));
         }
         metrics::counter!(CACHE_MISSES).increment(1);
-        let Ok(tenant) = claims.tenant.parse::<TenantId>() else {
-            return Ok(None);
-        };
+        let tenant = TenantId::new(claims.tenant);
         let generation = self.generation.load(Ordering::Acquire);
         // Single flight: misses for one subject arriving together share one
         // query. Keyed by generation too, so a miss after an invalidation
@@ -238,77 +324,71 @@ impl TrustLevels {
     }
 }
 
-/// Announces a change of `user`'s level, inside the transaction that made
-/// it (delivered on commit, dropped on rollback).
-pub async fn notify(
+/// Changes `user`'s level to `level` inside the caller's transaction,
+/// and announces it to every replica when that transaction commits
+/// (`pg_notify` is delivered on commit, dropped on rollback). The one way a
+/// level changes, for the API and the CLI alike. `origin` is the sender's
+/// id ([`TrustLevels::origin`]; the CLI, which caches nothing, uses a fresh
+/// one). `false` when the user is not visible in the transaction's tenant.
+pub async fn change_level(
     conn: &mut sqlx::PgConnection,
     origin: Uuid,
     user: Uuid,
-) -> Result<(), sqlx::Error> {
+    level: &Trust,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query("UPDATE users SET trust_level = $2 WHERE id = $1")
+        .bind(user)
+        .bind(&*level.name)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        return Ok(false);
+    }
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(TRUST_CHANNEL)
         .bind(format!("{origin}:{user}"))
         .execute(conn)
-        .await
-        .map(drop)
+        .await?;
+    Ok(true)
 }
 
-/// Marks a response whose handler changed a user's level: once the
-/// transaction has committed (the response is still a success after the
-/// tenant layer), [`current_trust`] drops the local entry.
-#[derive(Debug, Clone, Copy)]
-pub struct TrustChanged(pub Uuid);
-
-/// What [`current_trust`] needs: the cache and the lowest level, which
-/// applies when the current level cannot be read.
+/// What [`current_trust`] needs: the cache and the table.
 #[derive(Debug, Clone)]
 pub struct CurrentTrust {
     /// The cache.
     pub levels: TrustLevels,
-    /// The lowest configured level (the first of `TRUST_LEVELS`).
-    pub lowest: Arc<str>,
+    /// The configured levels.
+    pub table: Arc<TrustTable>,
 }
 
-/// Replaces the token's trust level with the current one (so a downgrade
+/// Puts the subject's current [`Trust`] in the request (so a downgrade
 /// applies before the token expires); 401 when the user is gone. If the
 /// database cannot say, the lowest level applies (fail closed): a level
-/// read from the token could be one the user no longer has.
+/// read from the token could be one the user no longer has. A stored level
+/// this build does not know (say, one removed from `TRUST_LEVELS`) also
+/// counts as the lowest.
 pub async fn current_trust(
-    State(CurrentTrust {
-        levels: trust,
-        lowest,
-    }): State<CurrentTrust>,
+    State(CurrentTrust { levels, table }): State<CurrentTrust>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    // A tenant that is not an id is the tenant layer's 400 to answer.
-    let claims = req.extensions().get::<Claims>().cloned();
-    if let Some(claims) = claims.filter(|c| c.tenant.parse::<TenantId>().is_ok()) {
-        match trust.current(&claims).await {
-            Ok(Some(level)) => {
-                if let Some(c) = req.extensions_mut().get_mut::<Claims>() {
-                    c.trust = level;
-                }
-            }
-            Ok(None) => {
-                return AppError::Unauthorized("the token's user no longer exists").into_response();
-            }
-            Err(err) => {
-                metrics::counter!(LOOKUP_FAILURES).increment(1);
-                tracing::warn!(%err, "trust level lookup failed; the lowest level applies");
-                if let Some(c) = req.extensions_mut().get_mut::<Claims>() {
-                    c.trust = lowest.to_string();
-                }
-            }
+    let Some(claims) = req.extensions().get::<Claims>() else {
+        return next.run(req).await;
+    };
+    let trust = match levels.current(claims).await {
+        Ok(Some(level)) => table.find(&level).unwrap_or_else(|| table.lowest()),
+        Ok(None) => {
+            return AppError::Unauthorized("the token's user no longer exists").into_response();
         }
-    }
-    let res = next.run(req).await;
-    if let Some(TrustChanged(user)) = res.extensions().get::<TrustChanged>() {
-        if res.status().is_success() {
-            trust.invalidate(*user);
+        Err(err) => {
+            metrics::counter!(LOOKUP_FAILURES).increment(1);
+            tracing::warn!(%err, "trust level lookup failed; the lowest level applies");
+            table.lowest()
         }
-    }
-    res
+    };
+    req.extensions_mut().insert(trust);
+    next.run(req).await
 }
 
 /// Listens on [`TRUST_CHANNEL`] until aborted, on a connection of its own
@@ -403,12 +483,14 @@ mod tests {
         use tower::ServiceExt;
         let state = CurrentTrust {
             levels: unreachable(),
-            lowest: "new".into(),
+            table: Arc::new(
+                TrustTable::new(vec![("new".into(), None), ("staff".into(), None)]).unwrap(),
+            ),
         };
         let app = Router::new()
             .route(
                 "/",
-                get(|Extension(claims): Extension<Claims>| async move { claims.trust }),
+                get(|Extension(trust): Extension<Trust>| async move { trust.name.to_string() }),
             )
             .route_layer(axum::middleware::from_fn_with_state(state, current_trust));
         let mut req = http::Request::get("/")
@@ -416,7 +498,7 @@ mod tests {
             .unwrap();
         req.extensions_mut().insert(Claims {
             sub: Uuid::new_v4(),
-            tenant: Uuid::new_v4().to_string(),
+            tenant: Uuid::new_v4(),
             trust: "staff".into(),
             iat: 0,
             exp: u64::MAX,

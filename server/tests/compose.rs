@@ -48,7 +48,7 @@ fn every_service_file_and_variable_it_references_exists() {
     ] {
         assert!(names.contains(expected), "no service {expected}");
     }
-    let known: BTreeSet<&str> = VARIABLES.iter().map(|(name, ..)| *name).collect();
+    let known: BTreeSet<&str> = VARIABLES.iter().map(|v| v.name).collect();
     for name in &names {
         let service = &services[name.as_str()];
         // depends_on: a list or a map of services.

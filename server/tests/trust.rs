@@ -223,7 +223,7 @@ async fn simultaneous_misses_for_one_subject_query_postgres_once() {
     );
     let claims = tollgate_server::auth::Claims {
         sub,
-        tenant: tenant.to_string(),
+        tenant,
         trust: "basic".into(),
         iat: 0,
         exp: u64::MAX,

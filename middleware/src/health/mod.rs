@@ -42,4 +42,4 @@
 
 mod readiness;
 
-pub use readiness::{CheckReport, CheckStatus, Readiness, ReadinessBuilder, Report};
+pub use readiness::{CheckReport, CheckStatus, Readiness, ReadinessBuilder, Report, live};

@@ -183,7 +183,9 @@ fn verdict<St>(
     match result {
         Ok(decisions) => decided(shared, index, checks, &decisions),
         Err(error) => {
-            shared.store_failed(&error);
+            // Per request at debug only: the store logs its own
+            // transitions (down, back) once each.
+            tracing::debug!(%error, "rate-limit store failed; applying the failure policy");
             #[cfg(feature = "metrics")]
             metrics::counter!(crate::metrics::RATELIMIT_STORE_ERRORS, "kind" => error.kind().as_str())
                 .increment(1);

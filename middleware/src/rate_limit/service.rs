@@ -78,12 +78,6 @@ impl<St> Shared<St> {
     pub(crate) fn failure_of(&self, policy: usize) -> FailurePolicy {
         self.policies[policy].failure.unwrap_or(self.failure)
     }
-
-    pub(crate) fn store_failed(&self, error: &super::StoreError) {
-        // Logged here per request at debug only: the store logs its own
-        // transitions (down, back) once each.
-        tracing::debug!(%error, "rate-limit store failed; applying the failure policy");
-    }
 }
 
 /// The local store [`FailurePolicy::Local`] decides in while the store

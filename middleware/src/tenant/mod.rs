@@ -58,7 +58,9 @@
 //!
 //! ```
 //! use axum::{Router, routing::get};
-//! use tollgate::tenant::{TenantClaims, FromClaims, TenantLayer, Tx, TenantError};
+//! use tollgate::tenant::{
+//!     FromClaims, TenantClaims, TenantError, TenantId, TenantLayer, TenantRejection, Tx,
+//! };
 //! use tower::ServiceExt;
 //!
 //! /// What your authentication layer puts in request extensions.
@@ -66,7 +68,7 @@
 //! struct Claims { tenant: String }
 //!
 //! impl TenantClaims for Claims {
-//!     fn tenant(&self) -> &str { &self.tenant }
+//!     fn tenant(&self) -> Result<TenantId, TenantRejection> { self.tenant.parse() }
 //! }
 //!
 //! async fn count(mut tx: Tx) -> Result<String, TenantError> {

@@ -88,8 +88,11 @@ pub trait TenantResolver: Clone + Send + Sync + 'static {
 /// Claims, put in request extensions by an authentication layer, that name
 /// a tenant. Implement it for your claims type to use [`FromClaims`].
 pub trait TenantClaims: Clone + Send + Sync + 'static {
-    /// The tenant the token was issued for, as the token says it.
-    fn tenant(&self) -> &str;
+    /// The tenant the token was issued for, or why it names none (say, a
+    /// claim that is not a tenant id: [`TenantRejection::Invalid`]).
+    /// Claims that hold a [`TenantId`] already return it as is; claims
+    /// that hold text parse it here, once.
+    fn tenant(&self) -> Result<TenantId, TenantRejection>;
 }
 
 /// The tenant from verified claims of type `C` in the request extensions.
@@ -133,7 +136,6 @@ impl<C: TenantClaims> TenantResolver for FromClaims<C> {
             .get::<C>()
             .ok_or(TenantRejection::Missing)?
             .tenant()
-            .parse()
     }
 }
 
@@ -218,8 +220,8 @@ mod tests {
     #[derive(Clone)]
     struct Claims(&'static str);
     impl TenantClaims for Claims {
-        fn tenant(&self) -> &str {
-            self.0
+        fn tenant(&self) -> Result<TenantId, TenantRejection> {
+            self.0.parse()
         }
     }
 

@@ -1,15 +1,16 @@
 //! Public API routes, under the per-IP limit.
 
-use axum::{Extension, Json, Router, routing::get};
+use axum::{Extension, Json};
 use serde::Serialize;
 use tollgate::client_ip::ClientIp;
 use utoipa::ToSchema;
+use utoipa_axum::routes;
 
-use crate::AppState;
+use super::{Class, Route};
 
 /// `/api/v1/ping`: a database-free route for probing limits and load.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/ping", get(ping))
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Class::Public, routes!(ping))]
 }
 
 /// The answer to a ping.

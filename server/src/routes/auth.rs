@@ -1,19 +1,22 @@
 //! `POST /auth/login`: e-mail and password for a token.
 
+use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::{Json, Router, routing::post};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::error::AppError;
 use tollgate::tenant::TenantId;
+use utoipa_axum::routes;
+
+use super::{Class, Route};
+use crate::error::AppError;
+use crate::state::AppState;
 
 /// `/auth/login`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/auth/login", post(login))
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Class::Login, routes!(login))]
 }
 
 /// The key logins take connections of the tenant pool under (the nil

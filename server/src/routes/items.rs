@@ -2,21 +2,20 @@
 //! tenant transaction; row-level security does the scoping, so no query
 //! here names a tenant.
 
+use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::{Json, Router, routing::get};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tollgate::rate_limit::RateLimitLayer;
 use tollgate::tenant::Tx;
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::AppState;
+use super::{Class, Route};
 use crate::error::AppError;
-use crate::store::AppStore;
 
 /// Longest `name`, in characters.
 pub const NAME_MAX: usize = 200;
@@ -25,22 +24,15 @@ pub const BODY_MAX: usize = 10_000;
 /// Largest page.
 pub const PAGE_MAX: u32 = 100;
 
-/// The routes, reads and writes each under their route class's limits
-/// (`route_layer`, so only matched requests are counted).
-pub fn router(read: RateLimitLayer<AppStore>, write: RateLimitLayer<AppStore>) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/items",
-            get(list)
-                .route_layer(read.clone())
-                .merge(axum::routing::post(create).route_layer(write.clone())),
-        )
-        .route(
-            "/api/v1/items/{id}",
-            get(fetch)
-                .route_layer(read)
-                .merge(axum::routing::put(update).delete(remove).route_layer(write)),
-        )
+/// The routes: reads and writes.
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Class::Read, routes!(list)),
+        Route::new(Class::Read, routes!(fetch)),
+        Route::new(Class::Write, routes!(create)),
+        Route::new(Class::Write, routes!(update)),
+        Route::new(Class::Write, routes!(remove)),
+    ]
 }
 
 /// An item.

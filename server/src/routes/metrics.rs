@@ -3,20 +3,26 @@
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::{Router, routing::get};
 use http::{HeaderValue, StatusCode, header};
 use tokio::task::JoinHandle;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::AppState;
+use super::{Class, Route};
+use crate::state::AppState;
 
 /// `/metrics`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(render))
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Class::Admin, routes!(render))]
 }
 
-async fn render(State(state): State<AppState>) -> Response {
+/// Prometheus metrics (text format), on `METRICS_ADDR` when set, else here.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4")))]
+pub async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => {
             record_pool(&state.pool, state.config.database.max_connections);
@@ -78,7 +84,13 @@ pub async fn spawn(state: &AppState, admin: Option<SocketAddr>) -> std::io::Resu
     if let Some(addr) = admin {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(metrics_on = %listener.local_addr()?, "metrics listening");
-        let app = router().with_state(state.clone());
+        let app: Router = routes()
+            .into_iter()
+            .fold(OpenApiRouter::new(), |router, route| {
+                router.routes(route.handler)
+            })
+            .with_state(state.clone())
+            .into();
         tasks.0.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(%err, "metrics listener failed");

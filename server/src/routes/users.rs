@@ -2,26 +2,22 @@
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::response::IntoResponse;
-use axum::{Extension, Json, Router, routing::put};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
-use tollgate::rate_limit::RateLimitLayer;
 use tollgate::tenant::Tx;
 use utoipa::ToSchema;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::AppState;
+use super::{Class, Route};
 use crate::auth::Claims;
 use crate::error::AppError;
-use crate::store::AppStore;
-use crate::trust::{TrustChanged, notify};
+use crate::state::AppState;
+use crate::trust::{Trust, change_level};
 
-/// The route, under the write class's limits.
-pub fn router(write: RateLimitLayer<AppStore>) -> Router<AppState> {
-    Router::new().route(
-        "/api/v1/users/{id}/trust",
-        put(set_trust).route_layer(write),
-    )
+/// The route, a write.
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Class::Write, routes!(set_trust))]
 }
 
 /// A trust level.
@@ -52,32 +48,24 @@ pub struct TrustLevel {
 pub async fn set_trust(
     State(state): State<AppState>,
     Extension(claims): Extension<Claims>,
+    Extension(current): Extension<Trust>,
     mut tx: Tx,
     id: Result<Path<Uuid>, PathRejection>,
     input: Result<Json<TrustLevel>, JsonRejection>,
-) -> Result<impl IntoResponse, AppError> {
+) -> Result<Json<TrustLevel>, AppError> {
     let Path(id) = id?;
     let Json(input) = input?;
-    let levels = &state.config.limits.trust;
-    let highest = levels.last().map(|(l, _)| l.as_str());
+    let table = state.limits.trust();
+    let highest = table.highest();
     let forbidden = || AppError::Forbidden("only the highest trust level may change trust levels");
-    // A quick refusal from the request's level (current, or the lowest
-    // when it could not be read) …
-    if highest != Some(claims.trust.as_str()) {
+    // A quick refusal from the request's current level (the lowest when
+    // it could not be read) …
+    if current != highest {
         return Err(forbidden());
     }
-    if state
-        .config
-        .limits
-        .trust_quota(&input.trust_level)
-        .is_none()
-    {
-        let known: Vec<&str> = levels.iter().map(|(l, _)| l.as_str()).collect();
-        return Err(AppError::Invalid(vec![format!(
-            "trust_level: one of {}",
-            known.join(", ")
-        )]));
-    }
+    let level = table
+        .parse(&input.trust_level)
+        .map_err(|known| AppError::Invalid(vec![format!("trust_level: {known}")]))?;
     // … but the decision is made on the caller's level as stored, read in
     // this transaction and held (FOR SHARE) until it commits: a cached or
     // token level cannot grant a privilege the user has lost, nor can the
@@ -88,19 +76,16 @@ pub async fn set_trust(
             .bind(claims.sub)
             .fetch_optional(&mut *conn)
             .await?;
-    if caller_level.as_deref() != highest {
+    if caller_level.as_deref() != Some(&*highest.name) {
         return Err(forbidden());
     }
-    let updated = sqlx::query("UPDATE users SET trust_level = $2 WHERE id = $1")
-        .bind(id)
-        .bind(&input.trust_level)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if updated == 0 {
+    let cache = state.trust.clone();
+    if !change_level(conn, cache.origin(), id, &level).await? {
         return Err(AppError::NotFound);
     }
-    // Same transaction: other replicas hear of it only if it commits.
-    notify(conn, state.trust.origin(), id).await?;
-    Ok((Extension(TrustChanged(id)), Json(input)))
+    // Other replicas hear of it from the commit's NOTIFY; this one drops
+    // its entry once the change has committed (earlier, a concurrent
+    // lookup could cache the old level again).
+    tx.after_commit(move || cache.invalidate(id));
+    Ok(Json(input))
 }

@@ -27,7 +27,7 @@ const GCRA_LUA: &str = include_str!("redis_gcra.lua");
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// Settings of a [`RedisStore`], each with the reason for its default.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// Prefix and hash tag of every key (`{tollgate}:2:ip:ip:192.0.2.1`).
@@ -72,7 +72,7 @@ impl Default for RedisConfig {
 }
 
 /// Where Redis is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RedisTarget {
     /// One server (or a primary behind a proxy), e.g. `redis://127.0.0.1:6379`.

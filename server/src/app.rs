@@ -1,0 +1,142 @@
+//! [`app`]: the router, built from the route declarations, wrapped in the
+//! request-wide layers.
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::http::Request;
+use axum::response::Response;
+use tollgate::client_ip::SetClientIpLayer;
+use tollgate::health::Readiness;
+use tollgate::metrics::HttpMetricsLayer;
+use tollgate::tenant::{FromClaims, TenantLayer};
+use tollgate::timeout::{BodyTimeoutLayer, RequestTimeoutLayer};
+use tower::{Service, ServiceBuilder};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::access_log::AccessLogLayer;
+use crate::auth::{self, Claims};
+use crate::openapi::ApiDoc;
+use crate::routes::{self, Class, Route};
+use crate::state::AppState;
+use crate::trust::{self, CurrentTrust};
+
+/// Largest request body the API reads (413 above).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The server as one service (tests drive it with `oneshot`).
+///
+/// Request-wide layers, outermost first: request id → access log →
+/// request deadline → client IP → body deadline → body limit →
+/// `Connection: close` while draining. They wrap the router as one service
+/// instead of being added with `Router::layer`, which would box and clone
+/// the whole stack for every route on every request; only the metrics
+/// layer sits in the router, because it labels by the matched route.
+///
+/// Each route gets its class's rate-limit layer ([`Limits::layer`](crate::limits::Limits::layer)).
+/// Authenticated routes share, outermost first: authentication →
+/// concurrency per tenant and user → current trust level → load shedding
+/// by level → tenant transaction → the route's limits → handler. The
+/// transaction begins only when the handler asks for it (after reading its
+/// body), so neither a rejected request nor a slow client holds a database
+/// connection.
+pub fn app(
+    state: AppState,
+) -> impl Service<Request<Body>, Response = Response, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    let config = &state.config;
+    let limits = &state.limits;
+    let metrics_elsewhere = config.metrics_addr.is_some();
+    let mut open = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi());
+    let mut authenticated = OpenApiRouter::new();
+    // Documented but served elsewhere (`/metrics` on `METRICS_ADDR`).
+    let mut elsewhere = utoipa::openapi::path::Paths::new();
+    for Route {
+        class,
+        handler: (schemas, paths, method_router),
+    } in routes::all()
+    {
+        if class == Class::Admin && metrics_elsewhere {
+            elsewhere.paths.extend(paths.paths);
+            continue;
+        }
+        let method_router = match limits.layer(class) {
+            // `route_layer`: only requests that match are counted.
+            Some(layer) => method_router.route_layer(layer),
+            None => method_router,
+        };
+        let handler = (schemas, paths, method_router);
+        if class.is_authenticated() {
+            authenticated = authenticated.routes(handler);
+        } else {
+            open = open.routes(handler);
+        }
+    }
+    let authenticated = authenticated
+        .route_layer(TenantLayer::new(
+            state.tenant_pool.clone(),
+            FromClaims::<Claims>::new(),
+        ))
+        .route_layer(limits.shed(state.tenant_pool.clone()))
+        // The level in the token may be stale: limits and shedding use the
+        // current one.
+        .route_layer(axum::middleware::from_fn_with_state(
+            CurrentTrust {
+                levels: state.trust.clone(),
+                table: limits.trust().clone(),
+            },
+            trust::current_trust,
+        ))
+        .route_layer(limits.concurrency())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.tokens.clone(),
+            auth::require_auth,
+        ));
+    let (router, mut doc) = open.merge(authenticated).split_for_parts();
+    doc.paths.paths.extend(elsewhere.paths);
+    let _ = state
+        .openapi
+        .set(serde_json::to_vec(&doc).unwrap_or_default().into());
+
+    let readiness = state.readiness.clone();
+    let proxies = config.trusted_proxies.clone();
+    let http = config.http;
+    let access_log = config.access_log;
+    let router: Router = router
+        .fallback(routes::not_found)
+        // Inside the router (so it sees the matched route), outside the
+        // limiter (so 429s are counted).
+        .layer(HttpMetricsLayer::new())
+        .with_state(state);
+    ServiceBuilder::new()
+        // axum::serve wants axum's body type.
+        .map_response(|res: http::Response<_>| res.map(Body::new))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(AccessLogLayer::new(access_log))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(RequestTimeoutLayer::optional(http.request_timeout))
+        .layer(SetClientIpLayer::new(proxies))
+        .layer(BodyTimeoutLayer::optional(http.body_read_timeout))
+        .map_request(|req: Request<_>| req.map(Body::new))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .map_response(move |res| close_when_draining(&readiness, res))
+        .service(router)
+}
+
+/// While draining, asks clients to close their connection after this
+/// response, so keep-alive clients reconnect through the load balancer to
+/// another replica.
+fn close_when_draining(readiness: &Readiness, mut res: Response) -> Response {
+    if readiness.is_draining() {
+        res.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    res
+}
