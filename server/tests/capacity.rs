@@ -99,7 +99,7 @@ async fn timed_reads(
 /// holds no connection: B keeps its latency and readiness stays 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_bodies_of_one_tenant_leave_other_tenants_and_readiness_alone() {
-    let server = Server::start(&env(&[
+    let server = Server::process(&env(&[
         ("DB_MAX_CONNECTIONS", "4"),
         ("HTTP_BODY_READ_TIMEOUT", "60s"),
     ]));
@@ -153,7 +153,7 @@ async fn half_sent_bodies_of_one_tenant_leave_other_tenants_and_readiness_alone(
 /// connection after the body timeout.
 #[tokio::test]
 async fn slowloris_and_trickled_bodies_are_cut_off() {
-    let server = Server::start(&env(&[
+    let server = Server::process(&env(&[
         ("HTTP_HEADER_READ_TIMEOUT", "1s"),
         ("HTTP_BODY_READ_TIMEOUT", "1s"),
     ]));
@@ -248,7 +248,7 @@ async fn slowloris_and_trickled_bodies_are_cut_off() {
 /// come back when A's clients hang up, mid-request or mid-response.
 #[tokio::test]
 async fn a_tenant_at_its_concurrency_limit_gets_429_and_its_slots_come_back() {
-    let server = Server::start(&env(&[
+    let server = Server::process(&env(&[
         ("RATE_LIMIT_TENANT_CONCURRENCY", "2"),
         ("RATE_LIMIT_SUBJECT_CONCURRENCY", "unlimited"),
         ("HTTP_BODY_READ_TIMEOUT", "60s"),
@@ -379,7 +379,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// routes keep answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_logins_stay_bounded() {
-    let server = Server::start(&env(&[
+    let server = Server::process(&env(&[
         ("AUTH_HASH_WORKERS", "2"),
         ("AUTH_HASH_QUEUE", "4"),
     ]));
@@ -520,7 +520,7 @@ async fn a_demoted_staff_user_cannot_restore_its_own_level() {
 /// traffic, are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_the_lowest_trust_level_first() {
-    let server = Server::start(&env(&[
+    let server = Server::process(&env(&[
         ("DB_MAX_CONNECTIONS", "2"),
         ("DB_TENANT_MAX_CONNECTIONS", "2"),
         ("RATE_LIMIT_TENANT_CONCURRENCY", "unlimited"),

@@ -32,7 +32,7 @@ async fn one_replica_per_cycle_and_the_others_take_over_from_a_killed_one() {
     ];
     // Three replicas migrating the fresh database at once (sqlx serialises
     // them with its own advisory lock).
-    let mut servers: Vec<Server> = (0..3).map(|_| Server::start(&env)).collect();
+    let mut servers: Vec<Server> = (0..3).map(|_| Server::process(&env)).collect();
     let pool = PgPool::connect(&app_url).await.unwrap();
     let http = client();
 
@@ -108,8 +108,8 @@ async fn one_replica_per_cycle_and_the_others_take_over_from_a_killed_one() {
         .position(|s| s.base.ends_with(&last))
         .expect("the last origin is one of ours");
     let mut killed = servers.remove(victim);
-    killed.child.kill().unwrap();
-    killed.child.wait().unwrap();
+    killed.child().kill().unwrap();
+    killed.child().wait().unwrap();
     let killed_at = cycles(&pool).await.last().unwrap().0;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after: Vec<_> = cycles(&pool)

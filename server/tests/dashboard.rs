@@ -33,7 +33,7 @@ fn alert_rules_pass_promtool() {
 
 #[tokio::test]
 async fn every_panel_query_returns_data_from_a_real_prometheus() {
-    let server = Server::start(&[("RATE_LIMIT_IP", "5/min"), ("CLEANUP_INTERVAL", "1000")]);
+    let server = Server::process(&[("RATE_LIMIT_IP", "5/min"), ("CLEANUP_INTERVAL", "1000")]);
     let target = server.base.trim_start_matches("http://").to_owned();
     let prometheus = Prometheus::start(&[&target]);
     let http = client();

@@ -101,7 +101,7 @@ fn replicas(prefix: &str, extra: &[(&str, &str)]) -> Vec<Server> {
         ("READY_CHECK_INTERVAL", "200"),
     ];
     env.extend_from_slice(extra);
-    (0..3).map(|_| Server::start(&env)).collect()
+    (0..3).map(|_| Server::process(&env)).collect()
 }
 
 fn signal(server: &Server, signal: &str) {
@@ -206,7 +206,7 @@ async fn a_drained_replica_leaves_without_failures_and_a_killed_one_costs_only_i
     signal(drained, "TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = drained.child.try_wait().unwrap() {
+        if let Some(status) = drained.child().try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -256,8 +256,8 @@ async fn a_drained_replica_leaves_without_failures_and_a_killed_one_costs_only_i
     let clients = 8;
     let running = load(&caddy.base, clients, stop.clone());
     tokio::time::sleep(Duration::from_millis(700)).await;
-    servers[1].child.kill().unwrap();
-    servers[1].child.wait().unwrap();
+    servers[1].child().kill().unwrap();
+    servers[1].child().wait().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = running.await.unwrap();

@@ -29,8 +29,8 @@ struct Fleet {
 }
 
 async fn fleet(a_env: &[(&str, &str)], b_env: &[(&str, &str)]) -> Fleet {
-    let a = Server::start(&with_quotas(a_env));
-    let b = Server::start(&with_quotas(b_env));
+    let a = Server::process(&with_quotas(a_env));
+    let b = Server::process(&with_quotas(b_env));
     let pool = app_pool().await;
     let (tenant, emails) = seed_tenant(&pool, &[("staff", "staff"), ("user", "basic")], 0).await;
     let http = client();

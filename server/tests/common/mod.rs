@@ -10,27 +10,92 @@ use std::time::Duration;
 /// The secret test servers sign tokens with.
 pub const AUTH_SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
-/// A running server, killed when dropped (also when a test fails).
+/// A running server, stopped when dropped (also when a test fails):
+/// in this process ([`Server::start`]) or as the real binary
+/// ([`Server::process`], for signals, exit codes, kills, memory and
+/// `/metrics`, whose recorder is one per process).
 pub struct Server {
-    pub child: Child,
     pub base: String,
+    child: Option<Child>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// The variables every test server gets unless the test sets its own.
+fn base_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        // Tests that care about draining set their own delay.
+        ("SHUTDOWN_DRAIN_DELAY", "0".to_owned()),
+        ("AUTH_SECRET", AUTH_SECRET.to_owned()),
+        ("DATABASE_URL", tollgate_test_support::app_url("tollgate")),
+        (
+            "MIGRATION_DATABASE_URL",
+            tollgate_test_support::owner_url("tollgate"),
+        ),
+    ]
+}
+
+/// The configuration of a test server: `env` over the test defaults,
+/// nothing read from the process environment.
+pub fn config(env: &[(&str, &str)]) -> tollgate_server::config::Config {
+    let mut vars: std::collections::HashMap<String, String> = base_env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    for (k, v) in env {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    tollgate_server::config::Config::from_lookup(|name| vars.get(name).cloned())
+        .expect("test configuration")
 }
 
 impl Server {
+    /// Starts the server in this process, on its own runtime (two worker
+    /// threads, so a test's client and the server do not share one), with
+    /// `env` over the test defaults: nothing is read from the process
+    /// environment.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let config = config(env);
+        // A runtime cannot be started from within the test's own: build
+        // and bind on a plain thread.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let server = runtime
+                // A recorder of its own, not installed: `/metrics` answers
+                // (empty), as documented, without sharing the process's.
+                .block_on(tollgate_server::Server::bind(
+                    config,
+                    Some(
+                        tollgate::metrics::prometheus_builder()
+                            .build_recorder()
+                            .handle(),
+                    ),
+                ))
+                .expect("start the server in-process");
+            let base = format!("http://{}", server.local_addr());
+            runtime.spawn(server.run());
+            Self {
+                base,
+                child: None,
+                runtime: Some(runtime),
+            }
+        })
+        .join()
+        .expect("server thread")
+    }
+
     /// Starts the binary with `env` on 127.0.0.1:0 and waits (bounded) for
     /// the address it logs.
-    pub fn start(env: &[(&str, &str)]) -> Self {
+    pub fn process(env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-server"));
-        cmd.env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            // Tests that care about draining set their own delay.
-            .env("SHUTDOWN_DRAIN_DELAY", "0")
-            .env("AUTH_SECRET", AUTH_SECRET)
-            .env("DATABASE_URL", tollgate_test_support::app_url("tollgate"))
-            .env(
-                "MIGRATION_DATABASE_URL",
-                tollgate_test_support::owner_url("tollgate"),
-            )
+        for (k, v) in base_env() {
+            cmd.env(k, v);
+        }
+        cmd.env("RUST_LOG", "info")
             .env_remove("LOG_FORMAT")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -52,8 +117,9 @@ impl Server {
             .recv_timeout(Duration::from_secs(20))
             .expect("server did not log its address within 20 s");
         Self {
-            child,
+            child: Some(child),
             base: format!("http://{addr}"),
+            runtime: None,
         }
     }
 
@@ -61,15 +127,31 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The process of a [`Server::process`] server.
+    pub fn child(&mut self) -> &mut Child {
+        self.child
+            .as_mut()
+            .expect("an in-process server has no child")
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .as_ref()
+            .expect("an in-process server has no pid")
+            .id()
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Like a kill: every task of the server stops where it is.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
