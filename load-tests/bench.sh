@@ -69,6 +69,10 @@ cores=$(nproc)
 server_cpu=0
 load_cpu=$(( cores > 1 ? 1 : 0 ))
 
+# Every row but "defaults" runs with RUST_LOG=warn (no access log); the
+# "defaults" row keeps the default log level, one line per request to
+# stdout (here a file), as users run it. Quotas are raised in both so the
+# limiter allows.
 # name | binary | env | XFF (many client addresses, wrk only) or AUTH (the
 # tenant user's token) | path | fixed rate (req/s; empty: as fast as possible)
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
@@ -81,6 +85,7 @@ no_capacity="RATE_LIMIT_TENANT_CONCURRENCY=unlimited RATE_LIMIT_SUBJECT_CONCURRE
 configs=(
   "bare axum|baseline|||/api/v1/ping|"
   "memory store|server|RATE_LIMIT_STORE=memory $ip_env|XFF|/api/v1/ping|"
+  "defaults (access log at INFO)|server|RATE_LIMIT_STORE=memory $ip_env RUST_LOG=info|XFF|/api/v1/ping|"
   "memory store [no capacity layers]|server|RATE_LIMIT_STORE=memory $ip_env $no_capacity|XFF|/api/v1/ping|"
   "redis store (batched)|server|RATE_LIMIT_STORE=redis $ip_env|XFF|/api/v1/ping|"
   "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"

@@ -58,15 +58,18 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Logs to stdout through a non-blocking writer: lines go to a buffer a
+/// Logs to stdout through a non-blocking writer: lines go to a queue a
 /// dedicated thread writes out, so a slow or blocked stdout never stalls a
-/// request (when the buffer is full, lines are dropped and counted, not
-/// waited for).
+/// request (when the queue is full, lines are dropped, not waited for).
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // Buffered: the writer thread writes every line queued since its last
+    // pass, then flushes, so a busy server makes one write per batch of
+    // lines rather than one per line (stdout alone flushes every line).
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

@@ -93,11 +93,6 @@ pub const TENANT_BEGIN_DURATION: &str = "tollgate_tenant_begin_duration_seconds"
 /// `tollgate_db_pool_acquire_timeouts_total`: transactions that found no
 /// free connection within the pool's acquire timeout.
 pub const DB_POOL_ACQUIRE_TIMEOUTS: &str = "tollgate_db_pool_acquire_timeouts_total";
-/// `tollgate_db_pool_connections{state}`: pooled connections `in_use` and
-/// `idle`.
-pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
-/// `tollgate_db_pool_max_connections`: the pool's size limit.
-pub const DB_POOL_MAX_CONNECTIONS: &str = "tollgate_db_pool_max_connections";
 
 /// `tollgate_http_timeouts_total{stage}`: requests cut off by a deadline
 /// (`body`: the body did not arrive in time, 408; `request`: the whole

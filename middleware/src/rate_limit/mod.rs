@@ -107,7 +107,7 @@ pub use future::ResponseFuture;
 pub use headers::QUOTA_EXCEEDED;
 pub use key::{ByClientIp, Global, Key, KeyExtractor, KeyRejection};
 pub use layer::RateLimitLayer;
-pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName, RouteClass};
+pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName};
 pub use quota::{ParseQuotaError, QUOTA_FORMAT, Quota};
 pub use service::{LocalFallback, RateLimit};
 pub use store::{

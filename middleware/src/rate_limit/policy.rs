@@ -9,19 +9,6 @@ use http::request::Parts;
 use super::key::KeyExtractor;
 use super::quota::Quota;
 
-/// The class of a route (`auth`, `read`, `write`, …), put into request
-/// extensions by the application so a per-request quota function can pick a
-/// quota by class.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RouteClass(pub Arc<str>);
-
-impl RouteClass {
-    /// A route class named `name`.
-    pub fn new(name: impl Into<Arc<str>>) -> Self {
-        Self(name.into())
-    }
-}
-
 /// A policy's name, interned: copying it and comparing it cost nothing, and
 /// equal names are the same `PolicyName`, so policies of the same name share
 /// buckets in a store.

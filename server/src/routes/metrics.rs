@@ -40,13 +40,20 @@ pub async fn render(State(state): State<AppState>) -> Response {
 
 /// The pool's gauges, read at scrape time so they are current.
 fn record_pool(pool: &sqlx::PgPool, max: u32) {
-    use tollgate::metrics::{DB_POOL_CONNECTIONS, DB_POOL_MAX_CONNECTIONS};
     let idle = pool.num_idle() as f64;
     let open = f64::from(pool.size());
     metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((open - idle).max(0.0));
     metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
     metrics::gauge!(DB_POOL_MAX_CONNECTIONS).set(f64::from(max));
 }
+
+/// `tollgate_db_pool_connections{state}`: the tenant pool's connections,
+/// `in_use` or `idle`, read at scrape time.
+pub const DB_POOL_CONNECTIONS: &str = "tollgate_db_pool_connections";
+/// `tollgate_db_pool_max_connections`: `DB_MAX_CONNECTIONS`.
+pub const DB_POOL_MAX_CONNECTIONS: &str = "tollgate_db_pool_max_connections";
+/// `tollgate_build_info{version,git_sha}`: always 1.
+pub const BUILD_INFO: &str = "tollgate_build_info";
 
 /// Background pieces of metrics, stopped when dropped: the exporter's
 /// upkeep (so histogram memory stays flat when scrapes are rare) and the
@@ -69,7 +76,7 @@ pub async fn spawn(state: &AppState, admin: Option<SocketAddr>) -> std::io::Resu
         return Ok(tasks);
     };
     metrics::gauge!(
-        "tollgate_build_info",
+        BUILD_INFO,
         "version" => env!("CARGO_PKG_VERSION"),
         "git_sha" => option_env!("TOLLGATE_GIT_SHA").unwrap_or("unknown"),
     )
