@@ -601,3 +601,38 @@ fn base64_url_decode(text: &str) -> Vec<u8> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_level_changed_through_the_api_applies_on_this_replica_at_once() {
+    // No broadcasts and a long cache TTL: only the replica's own
+    // after-commit invalidation can make the change visible.
+    let server = Server::start(&[
+        ("TRUST_BROADCAST_ENABLED", "false"),
+        ("TRUST_CACHE_TTL", "10min"),
+        ("RATE_LIMIT_TRUST_NEW", "1/min"),
+        ("RATE_LIMIT_TRUST_BASIC", "100/min"),
+    ]);
+    let pool = app_pool().await;
+    let http = client();
+    let (tenant, emails) = seed_tenant(&pool, &[("boss", "staff"), ("newbie", "new")], 0).await;
+    let newbie_id = common::user_id(&pool, tenant, &emails[1]).await;
+    let staff = login(&http, &server, &emails[0]).await;
+    let newbie = login(&http, &server, &emails[1]).await;
+    let items = server.url("/api/v1/items");
+    let get = || http.get(&items).bearer_auth(&newbie).send();
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(get().await.unwrap().status(), 429, "the cached level is new");
+    let res = http
+        .put(server.url(&format!("/api/v1/users/{newbie_id}/trust")))
+        .bearer_auth(&staff)
+        .json(&json!({ "trust_level": "basic" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        get().await.unwrap().status(),
+        200,
+        "the change did not reach this replica's cache"
+    );
+}
