@@ -23,8 +23,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Flushes buffered log lines when main returns.
+    // Flush buffered log lines when main returns.
     let _log_writer = init_tracing(config.log_format);
+    // Access lines skip `tracing`'s formatter and its per-line queue.
+    let _access_log = tollgate_server::access_log::install(config.log_format == LogFormat::Json);
     let metrics = match tollgate::metrics::prometheus_builder().install_recorder() {
         Ok(handle) => Some(handle),
         Err(err) => {

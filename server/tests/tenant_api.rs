@@ -621,7 +621,11 @@ async fn a_level_changed_through_the_api_applies_on_this_replica_at_once() {
     let items = server.url("/api/v1/items");
     let get = || http.get(&items).bearer_auth(&newbie).send();
     assert_eq!(get().await.unwrap().status(), 200);
-    assert_eq!(get().await.unwrap().status(), 429, "the cached level is new");
+    assert_eq!(
+        get().await.unwrap().status(),
+        429,
+        "the cached level is new"
+    );
     let res = http
         .put(server.url(&format!("/api/v1/users/{newbie_id}/trust")))
         .bearer_auth(&staff)
