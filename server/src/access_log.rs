@@ -266,29 +266,53 @@ impl Line {
         };
         BUFFER.with_borrow_mut(|buf| {
             buf.clear();
+            let uri = uri_text(&self.uri);
             if sink.json {
                 buf.push_str(r#"{"timestamp":""#);
-            }
-            timestamp(buf);
-            let (method, uri) = (self.method.as_str(), &self.uri);
-            // `write!` into a String cannot fail.
-            let _ = if sink.json {
-                writeln!(
-                    buf,
-                    r#"","level":"INFO","target":"{TARGET}","message":"request","method":"{}","uri":"{}","status":{status},"latency_us":{latency_us},"request_id":"{}"}}"#,
-                    json_escaped(method),
-                    json_escaped(&uri.to_string()),
-                    json_escaped(request_id),
-                )
+                timestamp(buf);
+                buf.push_str(
+                    r#"","level":"INFO","target":"access","message":"request","method":""#,
+                );
+                buf.push_str(&json_escaped(self.method.as_str()));
+                buf.push_str(r#"","uri":""#);
+                buf.push_str(&json_escaped(&uri));
+                buf.push_str(r#"","status":"#);
+                push_int(buf, status);
+                buf.push_str(r#","latency_us":"#);
+                push_int(buf, latency_us);
+                buf.push_str(r#","request_id":""#);
+                buf.push_str(&json_escaped(request_id));
+                buf.push_str("\"}\n");
             } else {
-                writeln!(
-                    buf,
-                    "  INFO {TARGET}: request method={method} uri={uri} status={status} latency_us={latency_us} request_id={request_id}"
-                )
-            };
+                timestamp(buf);
+                buf.push_str("  INFO access: request method=");
+                buf.push_str(self.method.as_str());
+                buf.push_str(" uri=");
+                buf.push_str(&uri);
+                buf.push_str(" status=");
+                push_int(buf, status);
+                buf.push_str(" latency_us=");
+                push_int(buf, latency_us);
+                buf.push_str(" request_id=");
+                buf.push_str(request_id);
+                buf.push('\n');
+            }
             sink.shared.append(buf.as_bytes());
         });
     }
+}
+
+/// The request target as the client sent it: path and query for the usual
+/// origin form, without formatting.
+fn uri_text(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    match (uri.scheme(), uri.path_and_query()) {
+        (None, Some(path)) => path.as_str().into(),
+        _ => uri.to_string().into(),
+    }
+}
+
+fn push_int(buf: &mut String, n: impl itoa::Integer) {
+    buf.push_str(itoa::Buffer::new().format(n));
 }
 
 thread_local! {
@@ -311,7 +335,11 @@ fn timestamp(buf: &mut String) {
         }
         buf.push_str(text);
     });
-    let _ = write!(buf, ".{:06}Z", now.timestamp_subsec_micros());
+    // Six digits of microseconds, zero-padded.
+    let micros = now.timestamp_subsec_micros() % 1_000_000 + 1_000_000;
+    buf.push('.');
+    buf.push_str(&itoa::Buffer::new().format(micros)[1..]);
+    buf.push('Z');
 }
 
 /// `text` with `"`, `\\` and control characters escaped for a JSON string.

@@ -276,3 +276,54 @@ async fn sigterm_stops_the_server_cleanly() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn one_access_line_per_request_in_the_log_format() {
+    for format in ["text", "json"] {
+        let server = Server::process(&[("LOG_FORMAT", format)]);
+        let http = client();
+        let res = http
+            .get(server.url("/api/v1/ping?from=test"))
+            .header("x-request-id", format!("access-{format}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(status(&http, server.url("/nope")).await, 404);
+        // Written out within the buffer's flush interval (100 ms).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let lines = loop {
+            let lines: Vec<String> = server
+                .stdout_lines()
+                .into_iter()
+                .filter(|l| l.contains("access"))
+                .collect();
+            if lines.len() >= 2 || tokio::time::Instant::now() > deadline {
+                break lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(lines.len(), 2, "{format}: {lines:?}");
+        if format == "json" {
+            let ping: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+            assert_eq!(ping["target"], "access");
+            assert_eq!(ping["level"], "INFO");
+            assert_eq!(ping["uri"], "/api/v1/ping?from=test");
+            assert_eq!(ping["status"], 200);
+            assert_eq!(ping["request_id"], "access-json");
+            assert!(ping["latency_us"].is_u64());
+            assert!(ping["timestamp"].as_str().unwrap().ends_with('Z'));
+            let missing: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+            assert_eq!(missing["status"], 404);
+        } else {
+            assert!(
+                lines[0].contains(
+                    " INFO access: request method=GET uri=/api/v1/ping?from=test status=200 latency_us="
+                ) && lines[0].ends_with("request_id=access-text"),
+                "{}",
+                lines[0]
+            );
+            assert!(lines[1].contains("uri=/nope status=404"), "{}", lines[1]);
+        }
+    }
+}

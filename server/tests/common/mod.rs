@@ -18,6 +18,8 @@ pub struct Server {
     pub base: String,
     child: Option<Child>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// What a process server wrote to stdout so far.
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// The variables every test server gets unless the test sets its own.
@@ -82,6 +84,7 @@ impl Server {
                 base,
                 child: None,
                 runtime: Some(runtime),
+                stdout: std::sync::Arc::default(),
             }
         })
         .join()
@@ -105,26 +108,44 @@ impl Server {
         let mut child = cmd.spawn().expect("start tollgate-server");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                // `addr=…` in text logs, `"addr":"…"` in JSON ones.
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .or_else(|| line.split(r#""addr":""#).nth(1)?.split('"').next());
+                if let Some(addr) = addr {
+                    let _ = tx.send(addr.to_owned());
                 }
                 // Keep draining so the server never blocks on a full pipe.
+                kept.lock().unwrap().push(line);
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server did not log its address within 20 s");
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+            // Not left running (holding the test's pipes) after the panic.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not log its address within 20 s");
+        };
         Self {
             child: Some(child),
             base: format!("http://{addr}"),
             runtime: None,
+            stdout: lines,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The lines a [`Server::process`] server wrote to stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// The process of a [`Server::process`] server.
