@@ -105,12 +105,14 @@ impl AppState {
                 async move { store.check_store().await }
             };
             // Without Redis a replica still serves under `open` or `local`:
-            // then Redis is reported, not gating.
+            // then Redis is reported, not gating. The store's breaker logs
+            // its transitions; the check does not log them again.
             checks = if config.failure_mode == FailurePolicy::Closed {
                 checks.check("redis", check)
             } else {
                 checks.non_critical_check("redis", check)
-            };
+            }
+            .logged_by_source();
         }
         Ok(Self(Arc::new(AppStateInner {
             limits,

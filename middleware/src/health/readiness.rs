@@ -44,6 +44,9 @@ struct Inner {
 struct Entry {
     name: String,
     critical: bool,
+    /// Whether this module logs the check's transitions (not when the
+    /// checked thing logs its own).
+    logged: bool,
     run: CheckFn,
 }
 
@@ -137,8 +140,21 @@ impl ReadinessBuilder {
         self.checks.push(Entry {
             name,
             critical,
+            logged: true,
             run: Arc::new(move || Box::pin(check())),
         });
+        self
+    }
+
+    /// The check added last is not logged here when it starts failing or
+    /// passes again: for a dependency that logs its own transitions (a
+    /// store's circuit breaker), so each is logged once. Its status is
+    /// still reported and measured.
+    #[must_use]
+    pub fn logged_by_source(mut self) -> Self {
+        if let Some(entry) = self.checks.last_mut() {
+            entry.logged = false;
+        }
         self
     }
 
@@ -243,6 +259,9 @@ async fn run_checks(inner: Weak<Inner>, interval: Duration) {
                 }
             }
             let was = previous.as_ref().map(|p| p[i].status);
+            if !inner.checks[i].logged {
+                continue;
+            }
             if was.is_some_and(|was| was != CheckStatus::Fail) && report.status == CheckStatus::Fail
             {
                 tracing::warn!(check = %report.name, error = ?report.last_error, "readiness check failing");
@@ -459,6 +478,49 @@ mod tests {
         up.store(true, Ordering::SeqCst);
         next_round(&r).await;
         assert!(r.is_ready());
+    }
+
+    /// Log lines written while `f` runs on this thread.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_check_logged_by_its_source_is_not_logged_again() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        let (db_up, db) = switch();
+        let (store_up, store) = switch();
+        let r = Readiness::builder()
+            .check("db", db)
+            .non_critical_check("store", store)
+            .logged_by_source()
+            .interval(Duration::from_secs(1))
+            .start();
+        r.wait_first_round().await;
+        db_up.store(false, Ordering::SeqCst);
+        store_up.store(false, Ordering::SeqCst);
+        next_round(&r).await;
+        next_round(&r).await;
+        assert_eq!(r.report().checks["store"][0].status, CheckStatus::Fail);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("readiness check failing check=db"), "{text}");
+        assert!(!text.contains("check=store"), "{text}");
     }
 
     #[tokio::test(start_paused = true)]
