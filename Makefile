@@ -50,5 +50,6 @@ cluster:
 # Rewrites the README's configuration table from `config::VARIABLES` (a
 # unit test fails while they differ).
 readme-config:
+	mkdir -p target
 	$(CARGO) run -q -p tollgate-server -- config-table > target/config-table.md
 	python3 scripts/replace_between.py README.md '<!-- config-table -->' '<!-- /config-table -->' target/config-table.md
