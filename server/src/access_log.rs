@@ -384,6 +384,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_writer_bounds_the_buffer_and_counts_what_it_drops() {
+        // No writer thread empties this one, as when stdout blocks.
+        let shared = Shared::default();
+        let line = [b'x'; 1000];
+        for _ in 0..(MAX_BUFFERED_BYTES / line.len() + 100) {
+            shared.append(&line);
+        }
+        let held = shared.buffer.lock().unwrap().len();
+        assert!(held <= MAX_BUFFERED_BYTES, "{held} bytes buffered");
+        assert!(held > MAX_BUFFERED_BYTES - line.len());
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
     fn timestamps_and_escapes_look_like_the_loggers() {
         let mut buf = String::new();
         timestamp(&mut buf);

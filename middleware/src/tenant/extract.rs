@@ -72,7 +72,8 @@ impl Tx {
     /// when it rolls back: for work that must follow only a change that
     /// stuck, such as dropping a cache entry the change made stale. A
     /// hook run before the commit could let a concurrent reader cache the
-    /// old value again.
+    /// old value again. Hooks run on the request's task, before the
+    /// response goes out: keep them short, and spawn anything that waits.
     ///
     /// ```
     /// use tollgate::tenant::{TenantError, Tx};
