@@ -56,6 +56,7 @@ pub fn app(
     let mut authenticated = OpenApiRouter::new();
     // Documented but served elsewhere (`/metrics` on `METRICS_ADDR`).
     let mut elsewhere = utoipa::openapi::path::Paths::new();
+    let mut layers = std::collections::HashMap::new();
     for Route {
         class,
         handler: (schemas, paths, method_router),
@@ -65,7 +66,12 @@ pub fn app(
             elsewhere.paths.extend(paths.paths);
             continue;
         }
-        let method_router = match limits.layer(class) {
+        // One layer per class, shared by its routes (policies built once).
+        let layer = layers
+            .entry(class)
+            .or_insert_with(|| limits.layer(class))
+            .clone();
+        let method_router = match layer {
             // `route_layer`: only requests that match are counted.
             Some(layer) => method_router.route_layer(layer),
             None => method_router,

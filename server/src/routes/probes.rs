@@ -28,7 +28,7 @@ pub async fn health() -> Response {
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", content_type = "application/health+json")))]
 pub async fn healthz() -> Response {
-    tollgate::health::live()
+    health().await
 }
 
 /// Readiness: 200 when every critical background check passes and the
@@ -48,6 +48,6 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         (status = 200, description = "Ready", content_type = "application/health+json"),
         (status = 503, description = "Not ready (a check fails, or draining)", content_type = "application/health+json"),
     ))]
-pub async fn readyz(State(state): State<AppState>) -> Response {
-    state.readiness.report().into_response()
+pub async fn readyz(state: State<AppState>) -> Response {
+    ready(state).await
 }
