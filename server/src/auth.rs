@@ -181,6 +181,7 @@ impl HashGate {
             let spawned = std::thread::Builder::new()
                 .name(format!("tollgate-argon2-{i}"))
                 .spawn(move || {
+                    lower_priority();
                     // Argon2's memory, allocated once per thread and reused:
                     // a fresh 19 MiB per hash would be kept by the allocator
                     // (glibc raises its mmap threshold after the first free).
@@ -231,6 +232,18 @@ impl HashGate {
             return false;
         }
         verdict.await.unwrap_or(false)
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10): when logins
+/// and requests compete for the cores, the runtime's threads win, so a
+/// login flood slows logins rather than every route. Linux only; elsewhere
+/// (and if the call fails) the thread keeps its priority.
+fn lower_priority() {
+    // On Linux `setpriority` of a thread id sets that one thread's nice value.
+    #[cfg(target_os = "linux")]
+    if let Err(err) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(%err, "cannot lower the priority of a password hashing thread");
     }
 }
 

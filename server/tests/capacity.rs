@@ -444,8 +444,11 @@ async fn two_hundred_concurrent_logins_stay_bounded() {
     assert!(counts.get(&503).copied().unwrap_or(0) > 0, "{counts:?}");
     assert!(counts.get(&200).copied().unwrap_or(0) > 0, "{counts:?}");
     assert_eq!(counts.values().sum::<i32>(), 200);
+    // Measured 75-120 ms here (145-185 ms before the hashing threads ran
+    // at a lower priority, and once 1.06 s on a busier CI machine); a
+    // thread per hash would leave the runtime 2 of 202 runnable threads.
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "other routes took {slowest:?}"
     );
     // Two Argon2 workers at ~19 MiB each over the server's own footprint
