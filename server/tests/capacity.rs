@@ -452,10 +452,10 @@ async fn two_hundred_concurrent_logins_stay_bounded() {
         "other routes took {slowest:?}"
     );
     // Two Argon2 workers at ~19 MiB each over the server's own footprint
-    // (about 25 MiB): measured near 65 MiB. Unbounded, 200 concurrent
-    // hashes peaked at 3.9 GB.
+    // (about 25 MiB) and 200 connections: measured 65-91 MiB. Unbounded,
+    // 200 concurrent hashes peaked at 3.9 GB.
     assert!(
-        after < 100 * 1024,
+        after < 160 * 1024,
         "peak RSS {after} kB during 200 concurrent logins"
     );
 }
