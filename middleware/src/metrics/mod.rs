@@ -74,6 +74,19 @@ pub const RATELIMIT_STORE_ERRORS: &str = "tollgate_ratelimit_store_errors_total"
 /// `tollgate_ratelimit_fallback_active`: 1 while the Redis store's
 /// circuit breaker is open and failure policies decide.
 pub const RATELIMIT_FALLBACK_ACTIVE: &str = "tollgate_ratelimit_fallback_active";
+/// `tollgate_ratelimit_redis_calls_total{node}`: script calls to each
+/// Redis node (one per node per batch).
+pub const RATELIMIT_REDIS_CALLS: &str = "tollgate_ratelimit_redis_calls_total";
+/// `tollgate_ratelimit_redis_node_errors_total{node,kind}`: failed or
+/// timed-out calls to each Redis node.
+pub const RATELIMIT_REDIS_NODE_ERRORS: &str = "tollgate_ratelimit_redis_node_errors_total";
+/// `tollgate_ratelimit_redis_node_up{node}`: 0 while the node's circuit
+/// breaker is open (its keys go to the failure policy).
+pub const RATELIMIT_REDIS_NODE_UP: &str = "tollgate_ratelimit_redis_node_up";
+/// `tollgate_ratelimit_redis_refunds_total{outcome}`: charges given back
+/// because another node denied the request (`done`), or that could not be
+/// (`failed`).
+pub const RATELIMIT_REDIS_REFUNDS: &str = "tollgate_ratelimit_redis_refunds_total";
 /// `tollgate_ratelimit_local_cache_hits_total`: requests the Redis store
 /// denied from its local over-limit cache.
 pub const RATELIMIT_LOCAL_CACHE_HITS: &str = "tollgate_ratelimit_local_cache_hits_total";

@@ -120,5 +120,5 @@ pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{
     DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
-    RedisStore, RedisStoreBuilder, RedisTarget,
+    RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
 };

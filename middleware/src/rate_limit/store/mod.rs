@@ -16,7 +16,7 @@ mod redis;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{
     DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
-    RedisStore, RedisStoreBuilder, RedisTarget,
+    RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
 };
 
 pub use either::{EitherFuture, EitherStore};

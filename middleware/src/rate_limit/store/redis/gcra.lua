@@ -7,16 +7,20 @@
 -- time passes, since a key at or before now decides like a missing one.
 --
 -- ARGV[1], ARGV[2]: now as seconds and nanoseconds, or "" to use TIME.
--- ARGV[3]: number of groups (requests). Then per group: its number of
--- checks, then per check: t (ns per unit), capacity (t * burst, ns), cost,
--- enforce (1 or 0). KEYS: one per check, in order.
+-- ARGV[3]: how many key names follow in ARGV; 0 when they are the KEYS.
+-- (On Redis Cluster a batch's keys span slots of one node: undeclared,
+-- with the allow-cross-slot-keys flag.) Then the number of groups
+-- (requests), then per group: its number of checks, then per check: t (ns
+-- per unit), capacity (t * burst, ns), cost, enforce (1 or 0). Key names:
+-- one per check, in order.
 --
 -- A group is decided all-or-nothing: when an enforced check denies, no
 -- check of the group is charged. Groups are decided in order, each seeing
 -- what the ones before it charged.
 --
--- Returns, per group: allowed (1/0), then per check: allowed, remaining,
--- reset_after (ns), retry_after (ns).
+-- Returns now (seconds, nanoseconds), then per group: allowed (1/0), then
+-- per check: allowed, remaining, reset_after (ns), retry_after (ns). Now
+-- and reset_after give the state a charge left, for a refund to undo.
 
 local now_s, now_ns
 if ARGV[1] ~= '' then
@@ -47,12 +51,24 @@ local function encode(off)
   return string.format('%d:%d', now_s + carry, ns - carry * BILLION)
 end
 
-local out = {}
+local names = KEYS
 local arg = 4
+local named = tonumber(ARGV[3])
+if named > 0 then
+  names = {}
+  for i = 1, named do
+    names[i] = ARGV[3 + i]
+  end
+  arg = 4 + named
+end
+local groups = tonumber(ARGV[arg])
+arg = arg + 1
+
+local out = { now_s, now_ns }
 local key = 1
 -- Per check of the current group, reused across groups: no table per check.
 local K, T, CAP, CHARGE, BASE, NEW, OK = {}, {}, {}, {}, {}, {}, {}
-for _ = 1, tonumber(ARGV[3]) do
+for _ = 1, groups do
   local n = tonumber(ARGV[arg])
   arg = arg + 1
   local group_allowed = true
@@ -62,7 +78,7 @@ for _ = 1, tonumber(ARGV[3]) do
     local charge = t * tonumber(ARGV[arg + 2])
     local enforce = ARGV[arg + 3] == '1'
     arg = arg + 4
-    local k = KEYS[key]
+    local k = names[key]
     key = key + 1
     local stored = redis.call('GET', k)
     local base = 0

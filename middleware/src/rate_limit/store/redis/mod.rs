@@ -1,26 +1,53 @@
 //! The Redis store: one quota for the whole fleet.
 
+mod batch;
+mod breaker;
+mod cluster;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use pin_project_lite::pin_project;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{RedisError, Script};
 use smallvec::SmallVec;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use self::cluster::{Node, Topology};
 use super::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::key::Key;
 
 /// The GCRA script: the arithmetic of the in-memory store, in Lua.
-const GCRA_LUA: &str = include_str!("redis_gcra.lua");
+const GCRA_LUA: &str = include_str!("gcra.lua");
+/// The refund of a charge another node's denial voided.
+const REFUND_LUA: &str = include_str!("refund.lua");
+/// The first line of a script that touches keys of several slots of one
+/// cluster node (Redis 7+).
+const CROSS_SLOT: &str = "#!lua flags=allow-cross-slot-keys\n";
+
+/// A script and its source, to load it on a node that lacks it.
+struct Lua {
+    script: Script,
+    code: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Self {
+        Self {
+            script: Script::new(&code),
+            code,
+        }
+    }
+}
 
 /// How long a check may wait for Redis by default: far above a healthy
 /// loopback or same-zone round trip, far below what a user notices.
@@ -30,11 +57,13 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// Prefix and hash tag of every key (`{tollgate}:2:ip:ip:192.0.2.1`).
-    /// All keys share the tag so one script call may decide several
-    /// policies at once on Redis Cluster (one hash slot): exactness and
-    /// all-or-nothing over spreading limits across shards.
+    /// Prefix of every key, so deployments can share a Redis. With
+    /// [`Sharding::Slot`] a key is `tollgate:{2:ip:192.0.2.1}` (the policy
+    /// and key are the hash tag); with [`Sharding::Single`] the prefix is
+    /// the tag: `{tollgate}:2:ip:192.0.2.1`.
     pub prefix: String,
+    /// How keys spread over a Redis Cluster ([`Sharding::Slot`]).
+    pub sharding: Sharding,
     /// Per-check timeout, queueing included ([`DEFAULT_REDIS_TIMEOUT`]). A
     /// timeout is a store error, handled by the failure policy.
     pub timeout: Duration,
@@ -61,6 +90,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             prefix: "tollgate".to_owned(),
+            sharding: Sharding::Slot,
             timeout: DEFAULT_REDIS_TIMEOUT,
             max_batch: 256,
             max_in_flight: 2,
@@ -69,6 +99,24 @@ impl Default for RedisConfig {
             local_cache: true,
         }
     }
+}
+
+/// How a [`RedisStore`]'s keys spread over a Redis Cluster. On a single
+/// server both decide alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Sharding {
+    /// Each (policy, key) in its own hash slot, so keys spread over every
+    /// master and the fleet's limiting grows with the cluster. A request
+    /// whose policies live on several masters gets one script call per
+    /// master; when one denies, what the others charged is refunded (see
+    /// [`RedisStore`] for what an observer can see meanwhile).
+    #[default]
+    Slot,
+    /// Every key in one slot (the prefix is the hash tag): a request is
+    /// decided by one script on one master, atomically, and that master
+    /// decides the whole fleet's limits.
+    Single,
 }
 
 /// Where Redis is.
@@ -85,16 +133,22 @@ pub enum RedisTarget {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisStats {
-    /// Script calls made to Redis.
+    /// Script calls made to Redis (one per node per batch).
     pub script_calls: u64,
     /// Requests (batches of checks) sent to Redis.
     pub requests_sent: u64,
     /// Requests denied from the local over-limit cache, without Redis.
     pub local_denials: u64,
-    /// Checks failed at once because the circuit breaker was open.
+    /// Requests failed at once because a node's circuit breaker was open.
     pub short_circuited: u64,
     /// Sweeps of a full over-limit cache for expired entries.
     pub cache_sweeps: u64,
+    /// Checks charged on one node and given back because another node
+    /// denied (or failed) the same request.
+    pub refunds: u64,
+    /// Refunds that did not reach their node: those charges stay until
+    /// they drain.
+    pub refund_failures: u64,
 }
 
 /// Keys the over-limit cache holds at most; denials beyond it go
@@ -107,19 +161,49 @@ pub const OVER_LIMIT_CACHE_CAPACITY: usize = 65_536;
 /// whole fleet.
 ///
 /// - **Same decisions as [`MemoryStore`](super::MemoryStore)**: the same
-///   GCRA arithmetic runs in one atomic Lua script (EVALSHA, reloaded on
+///   GCRA arithmetic runs in a Lua script (EVALSHA, reloaded on
 ///   `NOSCRIPT`), on time from Redis (`TIME`) so replicas with skewed clocks
 ///   agree. Keys expire when their state stops mattering.
-/// - **Batched**: concurrent checks from this replica are coalesced into one
-///   script call ([`RedisConfig::max_batch`], [`RedisConfig::max_in_flight`]),
-///   each request still decided all-or-nothing.
+/// - **Batched**: concurrent checks from this replica are coalesced, one
+///   script call per Redis node per batch ([`RedisConfig::max_batch`],
+///   [`RedisConfig::max_in_flight`]), each request still decided
+///   all-or-nothing.
+/// - **Spread over a cluster** ([`Sharding::Slot`], the default): each
+///   (policy, key) has its own hash slot, so every master takes its share
+///   of the keys, and a batch's calls to the masters run in parallel.
 /// - **Local over-limit cache**: once Redis denies a key with a wait of T,
 ///   this replica denies that key itself until T has passed, so a flood from
 ///   one client costs Redis nothing.
-/// - **Failing fast**: a per-check timeout, and a circuit breaker that stops
-///   sending to a Redis that keeps failing and probes it in the background;
-///   [`is_available`](Self::is_available) tells whether it is in use. Errors
-///   go to the layer's [`FailurePolicy`](crate::rate_limit::FailurePolicy).
+/// - **Failing fast, per node**: a per-call timeout, and a circuit breaker
+///   per node that stops sending to a node that keeps failing and probes it
+///   in the background. A request with a key on a failed node goes to the
+///   layer's [`FailurePolicy`](crate::rate_limit::FailurePolicy); requests
+///   whose keys live on the other nodes are still decided by Redis.
+///   [`is_available`](Self::is_available) is `false` while any breaker is
+///   open.
+///
+/// # All-or-nothing across nodes
+///
+/// With [`Sharding::Single`] (or one server) a request is decided by one
+/// script, atomically. With [`Sharding::Slot`] on a cluster a request whose
+/// policies live on several masters is decided by one script per master,
+/// at once; when one master denies (or fails), the others' charges are
+/// refunded before the request is answered, so when its answer arrives a
+/// denied request has charged nothing. The guarantee, exactly:
+///
+/// - **Never more admitted than the quota.** Every admission was charged
+///   on every node of the request before it was answered.
+/// - **A refund never takes back someone else's charge.** It gives back at
+///   most the part of its own charge still ahead of the node's clock; a
+///   charge by another request stacked on it stays.
+/// - **What an observer sees meanwhile**: between the charge and its refund
+///   (one round trip, at most [`RedisConfig::timeout`]) a request on the
+///   node that allowed sees the bucket charged, and may be denied where it
+///   would otherwise have passed — by at most the refunded request's cost.
+///   It can never be admitted because of the refund.
+/// - **A refund that fails** (the node went down) leaves that charge to
+///   drain like any other: the key's allowance is short by the request's
+///   cost until then. Counted in [`RedisStats::refund_failures`].
 ///
 /// Construct it inside a Tokio runtime (it spawns its batcher). It connects
 /// lazily: a Redis that is down at start-up is a store error on the first
@@ -143,7 +227,12 @@ pub struct RedisStore {
 
 struct Shared {
     conn: Conn,
-    script: Script,
+    /// The GCRA script with its keys declared (one server, or one slot).
+    script: Lua,
+    /// The GCRA script with its keys in ARGV and the flag that lets it
+    /// touch several slots of one node (cluster, [`Sharding::Slot`]).
+    cross_slot_script: Lua,
+    refund_script: Lua,
     config: RedisConfig,
     /// Test time: when set, sent to the script instead of Redis's `TIME`.
     script_clock: Option<Arc<dyn Clock>>,
@@ -154,7 +243,12 @@ struct Shared {
     /// plus c units' charge. Remembering that instead of the denied
     /// request's wait keeps cheaper requests decided correctly.
     over_limit: DashMap<(u32, Key), u64, foldhash::fast::RandomState>,
-    breaker: Breaker,
+    /// Where keys go; replaced when the cluster's slot map is read again.
+    topology: RwLock<Arc<Topology>>,
+    /// Every node seen, by label: breakers outlive slot-map refreshes.
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    /// A slot-map refresh is running.
+    refreshing: AtomicBool,
     stats: Stats,
 }
 
@@ -187,6 +281,8 @@ struct Stats {
     local_denials: AtomicU64,
     short_circuited: AtomicU64,
     cache_sweeps: AtomicU64,
+    refunds: AtomicU64,
+    refund_failures: AtomicU64,
     /// Denials that found the cache full since its last sweep.
     full_since_sweep: AtomicU64,
 }
@@ -227,34 +323,41 @@ impl RedisStore {
             local_denials: s.local_denials.load(Ordering::Relaxed),
             short_circuited: s.short_circuited.load(Ordering::Relaxed),
             cache_sweeps: s.cache_sweeps.load(Ordering::Relaxed),
+            refunds: s.refunds.load(Ordering::Relaxed),
+            refund_failures: s.refund_failures.load(Ordering::Relaxed),
         }
     }
 
-    /// Sends `PING`, within the timeout; for readiness checks. The answer
-    /// feeds the circuit breaker like a check's would, so a readiness
-    /// check and the limiter see one state of Redis
-    /// ([`is_available`](Store::is_available)).
+    /// Sends `PING` to every node (every master of a cluster), within the
+    /// timeout; for readiness checks. Each answer feeds that node's circuit
+    /// breaker like a check's would, so a readiness check and the limiter
+    /// see one state of Redis ([`is_available`](Store::is_available)).
+    /// Fails when any node fails, naming it.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let result = self.shared.ping(self.shared.config.timeout).await;
-        match &result {
-            Ok(()) => self.shared.breaker.success(),
-            Err(_) => self.shared.breaker.failure(&self.shared),
+        let shared = &self.shared;
+        let topology = shared.topology().await?;
+        let mut pings = Vec::with_capacity(topology.nodes.len());
+        for node in &topology.nodes {
+            pings.push(shared.ping_node(node));
         }
-        result
+        futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .collect()
     }
 
-    /// `{prefix}:<policy length>:<policy>:<key>`. The policy's length makes
-    /// the name unambiguous whatever the policy and key contain (`:`
-    /// included): the policy ends where its length says, the key is the
-    /// rest.
+    /// The key's name in Redis. `<policy length>:<policy>:<key>`, after
+    /// the prefix: the policy's length makes the name unambiguous whatever
+    /// the policy and key contain (`:` included). With [`Sharding::Slot`]
+    /// the part after the prefix is the hash tag, so each (policy, key)
+    /// hashes alone; with [`Sharding::Single`] the prefix is.
     fn key_name(&self, check: &Check) -> String {
         let policy = check.policy.as_str();
-        format!(
-            "{{{}}}:{}:{policy}:{}",
-            self.shared.config.prefix,
-            policy.len(),
-            check.key
-        )
+        let prefix = &self.shared.config.prefix;
+        match self.shared.config.sharding {
+            Sharding::Slot => format!("{prefix}:{{{}:{policy}:{}}}", policy.len(), check.key),
+            Sharding::Single => format!("{{{prefix}}}:{}:{policy}:{}", policy.len(), check.key),
+        }
     }
 
     /// The local denial of a request with a key in the over-limit cache.
@@ -301,6 +404,19 @@ impl RedisStore {
             each,
         })
     }
+
+    /// A node of these keys whose breaker is open, if any.
+    fn open_node(&self, keys: &[String]) -> Option<Arc<Node>> {
+        let topology = self.shared.current_topology();
+        if !topology.nodes.iter().any(|n| n.breaker.is_open()) {
+            return None;
+        }
+        keys.iter()
+            .filter_map(|key| topology.node_of(key))
+            .map(|i| &topology.nodes[i])
+            .find(|node| node.breaker.is_open())
+            .cloned()
+    }
 }
 
 /// What a locally denied request reports for its other policies, which
@@ -317,10 +433,15 @@ fn unknown() -> Decision {
 impl Store for RedisStore {
     type Future = RedisFuture;
 
-    /// `false` while the circuit breaker is open and checks fail over to
-    /// the failure policy.
+    /// `false` while any node's circuit breaker is open and checks with
+    /// keys on it go to the failure policy.
     fn is_available(&self) -> bool {
-        !self.shared.breaker.open.load(Ordering::Acquire)
+        !self
+            .shared
+            .current_topology()
+            .nodes
+            .iter()
+            .any(|n| n.breaker.is_open())
     }
 
     fn check(&self, checks: &[Check]) -> Self::Future {
@@ -331,19 +452,20 @@ impl Store for RedisStore {
                 .fetch_add(1, Ordering::Relaxed);
             return RedisFuture::ready(Ok(denied));
         }
-        if self.shared.breaker.open.load(Ordering::Acquire) {
+        let keys: SmallVec<[String; 2]> = checks.iter().map(|c| self.key_name(c)).collect();
+        if let Some(node) = self.open_node(&keys) {
             self.shared
                 .stats
                 .short_circuited
                 .fetch_add(1, Ordering::Relaxed);
             return RedisFuture::ready(Err(StoreError::new(
                 StoreErrorKind::Connection,
-                "redis circuit breaker open",
+                format!("redis node {} unavailable (circuit breaker open)", node.label),
             )));
         }
         let (reply, rx) = oneshot::channel();
         let job = Job {
-            keys: checks.iter().map(|c| self.key_name(c)).collect(),
+            keys,
             args: checks
                 .iter()
                 .map(|c| {
@@ -363,13 +485,12 @@ impl Store for RedisStore {
             reply,
         };
         if self.jobs.try_send(job).is_err() {
-            self.shared.breaker.failure(&self.shared);
             return RedisFuture::ready(Err(StoreError::new(
                 StoreErrorKind::Timeout,
                 "redis check queue full",
             )));
         }
-        RedisFuture::waiting(rx, self.shared.config.timeout, self.shared.clone())
+        RedisFuture::waiting(rx, self.shared.config.timeout)
     }
 }
 
@@ -408,10 +529,17 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Sets the key prefix (and hash tag).
+    /// Sets the key prefix.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.prefix = prefix.into();
+        self
+    }
+
+    /// Sets how keys spread over a cluster.
+    #[must_use]
+    pub fn sharding(mut self, sharding: Sharding) -> Self {
+        self.config.sharding = sharding;
         self
     }
 
@@ -430,7 +558,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Sets how many script calls may be in flight at once.
+    /// Sets how many batches may be in flight at once.
     #[must_use]
     pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.config.max_in_flight = max_in_flight.max(1);
@@ -455,47 +583,85 @@ impl RedisStoreBuilder {
 
     /// Builds the store and starts its batcher. Does not connect yet.
     ///
+    /// # Errors
+    ///
+    /// A URL Redis cannot parse, or with [`Sharding::Slot`] a prefix with
+    /// `{` or `}` (it would be the hash tag of every key).
+    ///
     /// # Panics
     ///
     /// Outside a Tokio runtime.
     pub fn build(self) -> Result<RedisStore, StoreError> {
-        let conn = match self.target {
+        let sharding = self.config.sharding;
+        if sharding == Sharding::Slot && self.config.prefix.contains(['{', '}']) {
+            return Err(StoreError::new(
+                StoreErrorKind::Response,
+                format!(
+                    "redis key prefix {:?} has a hash tag; with slot sharding the policy and key are the tag",
+                    self.config.prefix
+                ),
+            ));
+        }
+        let (conn, topology) = match self.target {
             RedisTarget::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(config_error)?;
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(1)))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(200));
-                Conn::Single(
+                let conn = Conn::Single(
                     ConnectionManager::new_lazy_with_config(client, manager_config)
                         .map_err(config_error)?,
-                )
+                );
+                let node = Arc::new(Node::new("redis".to_owned(), None));
+                (conn, Topology::single(node))
             }
-            RedisTarget::Cluster(nodes) => Conn::Cluster(Box::new(ClusterConn {
-                client: redis::cluster::ClusterClient::builder(nodes)
-                    .connection_timeout(Duration::from_secs(1))
-                    .build()
-                    .map_err(config_error)?,
-                conn: tokio::sync::OnceCell::new(),
-            })),
+            RedisTarget::Cluster(nodes) => {
+                let conn = Conn::Cluster(Box::new(ClusterConn {
+                    client: redis::cluster::ClusterClient::builder(nodes)
+                        .connection_timeout(Duration::from_secs(1))
+                        .response_timeout(self.config.timeout.max(Duration::from_millis(10)))
+                        // Our own timeout and breakers decide; one retry
+                        // covers a connection that just dropped.
+                        .retries(1)
+                        .build()
+                        .map_err(config_error)?,
+                    conn: tokio::sync::OnceCell::new(),
+                }));
+                let topology = match sharding {
+                    // One slot: the key routes each call; one breaker.
+                    Sharding::Single => {
+                        Topology::single(Arc::new(Node::new("cluster".to_owned(), None)))
+                    }
+                    Sharding::Slot => Topology::unknown(),
+                };
+                (conn, topology)
+            }
         };
         let clock: Arc<dyn Clock> = match &self.clock {
             Some(clock) => clock.clone(),
             None => Arc::new(MonotonicClock::new()),
         };
+        for node in &topology.nodes {
+            breaker::node_gauge(&node.label, 1.0);
+        }
         let shared = Arc::new(Shared {
             conn,
-            script: Script::new(GCRA_LUA),
+            script: Lua::new(GCRA_LUA.to_owned()),
+            cross_slot_script: Lua::new(format!("{CROSS_SLOT}{GCRA_LUA}")),
+            refund_script: Lua::new(format!("{CROSS_SLOT}{REFUND_LUA}")),
             script_clock: self.clock,
             clock,
             over_limit: DashMap::with_hasher(foldhash::fast::RandomState::default()),
-            breaker: Breaker::default(),
+            topology: RwLock::new(Arc::new(topology)),
+            nodes: Mutex::new(HashMap::new()),
+            refreshing: AtomicBool::new(false),
             stats: Stats::default(),
             config: self.config,
         });
         let (jobs, rx) = mpsc::channel(16 * 1024);
-        tokio::spawn(batcher(shared.clone(), rx));
-        fallback_gauge(0.0);
+        tokio::spawn(batch::batcher(shared.clone(), rx));
+        breaker::fallback_gauge(0);
         Ok(RedisStore { shared, jobs })
     }
 }
@@ -519,127 +685,159 @@ fn kind_of(err: &RedisError) -> StoreErrorKind {
     }
 }
 
-// === batching ===
-
-/// Takes queued jobs, as many as are waiting, into one script call; keeps
-/// up to `max_in_flight` calls going. Ends when every store handle is gone.
-async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
-    let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        // Whatever queued while we waited for a permit goes in this batch.
-        let mut batch = Vec::with_capacity(16);
-        batch.push(first);
-        while batch.len() < shared.config.max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        // A check that already timed out is not charged behind its back.
-        batch.retain(|job| !job.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            shared.run_batch(batch).await;
-            drop(permit);
-        });
-    }
-}
+// === nodes ===
 
 impl Shared {
-    async fn run_batch(self: &Arc<Self>, batch: Vec<Job>) {
-        let mut invocation = self.script.prepare_invoke();
-        match &self.script_clock {
-            Some(clock) => {
-                let now = clock.now();
-                invocation.arg(now.as_secs()).arg(now.subsec_nanos());
-            }
-            None => {
-                invocation.arg("").arg("");
-            }
+    /// The topology as last read, without waiting.
+    fn current_topology(&self) -> Arc<Topology> {
+        self.topology
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The topology, reading the cluster's slot map first if it was never
+    /// read.
+    async fn topology(&self) -> Result<Arc<Topology>, StoreError> {
+        let topology = self.current_topology();
+        if !topology.is_unknown() {
+            return Ok(topology);
         }
-        invocation.arg(batch.len());
-        for job in &batch {
-            invocation.arg(job.keys.len());
-            for (key, args) in job.keys.iter().zip(&job.args) {
-                invocation.key(key);
-                for arg in args {
-                    invocation.arg(*arg);
-                }
-            }
-        }
-        self.stats.script_calls.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .requests_sent
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let result: Result<Vec<i64>, RedisError> = match &self.conn {
-            Conn::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
-            Conn::Cluster(cluster) => match cluster.get().await {
-                Ok(mut conn) => invocation.invoke_async(&mut conn).await,
-                Err(err) => Err(err),
-            },
+        self.refresh_topology().await
+    }
+
+    /// Reads the cluster's slot map (`CLUSTER SLOTS`) again.
+    async fn refresh_topology(&self) -> Result<Arc<Topology>, StoreError> {
+        let Conn::Cluster(cluster) = &self.conn else {
+            return Ok(self.current_topology());
         };
-        match result {
-            Ok(values) => {
-                self.breaker.success();
-                self.deliver(batch, &values);
+        let read = async {
+            let mut conn = cluster.get().await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        };
+        let reply = match tokio::time::timeout(Duration::from_secs(1), read).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(err)) => return Err(StoreError::new(kind_of(&err), err)),
+            Err(_) => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Timeout,
+                    "redis CLUSTER SLOTS timed out",
+                ));
             }
-            Err(err) => {
-                let kind = kind_of(&err);
-                tracing::debug!(%err, "redis rate-limit script failed");
-                self.breaker.failure(self);
-                let message = err.to_string();
-                for job in batch {
-                    let _ = job.reply.send(Err(StoreError::new(kind, message.clone())));
+        };
+        let topology = Topology::from_cluster_slots(reply, |host, port| {
+            let label = format!("{host}:{port}");
+            self.nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(label.clone())
+                .or_insert_with(|| {
+                    breaker::node_gauge(&label, 1.0);
+                    Arc::new(Node::new(label, Some((host.to_owned(), port))))
+                })
+                .clone()
+        })
+        .map_err(|err| StoreError::new(StoreErrorKind::Response, err))?;
+        let topology = Arc::new(topology);
+        *self.topology.write().unwrap_or_else(|e| e.into_inner()) = topology.clone();
+        Ok(topology)
+    }
+
+    /// Reads the slot map again in the background (once at a time): a node
+    /// failed or answered that it no longer holds a key.
+    fn refresh_soon(self: &Arc<Self>) {
+        if matches!(self.conn, Conn::Single(_))
+            || self.config.sharding == Sharding::Single
+            || self.refreshing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = shared.refresh_topology().await {
+                tracing::debug!(%err, "cannot read the redis cluster's slot map");
+            }
+            shared.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Counts a node's failure; opens its breaker (and starts its probe)
+    /// at the threshold.
+    fn node_failed(self: &Arc<Self>, node: &Arc<Node>) {
+        if node
+            .breaker
+            .failure(self.config.failure_threshold, &node.label)
+        {
+            tokio::spawn(probe(self.clone(), node.clone()));
+        }
+        self.refresh_soon();
+    }
+
+    /// Runs `cmd` on `node`: routed to its address on a cluster, else to
+    /// the one server (or, with one hash slot, by the command's key).
+    async fn query(&self, node: &Node, cmd: &redis::Cmd) -> Result<redis::Value, RedisError> {
+        match &self.conn {
+            Conn::Single(manager) => cmd.query_async(&mut manager.clone()).await,
+            Conn::Cluster(cluster) => {
+                let mut conn = cluster.get().await?;
+                match &node.address {
+                    Some((host, port)) => {
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        // Routed commands hand a server's error back as a
+                        // value.
+                        conn.route_command(cmd.clone(), route)
+                            .await?
+                            .extract_error()
+                    }
+                    None => cmd.query_async(&mut conn).await,
                 }
             }
         }
     }
 
-    /// Hands each job its decisions and remembers denied keys.
-    fn deliver(&self, batch: Vec<Job>, values: &[i64]) {
-        let local_now = nanos(self.clock.now());
-        let mut values = values.iter().map(|v| u64::try_from(*v).unwrap_or(0));
-        for job in batch {
-            let Some(allowed) = values.next() else {
-                let _ = job.reply.send(Err(StoreError::new(
-                    StoreErrorKind::Response,
-                    "redis script returned too few values",
-                )));
-                continue;
-            };
-            let mut each = SmallVec::new();
-            for (cache_key, args) in job.cache_keys.into_iter().zip(&job.args) {
-                let mut next = || values.next().unwrap_or(0);
-                let decision = Decision {
-                    allowed: next() == 1,
-                    remaining: next(),
-                    reset_after: Duration::from_nanos(next()),
-                    retry_after: Duration::from_nanos(next()),
-                };
-                let enforce = args[3] == 1;
-                if self.config.local_cache
-                    && enforce
-                    && !decision.allowed
-                    && !decision.retry_after.is_zero()
-                {
-                    // The wait was for this request's cost: what the bucket
-                    // owes is that wait less the request's own charge.
-                    let charge = args[0].saturating_mul(args[2]);
-                    let owed = (local_now + nanos(decision.retry_after)).saturating_sub(charge);
-                    self.remember_denial(cache_key, owed);
-                }
-                each.push(decision);
+    /// Runs `cmd`, an `EVALSHA` of `script`, on `node`, loading the
+    /// script there first when the node does not know it.
+    async fn eval(
+        &self,
+        node: &Node,
+        script: &Lua,
+        cmd: &redis::Cmd,
+    ) -> Result<redis::Value, RedisError> {
+        match self.query(node, cmd).await {
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(&script.code);
+                self.query(node, &load).await?;
+                self.query(node, cmd).await
             }
-            let _ = job.reply.send(Ok(Decisions {
-                allowed: allowed == 1,
-                each,
-            }));
+            result => result,
+        }
+    }
+
+    /// [`RedisStore::ping`] of one node.
+    async fn ping_node(self: &Arc<Self>, node: &Arc<Node>) -> Result<(), StoreError> {
+        let result = self.ping(node, self.config.timeout).await;
+        match &result {
+            Ok(()) => node.breaker.success(),
+            Err(_) => self.node_failed(node),
+        }
+        result.map_err(|err| StoreError::new(err.kind(), format!("{}: {err}", node.label)))
+    }
+
+    async fn ping(&self, node: &Node, timeout: Duration) -> Result<(), StoreError> {
+        match tokio::time::timeout(timeout, self.query(node, &redis::cmd("PING"))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(StoreError::new(kind_of(&err), err)),
+            Err(_) => Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                "redis PING timed out",
+            )),
         }
     }
 
@@ -662,80 +860,22 @@ impl Shared {
         }
         self.over_limit.insert(key, owed);
     }
-
-    async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
-        let ping = async {
-            let cmd = redis::cmd("PING");
-            match &self.conn {
-                Conn::Single(manager) => cmd.query_async::<String>(&mut manager.clone()).await,
-                Conn::Cluster(cluster) => {
-                    cmd.query_async::<String>(&mut cluster.get().await?).await
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(StoreError::new(kind_of(&err), err)),
-            Err(_) => Err(StoreError::new(
-                StoreErrorKind::Timeout,
-                "redis PING timed out",
-            )),
-        }
-    }
 }
 
-// === circuit breaker ===
-
-#[derive(Default)]
-struct Breaker {
-    failures: AtomicU32,
-    open: AtomicBool,
-}
-
-impl Breaker {
-    fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-    }
-
-    fn failure(&self, shared: &Arc<Shared>) {
-        if self.count_failure(&shared.config) {
-            tokio::spawn(probe(shared.clone()));
-        }
-    }
-
-    /// Counts a failure; `true` when it opened the breaker.
-    fn count_failure(&self, config: &RedisConfig) -> bool {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= config.failure_threshold && !self.open.swap(true, Ordering::AcqRel) {
-            tracing::warn!(
-                failures,
-                "redis rate-limit store unavailable; failing over to the failure policy"
-            );
-            fallback_gauge(1.0);
-            return true;
-        }
-        false
-    }
-}
-
-/// `tollgate_ratelimit_fallback_active`: 1 while the breaker is open.
-fn fallback_gauge(value: f64) {
-    #[cfg(feature = "metrics")]
-    metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE).set(value);
-    #[cfg(not(feature = "metrics"))]
-    let _ = value;
-}
-
-/// Pings a Redis the breaker cut off until it answers, then closes the
+/// Pings a node its breaker cut off until it answers, then closes the
 /// breaker.
-async fn probe(shared: Arc<Shared>) {
+async fn probe(shared: Arc<Shared>, node: Arc<Node>) {
     loop {
         tokio::time::sleep(shared.config.probe_interval).await;
-        if shared.ping(Duration::from_secs(1)).await.is_ok() {
-            shared.breaker.failures.store(0, Ordering::Relaxed);
-            shared.breaker.open.store(false, Ordering::Release);
-            tracing::info!("redis rate-limit store reachable again; back in use");
-            fallback_gauge(0.0);
+        if shared.ping(&node, Duration::from_secs(1)).await.is_ok() {
+            node.breaker.close(&node.label);
+            return;
+        }
+        // A failed-over master is replaced by its replica in the slot map.
+        shared.refresh_soon();
+        if !shared.current_topology().nodes.iter().any(|n| Arc::ptr_eq(n, &node)) {
+            // No longer serving slots: its keys went elsewhere.
+            node.breaker.close(&node.label);
             return;
         }
     }
@@ -764,7 +904,6 @@ pin_project! {
             reply: oneshot::Receiver<Result<Decisions, StoreError>>,
             #[pin]
             deadline: tokio::time::Sleep,
-            shared: Arc<Shared>,
         },
     }
 }
@@ -781,13 +920,11 @@ impl RedisFuture {
     fn waiting(
         reply: oneshot::Receiver<Result<Decisions, StoreError>>,
         timeout: Duration,
-        shared: Arc<Shared>,
     ) -> Self {
         Self {
             state: State::Waiting {
                 reply,
                 deadline: tokio::time::sleep(timeout),
-                shared,
             },
         }
     }
@@ -801,11 +938,7 @@ impl Future for RedisFuture {
             StateProj::Ready { result } => {
                 Poll::Ready(result.take().expect("polled after completion"))
             }
-            StateProj::Waiting {
-                reply,
-                deadline,
-                shared,
-            } => {
+            StateProj::Waiting { reply, deadline } => {
                 if let Poll::Ready(result) = reply.poll(cx) {
                     return Poll::Ready(result.unwrap_or_else(|_| {
                         Err(StoreError::new(
@@ -814,8 +947,9 @@ impl Future for RedisFuture {
                         ))
                     }));
                 }
+                // The batch's calls have timeouts of their own, which feed
+                // the breakers; this bounds the wait in the queue too.
                 ready!(deadline.poll(cx));
-                shared.breaker.failure(shared);
                 Poll::Ready(Err(StoreError::new(
                     StoreErrorKind::Timeout,
                     "redis did not answer within the timeout",
