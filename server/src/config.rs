@@ -9,7 +9,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tollgate::client_ip::{ForwardedHeader, TrustedProxies};
-use tollgate::rate_limit::{FailurePolicy, QUOTA_FORMAT, Quota, RedisConfig, RedisTarget};
+use tollgate::rate_limit::{
+    FailurePolicy, QUOTA_FORMAT, Quota, RedisConfig, RedisTarget, Sharding,
+};
 
 use crate::trust::TrustTable;
 
@@ -394,7 +396,13 @@ pub const VARIABLES: &[Variable] = &[
         "RATE_LIMIT_REDIS_PREFIX",
         Text("tollgate"),
         "letters, digits, '-', '_' or '.'",
-        "key prefix and hash tag ({tollgate}:2:ip:ip:192.0.2.1), so deployments can share a Redis",
+        "key prefix (tollgate:{2:ip:ip:192.0.2.1}), so deployments can share a Redis",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_SHARDING",
+        Text("slot"),
+        "slot or single",
+        "on Redis Cluster, slot: each (policy, key) in its own hash slot, spread over every master; single: every key in one slot (the prefix is the hash tag), each request decided atomically by one master",
     ),
     var(
         "RATE_LIMIT_REDIS_CLUSTER",
@@ -1041,6 +1049,12 @@ fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, Confi
     // The library's other settings (breaker, probe) keep its defaults.
     let mut config = RedisConfig::default();
     config.prefix = prefix;
+    let sharding = var("RATE_LIMIT_REDIS_SHARDING");
+    config.sharding = match sharding.text() {
+        Some("slot") => Sharding::Slot,
+        Some("single") => Sharding::Single,
+        _ => return Err(sharding.error()),
+    };
     config.timeout = var("RATE_LIMIT_REDIS_TIMEOUT").positive_duration()?;
     config.max_batch = var("RATE_LIMIT_REDIS_MAX_BATCH").above_zero()?;
     config.max_in_flight = var("RATE_LIMIT_REDIS_MAX_IN_FLIGHT").above_zero()?;
@@ -1278,6 +1292,7 @@ mod tests {
             ("REDIS_URL", "redis://10.0.0.5:7000"),
             ("RATE_LIMIT_REDIS_CLUSTER", "true"),
             ("RATE_LIMIT_REDIS_PREFIX", "api-prod"),
+            ("RATE_LIMIT_REDIS_SHARDING", "single"),
             ("RATE_LIMIT_REDIS_TIMEOUT", "20ms"),
             ("RATE_LIMIT_FAILURE_MODE", "closed"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "3"),
@@ -1291,6 +1306,7 @@ mod tests {
             RedisTarget::Cluster(vec!["redis://10.0.0.5:7000".into()])
         );
         assert_eq!(config.prefix, "api-prod");
+        assert_eq!(config.sharding, Sharding::Single);
         assert_eq!(config.timeout, Duration::from_millis(20));
         assert_eq!(c.failure_mode, FailurePolicy::Closed);
         assert_eq!(c.fallback_replicas, 3);
@@ -1442,6 +1458,7 @@ mod tests {
             ("RATE_LIMIT_REDIS_MAX_BATCH", "0"),
             ("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", "many"),
             ("RATE_LIMIT_REDIS_LOCAL_CACHE", "sometimes"),
+            ("RATE_LIMIT_REDIS_SHARDING", "hash"),
         ] {
             let err = parse(&[("RATE_LIMIT_STORE", "redis"), (var, value)]).unwrap_err();
             assert_eq!(err.var, var);

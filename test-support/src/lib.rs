@@ -36,7 +36,19 @@ impl OwnRedis {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a temporary directory");
         let dir = dir.to_string_lossy().into_owned();
-        Self::spawn(port, &["--cluster-enabled", "yes", "--dir", &dir])
+        Self::spawn(
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--dir",
+                &dir,
+                // Masters keep serving their slots when another one is down
+                // (the deployment documented in the README).
+                "--cluster-require-full-coverage",
+                "no",
+            ],
+        )
     }
 
     fn spawn(port: u16, extra: &[&str]) -> Self {
@@ -81,6 +93,109 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Redis Cluster of the test's own: `n` masters on loopback, no
+/// replicas, every node agreeing the cluster is up. Stopped when dropped.
+#[derive(Debug)]
+pub struct OwnCluster {
+    /// The masters, in the order they were created.
+    pub nodes: Vec<OwnRedis>,
+}
+
+impl OwnCluster {
+    /// Starts `n` cluster nodes, joins them (`redis-cli --cluster create`),
+    /// and waits (at most 10 s) until every node reports `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// If the nodes do not start or the cluster does not come up.
+    pub fn start(n: usize) -> Self {
+        let nodes: Vec<OwnRedis> = (0..n).map(|_| OwnRedis::start_cluster_node()).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli on PATH");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &nodes {
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster not ok after 10 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// The nodes' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(OwnRedis::url).collect()
+    }
+
+    /// The index of the master that holds `key`.
+    ///
+    /// # Panics
+    ///
+    /// If no node holds the key's slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .cli(&["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot");
+        self.nodes
+            .iter()
+            .position(|n| n.owns(slot))
+            .expect("a node holding the slot")
+    }
+}
+
+impl OwnRedis {
+    /// Runs `redis-cli -p <port> args…` and returns what it printed.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-cli` cannot run.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli on PATH");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// How many times this server ran `command` (`INFO commandstats`).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["info", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether this cluster node serves `slot` itself.
+    fn owns(&self, slot: u16) -> bool {
+        // `CLUSTER COUNTKEYSINSLOT` answers on any node; ownership is in
+        // `CLUSTER NODES`: the line marked `myself` lists its slot ranges.
+        let nodes = self.cli(&["cluster", "nodes"]);
+        let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+            return false;
+        };
+        me.split_whitespace().skip(8).any(|range| {
+            let mut bounds = range.split('-').map(|b| b.parse::<u16>().ok());
+            match (bounds.next().flatten(), bounds.next().flatten()) {
+                (Some(start), Some(end)) => (start..=end).contains(&slot),
+                (Some(one), None) => one == slot,
+                _ => false,
+            }
+        })
     }
 }
 

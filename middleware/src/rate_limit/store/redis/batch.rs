@@ -130,7 +130,10 @@ impl Shared {
             self.stats.short_circuited.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::new(
                 StoreErrorKind::Connection,
-                format!("redis node {} unavailable (circuit breaker open)", node.label),
+                format!(
+                    "redis node {} unavailable (circuit breaker open)",
+                    node.label
+                ),
             ));
         }
         // On a cluster a node's keys span slots: they go in ARGV, to a
@@ -171,9 +174,8 @@ impl Shared {
         metrics::counter!(crate::metrics::RATELIMIT_REDIS_CALLS, "node" => node.label.clone())
             .increment(1);
         let answer = self.call(node, script, &cmd).await?;
-        Vec::<i64>::from_redis_value(answer).map_err(|err| {
-            StoreError::new(StoreErrorKind::Response, RedisError::from(err))
-        })
+        Vec::<i64>::from_redis_value(answer)
+            .map_err(|err| StoreError::new(StoreErrorKind::Response, RedisError::from(err)))
     }
 
     /// `EVALSHA <script> <keys>` and the time arguments every script
@@ -201,22 +203,24 @@ impl Shared {
         script: &Lua,
         cmd: &redis::Cmd,
     ) -> Result<redis::Value, StoreError> {
-        let error = match tokio::time::timeout(self.config.timeout, self.eval(node, script, cmd))
-            .await
-        {
-            Ok(Ok(value)) => {
-                node.breaker.success();
-                return Ok(value);
-            }
-            Ok(Err(err)) => {
-                tracing::debug!(%err, node = %node.label, "redis rate-limit script failed");
-                StoreError::new(kind_of(&err), format!("redis node {}: {err}", node.label))
-            }
-            Err(_) => StoreError::new(
-                StoreErrorKind::Timeout,
-                format!("redis node {} did not answer within the timeout", node.label),
-            ),
-        };
+        let error =
+            match tokio::time::timeout(self.config.timeout, self.eval(node, script, cmd)).await {
+                Ok(Ok(value)) => {
+                    node.breaker.success();
+                    return Ok(value);
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, node = %node.label, "redis rate-limit script failed");
+                    StoreError::new(kind_of(&err), format!("redis node {}: {err}", node.label))
+                }
+                Err(_) => StoreError::new(
+                    StoreErrorKind::Timeout,
+                    format!(
+                        "redis node {} did not answer within the timeout",
+                        node.label
+                    ),
+                ),
+            };
         #[cfg(feature = "metrics")]
         metrics::counter!(
             crate::metrics::RATELIMIT_REDIS_NODE_ERRORS,
@@ -245,7 +249,8 @@ impl Shared {
                     // one script denies the whole request.
                     let [t, capacity, cost, _] = batch[charged.job].args[charged.check];
                     if let Some(decision) = &mut verdict.each[charged.check] {
-                        let base = nanos(decision.reset_after).saturating_sub(t.saturating_mul(cost));
+                        let base =
+                            nanos(decision.reset_after).saturating_sub(t.saturating_mul(cost));
                         decision.remaining = capacity.saturating_sub(base) / t.max(1);
                         decision.reset_after = Duration::from_nanos(base);
                     }

@@ -62,8 +62,11 @@ impl Drop for Breaker {
 /// open.
 pub(super) fn fallback_gauge(open_nodes: usize) {
     #[cfg(feature = "metrics")]
-    metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE)
-        .set(if open_nodes > 0 { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::metrics::RATELIMIT_FALLBACK_ACTIVE).set(if open_nodes > 0 {
+        1.0
+    } else {
+        0.0
+    });
     #[cfg(not(feature = "metrics"))]
     let _ = open_nodes;
 }

@@ -460,7 +460,10 @@ impl Store for RedisStore {
                 .fetch_add(1, Ordering::Relaxed);
             return RedisFuture::ready(Err(StoreError::new(
                 StoreErrorKind::Connection,
-                format!("redis node {} unavailable (circuit breaker open)", node.label),
+                format!(
+                    "redis node {} unavailable (circuit breaker open)",
+                    node.label
+                ),
             )));
         }
         let (reply, rx) = oneshot::channel();
@@ -810,7 +813,9 @@ impl Shared {
         cmd: &redis::Cmd,
     ) -> Result<redis::Value, RedisError> {
         match self.query(node, cmd).await {
-            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
                 let mut load = redis::cmd("SCRIPT");
                 load.arg("LOAD").arg(&script.code);
                 self.query(node, &load).await?;
@@ -873,7 +878,12 @@ async fn probe(shared: Arc<Shared>, node: Arc<Node>) {
         }
         // A failed-over master is replaced by its replica in the slot map.
         shared.refresh_soon();
-        if !shared.current_topology().nodes.iter().any(|n| Arc::ptr_eq(n, &node)) {
+        if !shared
+            .current_topology()
+            .nodes
+            .iter()
+            .any(|n| Arc::ptr_eq(n, &node))
+        {
             // No longer serving slots: its keys went elsewhere.
             node.breaker.close(&node.label);
             return;
@@ -917,10 +927,7 @@ impl RedisFuture {
         }
     }
 
-    fn waiting(
-        reply: oneshot::Receiver<Result<Decisions, StoreError>>,
-        timeout: Duration,
-    ) -> Self {
+    fn waiting(reply: oneshot::Receiver<Result<Decisions, StoreError>>, timeout: Duration) -> Self {
         Self {
             state: State::Waiting {
                 reply,
