@@ -116,3 +116,46 @@ async fn redis_down_fail_closed_answers_503_then_recovers() {
     }
     drop(redis);
 }
+
+/// Three server processes on a three-master Redis Cluster, keys spread
+/// over slots (the default sharding): each of 30 client addresses gets
+/// exactly its quota fleet-wide, and the keys live on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_three_processes_admit_exactly_the_quota_on_every_master() {
+    const QUOTA: usize = 3;
+    let cluster = tollgate_test_support::OwnCluster::start(3);
+    let nodes = cluster.urls().join(",");
+    let prefix = unique_prefix("cluster-fleet");
+    let env = [
+        ("RATE_LIMIT_IP", "3/h"),
+        ("RATE_LIMIT_STORE", "redis"),
+        ("RATE_LIMIT_REDIS_CLUSTER", nodes.as_str()),
+        ("RATE_LIMIT_REDIS_PREFIX", prefix.as_str()),
+        ("RATE_LIMIT_FAILURE_MODE", "closed"),
+        ("TRUSTED_PROXIES", "127.0.0.1/32"),
+    ];
+    let servers: Vec<Server> = (0..3).map(|_| Server::process(&env)).collect();
+    let http = client();
+    for client_ip in 0..30 {
+        let ip = format!("198.51.100.{client_ip}");
+        let mut ok = 0;
+        for i in 0..QUOTA + 3 {
+            let res = http
+                .get(servers[i % 3].url("/api/v1/ping"))
+                .header("x-forwarded-for", &ip)
+                .send()
+                .await
+                .unwrap();
+            match res.status().as_u16() {
+                200 => ok += 1,
+                429 => {}
+                other => panic!("{ip}: status {other}"),
+            }
+        }
+        assert_eq!(ok, QUOTA, "{ip}");
+    }
+    for node in &cluster.nodes {
+        let keys: u64 = node.cli(&["dbsize"]).trim().parse().unwrap();
+        assert!(keys > 0, "master {} holds no key", node.port);
+    }
+}
