@@ -9,8 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::time::Instant;
 use tollgate::rate_limit::{
-    Check, Decisions, Key, ManualClock, MemoryStore, PolicyName, Quota, RedisStore, RedisTarget,
-    Store, StoreErrorKind,
+    Check, Decisions, Key, LeaseConfig, ManualClock, MemoryStore, PolicyName, Quota, RedisStore,
+    RedisTarget, Store, StoreErrorKind,
 };
 use tollgate_test_support::{OwnRedis, unique_prefix as prefix};
 
@@ -361,4 +361,114 @@ async fn cluster_mode_decides_like_a_single_server() {
     assert!(!denied.allowed);
     // All or nothing across the two keys: the tenant was charged twice.
     assert_eq!(denied.each[1].remaining, 3);
+}
+
+/// Lease mode: three replicas hammer one hot key with a quota of 300 (a
+/// refill of one unit per 12 s, so none during the test). Together they
+/// admit at most 300, most requests are decided from leases, and the
+/// requests denied while units were left stay within the stated bound:
+/// the units the replicas can hold unused, burst / 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_never_admit_more_than_the_quota_and_deny_early_within_the_bound() {
+    const QUOTA: u64 = 300;
+    let prefix = prefix("lease");
+    let mut leases = LeaseConfig::default();
+    leases.policies = vec!["hot".to_owned()];
+    leases.replicas = 3;
+    let replicas: Vec<RedisStore> = (0..3)
+        .map(|_| {
+            RedisStore::builder(RedisTarget::Single(redis_url()))
+                .prefix(prefix.as_str())
+                .leases(leases.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let quota = Quota::per_hour(QUOTA as u32);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for store in &replicas {
+        for _ in 0..4 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let (mut allowed, mut sent, mut most_held) = (0u64, 0u64, 0u64);
+                while started.elapsed() < Duration::from_millis(1500) {
+                    let d = store
+                        .check(&[check("hot", "tenant-1", quota, 1)])
+                        .await
+                        .unwrap();
+                    allowed += u64::from(d.allowed);
+                    sent += 1;
+                    most_held = most_held.max(store.stats().lease_units_outstanding);
+                    if sent % 16 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                (allowed, sent, most_held)
+            });
+        }
+    }
+    let (mut allowed, mut sent, mut most_held) = (0, 0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (a, s, h) = done.unwrap();
+        allowed += a;
+        sent += s;
+        most_held = most_held.max(h);
+    }
+    let stats: Vec<_> = replicas.iter().map(RedisStore::stats).collect();
+    let hits: u64 = stats.iter().map(|s| s.lease_hits).sum();
+    let calls: u64 = stats.iter().map(|s| s.script_calls).sum();
+    eprintln!(
+        "leases: {allowed} admitted of {sent} requests, {hits} from leases, {calls} script calls, \
+         at most {most_held} units held by one replica; {stats:?}"
+    );
+    assert!(allowed <= QUOTA, "{allowed} admitted, quota {QUOTA}");
+    // Each replica holds at most burst / (2 × 3) = 50 units unused, so at
+    // most 150 can be denied early.
+    assert!(most_held <= 50, "a replica held {most_held} units");
+    assert!(
+        QUOTA - allowed <= 150,
+        "{} denied early, bound 150",
+        QUOTA - allowed
+    );
+    assert!(hits > 0, "no request was decided from a lease");
+}
+
+/// A lease's unused units go back when it ends: another replica, exact,
+/// then sees only the units really used.
+#[tokio::test]
+async fn unused_leased_units_go_back_when_the_lease_ends() {
+    let prefix = prefix("lease-return");
+    let mut leases = LeaseConfig::default();
+    leases.policies = vec!["hot".to_owned()];
+    let leasing = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix.as_str())
+        .leases(leases)
+        .build()
+        .unwrap();
+    let exact = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix.as_str())
+        .build()
+        .unwrap();
+    let quota = Quota::per_hour(1000);
+    let c = [check("hot", "k", quota, 1)];
+    for _ in 0..20 {
+        assert!(leasing.check(&c).await.unwrap().allowed);
+    }
+    let stats = leasing.stats();
+    assert!(
+        stats.leases > 0 && stats.lease_units_outstanding > 0,
+        "{stats:?}"
+    );
+    // The lease ends within 100 ms; its sweep returns the rest.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while leasing.stats().lease_units_returned == 0 {
+        assert!(Instant::now() < deadline, "{:?}", leasing.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = leasing.stats();
+    assert_eq!(stats.lease_units_outstanding, 0);
+    // 20 used, one more now: 979 left of 1000.
+    let d = exact.check(&c).await.unwrap();
+    assert_eq!(d.each[0].remaining, 979, "{stats:?}");
 }

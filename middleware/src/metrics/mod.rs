@@ -87,6 +87,19 @@ pub const RATELIMIT_REDIS_NODE_UP: &str = "tollgate_ratelimit_redis_node_up";
 /// because another node denied the request (`done`), or that could not be
 /// (`failed`).
 pub const RATELIMIT_REDIS_REFUNDS: &str = "tollgate_ratelimit_redis_refunds_total";
+/// `tollgate_ratelimit_leases_total`: leases of hot keys granted by Redis.
+pub const RATELIMIT_LEASES: &str = "tollgate_ratelimit_leases_total";
+/// `tollgate_ratelimit_lease_hits_total`: requests decided from a lease,
+/// without Redis.
+pub const RATELIMIT_LEASE_HITS: &str = "tollgate_ratelimit_lease_hits_total";
+/// `tollgate_ratelimit_lease_outstanding_units`: leased units held, neither
+/// used nor given back — the most requests the fleet may deny early
+/// because of this replica.
+pub const RATELIMIT_LEASE_OUTSTANDING: &str = "tollgate_ratelimit_lease_outstanding_units";
+/// `tollgate_ratelimit_lease_returned_units_total`: leased units not used
+/// and given back when their lease ended (each one could have been denied
+/// early elsewhere while held).
+pub const RATELIMIT_LEASE_RETURNED: &str = "tollgate_ratelimit_lease_returned_units_total";
 /// `tollgate_ratelimit_local_cache_hits_total`: requests the Redis store
 /// denied from its local over-limit cache.
 pub const RATELIMIT_LOCAL_CACHE_HITS: &str = "tollgate_ratelimit_local_cache_hits_total";

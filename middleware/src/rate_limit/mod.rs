@@ -119,6 +119,6 @@ pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{
-    DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
-    RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
+    DEFAULT_REDIS_TIMEOUT, LeaseConfig, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture,
+    RedisStats, RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
 };

@@ -15,8 +15,8 @@ mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{
-    DEFAULT_REDIS_TIMEOUT, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture, RedisStats,
-    RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
+    DEFAULT_REDIS_TIMEOUT, LeaseConfig, OVER_LIMIT_CACHE_CAPACITY, RedisConfig, RedisFuture,
+    RedisStats, RedisStore, RedisStoreBuilder, RedisTarget, Sharding,
 };
 
 pub use either::{EitherFuture, EitherStore};

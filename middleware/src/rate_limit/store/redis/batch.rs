@@ -12,6 +12,7 @@ use smallvec::{SmallVec, smallvec};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::cluster::{Node, Topology};
+use super::lease::{Lease, Leases, Return};
 use super::{Job, Lua, Shared, kind_of, unknown};
 use crate::rate_limit::clock::nanos;
 use crate::rate_limit::store::{Decision, Decisions, StoreError, StoreErrorKind};
@@ -58,6 +59,8 @@ struct Part {
 struct Charged {
     job: usize,
     check: usize,
+    /// Units charged: the cost and any lease.
+    units: u64,
     /// The state the charge left, as Redis's (seconds, nanoseconds).
     left: (u64, u64),
 }
@@ -68,6 +71,17 @@ struct Verdict {
     denied: bool,
     error: Option<StoreError>,
     charged: SmallVec<[(usize, Charged); 2]>,
+    /// Leases granted.
+    leased: SmallVec<[Granted; 1]>,
+}
+
+/// A lease Redis granted with a request's check.
+#[derive(Clone, Copy)]
+struct Granted {
+    check: usize,
+    units: u64,
+    /// The state the charge left, as Redis's (seconds, nanoseconds).
+    left: (u64, u64),
 }
 
 impl Shared {
@@ -94,6 +108,7 @@ impl Shared {
                 denied: false,
                 error: None,
                 charged: SmallVec::new(),
+                leased: SmallVec::new(),
             })
             .collect();
         let parts = route(&topology, &batch, &mut verdicts);
@@ -244,10 +259,11 @@ impl Shared {
         let mut per_part: Vec<Vec<Charged>> = parts.iter().map(|_| Vec::new()).collect();
         for verdict in verdicts.iter_mut() {
             if verdict.denied || verdict.error.is_some() {
+                verdict.leased.clear();
                 for (p, charged) in verdict.charged.drain(..) {
                     // Reported as it stands without the charge, as when
                     // one script denies the whole request.
-                    let [t, capacity, cost, _] = batch[charged.job].args[charged.check];
+                    let [t, capacity, cost, _, _] = batch[charged.job].args[charged.check];
                     if let Some(decision) = &mut verdict.each[charged.check] {
                         let base =
                             nanos(decision.reset_after).saturating_sub(t.saturating_mul(cost));
@@ -290,9 +306,9 @@ impl Shared {
         let mut cmd = self.evalsha(&self.refund_script, &[]);
         cmd.arg(charged.len());
         for c in charged {
-            let [t, _, cost, _] = batch[c.job].args[c.check];
+            let t = batch[c.job].args[c.check][0];
             cmd.arg(batch[c.job].keys[c.check].as_str())
-                .arg(t.saturating_mul(cost))
+                .arg(t.saturating_mul(c.units))
                 .arg(c.left.0)
                 .arg(c.left.1);
         }
@@ -300,10 +316,56 @@ impl Shared {
         (charged.len() as u64, done)
     }
 
+    /// Gives unused leased units back, one call per node.
+    async fn return_leases(self: &Arc<Self>, returns: Vec<Return>) {
+        let topology = self.current_topology();
+        let mut per_node: Vec<Vec<&Return>> = topology.nodes.iter().map(|_| Vec::new()).collect();
+        for r in &returns {
+            if let Some(node) = topology.node_of(&r.name) {
+                per_node[node].push(r);
+            }
+        }
+        let mut calls = Vec::new();
+        for (node, items) in topology.nodes.iter().zip(&per_node) {
+            if items.is_empty() {
+                continue;
+            }
+            let mut cmd = self.evalsha(&self.refund_script, &[]);
+            cmd.arg(items.len());
+            for r in items {
+                cmd.arg(r.name.as_str())
+                    .arg(r.charge)
+                    .arg(r.left.0)
+                    .arg(r.left.1);
+            }
+            calls.push(async move {
+                let units: u64 = items.iter().map(|r| r.units).sum();
+                (
+                    units,
+                    self.call(node, &self.refund_script, &cmd).await.is_ok(),
+                )
+            });
+        }
+        for (units, done) in join_all(calls).await {
+            if done {
+                self.stats
+                    .lease_units_returned
+                    .fetch_add(units, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                metrics::counter!(crate::metrics::RATELIMIT_LEASE_RETURNED).increment(units);
+            } else {
+                self.stats.refund_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Answers each request and remembers denied keys.
     fn deliver(&self, batch: Vec<Job>, verdicts: Vec<Verdict>) {
         let local_now = nanos(self.clock.now());
         for (job, verdict) in batch.into_iter().zip(verdicts) {
+            if let Some(leases) = &self.leases {
+                self.settle_leases(leases, &job, &verdict, local_now);
+            }
             // A denial is Redis's answer even when another node failed.
             if let (Some(err), false) = (verdict.error, verdict.denied) {
                 let _ = job.reply.send(Err(err));
@@ -333,6 +395,59 @@ impl Shared {
                 each,
             }));
         }
+    }
+}
+
+impl Shared {
+    /// Ends the lease requests a job carried: a granted lease is held from
+    /// now on; a denied, failed or refunded request leased nothing.
+    fn settle_leases(&self, leases: &Leases, job: &Job, verdict: &Verdict, now: u64) {
+        for (c, args) in job.args.iter().enumerate() {
+            if args[4] == 0 {
+                continue;
+            }
+            let granted = verdict.leased.iter().find(|g| g.check == c).and_then(
+                |&Granted { units, left, .. }| {
+                    let decision = verdict.each[c]?;
+                    self.stats.leases.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    metrics::counter!(crate::metrics::RATELIMIT_LEASES).increment(1);
+                    Some(Lease {
+                        units,
+                        ends: 0,
+                        reset_at: now + nanos(decision.reset_after) + args[0].saturating_mul(units),
+                        pending_since: None,
+                        name: job.keys[c].clone(),
+                        t: args[0],
+                        left,
+                    })
+                },
+            );
+            leases.settle(&job.cache_keys[c], granted, now);
+        }
+    }
+}
+
+/// Ends leases whose time is up and gives their unused units back, every
+/// half lease; ends with the store.
+pub(super) async fn lease_sweeper(shared: std::sync::Weak<Shared>) {
+    loop {
+        let period = match shared.upgrade() {
+            Some(shared) => {
+                let Some(leases) = &shared.leases else { return };
+                let now = nanos(shared.clock.now());
+                let returns = leases.sweep(now, 2 * nanos(shared.config.timeout));
+                #[cfg(feature = "metrics")]
+                metrics::gauge!(crate::metrics::RATELIMIT_LEASE_OUTSTANDING)
+                    .set(leases.outstanding.load(Ordering::Relaxed) as f64);
+                if !returns.is_empty() {
+                    shared.return_leases(returns).await;
+                }
+                (leases.config.duration / 2).max(Duration::from_millis(5))
+            }
+            None => return,
+        };
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -398,17 +513,28 @@ fn read_answer(batch: &[Job], part: &Part, p: usize, values: &[i64], verdicts: &
                 reset_after: Duration::from_nanos(value()),
                 retry_after: Duration::from_nanos(value()),
             };
-            let [_, _, cost, _] = batch[*j].args[c];
-            if group_allowed == 1 && decision.allowed && cost > 0 {
-                let left = now_ns + nanos(decision.reset_after);
+            let leased = value();
+            let [t, _, cost, _, _] = batch[*j].args[c];
+            let units = cost + leased;
+            if group_allowed == 1 && decision.allowed && units > 0 {
+                let left = now_ns + nanos(decision.reset_after) + t.saturating_mul(leased);
+                let left = (now_s + left / 1_000_000_000, left % 1_000_000_000);
                 verdict.charged.push((
                     p,
                     Charged {
                         job: *j,
                         check: c,
-                        left: (now_s + left / 1_000_000_000, left % 1_000_000_000),
+                        units,
+                        left,
                     },
                 ));
+                if leased > 0 {
+                    verdict.leased.push(Granted {
+                        check: c,
+                        units: leased,
+                        left,
+                    });
+                }
             }
             verdict.each[c] = Some(decision);
         }

@@ -11,16 +11,19 @@
 -- (On Redis Cluster a batch's keys span slots of one node: undeclared,
 -- with the allow-cross-slot-keys flag.) Then the number of groups
 -- (requests), then per group: its number of checks, then per check: t (ns
--- per unit), capacity (t * burst, ns), cost, enforce (1 or 0). Key names:
--- one per check, in order.
+-- per unit), capacity (t * burst, ns), cost, enforce (1 or 0), lease (units
+-- to reserve beyond the cost, as many as fit, when the group is charged).
+-- Key names: one per check, in order.
 --
 -- A group is decided all-or-nothing: when an enforced check denies, no
 -- check of the group is charged. Groups are decided in order, each seeing
 -- what the ones before it charged.
 --
 -- Returns now (seconds, nanoseconds), then per group: allowed (1/0), then
--- per check: allowed, remaining, reset_after (ns), retry_after (ns). Now
--- and reset_after give the state a charge left, for a refund to undo.
+-- per check: allowed, remaining, reset_after (ns), retry_after (ns), units
+-- leased. remaining and reset_after are the request's own, before the
+-- lease; now + reset_after + leased * t is the state the charge left, for a
+-- refund to undo.
 
 local now_s, now_ns
 if ARGV[1] ~= '' then
@@ -67,7 +70,7 @@ arg = arg + 1
 local out = { now_s, now_ns }
 local key = 1
 -- Per check of the current group, reused across groups: no table per check.
-local K, T, CAP, CHARGE, BASE, NEW, OK = {}, {}, {}, {}, {}, {}, {}
+local K, T, CAP, CHARGE, BASE, NEW, OK, LEASE = {}, {}, {}, {}, {}, {}, {}, {}
 for _ = 1, groups do
   local n = tonumber(ARGV[arg])
   arg = arg + 1
@@ -77,7 +80,8 @@ for _ = 1, groups do
     local cap = tonumber(ARGV[arg + 1])
     local charge = t * tonumber(ARGV[arg + 2])
     local enforce = ARGV[arg + 3] == '1'
-    arg = arg + 4
+    local lease = tonumber(ARGV[arg + 4])
+    arg = arg + 5
     local k = names[key]
     key = key + 1
     local stored = redis.call('GET', k)
@@ -93,27 +97,33 @@ for _ = 1, groups do
     if enforce and not allowed then
       group_allowed = false
     end
-    K[c], T[c], CAP[c], CHARGE[c], BASE[c], NEW[c], OK[c] = k, t, cap, charge, base, new, allowed
+    K[c], T[c], CAP[c], CHARGE[c], BASE[c], NEW[c], OK[c], LEASE[c] =
+      k, t, cap, charge, base, new, allowed, lease
   end
   out[#out + 1] = group_allowed and 1 or 0
   for c = 1, n do
     local t, cap, base, new = T[c], CAP[c], BASE[c], NEW[c]
     if OK[c] and group_allowed then
-      -- Charged. The key lives exactly as long as its state matters.
-      local ms = math.ceil(new / 1000000)
+      -- Charged, with as much of the lease as fits. The key lives exactly
+      -- as long as its state matters.
+      local leased = math.min(LEASE[c], math.floor((cap - new) / t))
+      local stored_new = new + leased * t
+      local ms = math.ceil(stored_new / 1000000)
       if ms < 1 then
         ms = 1
       end
-      redis.call('SET', K[c], encode(new), 'PX', ms)
+      redis.call('SET', K[c], encode(stored_new), 'PX', ms)
       out[#out + 1] = 1
       out[#out + 1] = math.floor((cap - new) / t)
       out[#out + 1] = new
       out[#out + 1] = 0
+      out[#out + 1] = leased
     elseif OK[c] then
       -- Would pass, but the group was denied: reported as it stands.
       out[#out + 1] = 1
       out[#out + 1] = math.floor((cap - base) / t)
       out[#out + 1] = base
+      out[#out + 1] = 0
       out[#out + 1] = 0
     else
       out[#out + 1] = 0
@@ -128,6 +138,7 @@ for _ = 1, groups do
       else
         out[#out + 1] = new - cap
       end
+      out[#out + 1] = 0
     end
   end
 end

@@ -3,6 +3,9 @@
 mod batch;
 mod breaker;
 mod cluster;
+mod lease;
+
+pub use self::lease::LeaseConfig;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +25,7 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use self::cluster::{Node, Topology};
+use self::lease::Leases;
 use super::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::key::Key;
@@ -84,6 +88,9 @@ pub struct RedisConfig {
     /// only to compare stores decision by decision: a locally denied
     /// request cannot report its other policies' state.
     pub local_cache: bool,
+    /// Leases for hot keys of some policies; none by default (see
+    /// [`LeaseConfig`] for why).
+    pub leases: LeaseConfig,
 }
 
 impl Default for RedisConfig {
@@ -97,6 +104,7 @@ impl Default for RedisConfig {
             failure_threshold: 3,
             probe_interval: Duration::from_millis(500),
             local_cache: true,
+            leases: LeaseConfig::default(),
         }
     }
 }
@@ -149,6 +157,15 @@ pub struct RedisStats {
     /// Refunds that did not reach their node: those charges stay until
     /// they drain.
     pub refund_failures: u64,
+    /// Leases granted for hot keys.
+    pub leases: u64,
+    /// Requests decided from a lease, without Redis.
+    pub lease_hits: u64,
+    /// Leased units not used, given back when their lease ended.
+    pub lease_units_returned: u64,
+    /// Leased units held now, neither used nor given back: the most
+    /// requests the fleet may deny early because of this replica.
+    pub lease_units_outstanding: u64,
 }
 
 /// Keys the over-limit cache holds at most; denials beyond it go
@@ -249,6 +266,8 @@ struct Shared {
     nodes: Mutex<HashMap<String, Arc<Node>>>,
     /// A slot-map refresh is running.
     refreshing: AtomicBool,
+    /// Leases of hot keys, when any policy has them.
+    leases: Option<Leases>,
     stats: Stats,
 }
 
@@ -283,6 +302,9 @@ struct Stats {
     cache_sweeps: AtomicU64,
     refunds: AtomicU64,
     refund_failures: AtomicU64,
+    leases: AtomicU64,
+    lease_hits: AtomicU64,
+    lease_units_returned: AtomicU64,
     /// Denials that found the cache full since its last sweep.
     full_since_sweep: AtomicU64,
 }
@@ -290,8 +312,8 @@ struct Stats {
 /// One request's checks, waiting for a batch.
 struct Job {
     keys: SmallVec<[String; 2]>,
-    /// Per check: interval, capacity, cost, enforce.
-    args: SmallVec<[[u64; 4]; 2]>,
+    /// Per check: interval, capacity, cost, enforce, units to lease.
+    args: SmallVec<[[u64; 5]; 2]>,
     /// To remember denials in the over-limit cache.
     cache_keys: SmallVec<[(u32, Key); 2]>,
     reply: oneshot::Sender<Result<Decisions, StoreError>>,
@@ -325,6 +347,14 @@ impl RedisStore {
             cache_sweeps: s.cache_sweeps.load(Ordering::Relaxed),
             refunds: s.refunds.load(Ordering::Relaxed),
             refund_failures: s.refund_failures.load(Ordering::Relaxed),
+            leases: s.leases.load(Ordering::Relaxed),
+            lease_hits: s.lease_hits.load(Ordering::Relaxed),
+            lease_units_returned: s.lease_units_returned.load(Ordering::Relaxed),
+            lease_units_outstanding: self
+                .shared
+                .leases
+                .as_ref()
+                .map_or(0, |l| l.outstanding.load(Ordering::Relaxed)),
         }
     }
 
@@ -405,6 +435,62 @@ impl RedisStore {
         })
     }
 
+    /// Decides a request from this replica's leases when every check has
+    /// one with the units. Otherwise puts back what it took, and marks in
+    /// `lease` the units to ask Redis for, per check of a hot key.
+    fn decide_from_leases(&self, checks: &[Check], lease: &mut [u64]) -> Option<Decisions> {
+        let leases = self.shared.leases.as_ref()?;
+        let now = nanos(self.shared.clock.now());
+        let stale_after = 2 * nanos(self.shared.config.timeout);
+        let mut local = true;
+        let mut each = SmallVec::new();
+        let mut taken: SmallVec<[usize; 2]> = SmallVec::new();
+        for (i, check) in checks.iter().enumerate() {
+            let id = check.policy.id();
+            if !leases.covers(id) {
+                local = false;
+                continue;
+            }
+            let key = (id, check.key.clone());
+            let seen = leases.seen(&key, now);
+            if local {
+                if let Some((units, reset)) = leases.take(&key, u64::from(check.cost), now) {
+                    taken.push(i);
+                    each.push(Decision {
+                        allowed: true,
+                        remaining: units,
+                        reset_after: Duration::from_nanos(reset),
+                        retry_after: Duration::ZERO,
+                    });
+                    continue;
+                }
+                local = false;
+            }
+            let gcra = check.quota.gcra();
+            let units = leases.units_for(seen, gcra.capacity() / gcra.interval());
+            if units > 0 && leases.start_request(&key, now, stale_after) {
+                lease[i] = units;
+            }
+        }
+        if local {
+            self.shared.stats.lease_hits.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(crate::metrics::RATELIMIT_LEASE_HITS).increment(1);
+            return Some(Decisions {
+                allowed: true,
+                each,
+            });
+        }
+        for i in taken {
+            let check = &checks[i];
+            leases.untake(
+                &(check.policy.id(), check.key.clone()),
+                u64::from(check.cost),
+            );
+        }
+        None
+    }
+
     /// A node of these keys whose breaker is open, if any.
     fn open_node(&self, keys: &[String]) -> Option<Arc<Node>> {
         let topology = self.shared.current_topology();
@@ -452,6 +538,10 @@ impl Store for RedisStore {
                 .fetch_add(1, Ordering::Relaxed);
             return RedisFuture::ready(Ok(denied));
         }
+        let mut lease: SmallVec<[u64; 2]> = smallvec::smallvec![0; checks.len()];
+        if let Some(leased) = self.decide_from_leases(checks, &mut lease) {
+            return RedisFuture::ready(Ok(leased));
+        }
         let keys: SmallVec<[String; 2]> = checks.iter().map(|c| self.key_name(c)).collect();
         if let Some(node) = self.open_node(&keys) {
             self.shared
@@ -471,13 +561,15 @@ impl Store for RedisStore {
             keys,
             args: checks
                 .iter()
-                .map(|c| {
+                .zip(&lease)
+                .map(|(c, lease)| {
                     let gcra = c.quota.gcra();
                     [
                         gcra.interval(),
                         gcra.capacity(),
                         u64::from(c.cost),
                         u64::from(c.enforce),
+                        *lease,
                     ]
                 })
                 .collect(),
@@ -565,6 +657,13 @@ impl RedisStoreBuilder {
     #[must_use]
     pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.config.max_in_flight = max_in_flight.max(1);
+        self
+    }
+
+    /// Sets the leases of hot keys.
+    #[must_use]
+    pub fn leases(mut self, leases: LeaseConfig) -> Self {
+        self.config.leases = leases;
         self
     }
 
@@ -659,11 +758,15 @@ impl RedisStoreBuilder {
             topology: RwLock::new(Arc::new(topology)),
             nodes: Mutex::new(HashMap::new()),
             refreshing: AtomicBool::new(false),
+            leases: Leases::new(self.config.leases.clone()),
             stats: Stats::default(),
             config: self.config,
         });
         let (jobs, rx) = mpsc::channel(16 * 1024);
         tokio::spawn(batch::batcher(shared.clone(), rx));
+        if shared.leases.is_some() {
+            tokio::spawn(batch::lease_sweeper(Arc::downgrade(&shared)));
+        }
         breaker::fallback_gauge(0);
         Ok(RedisStore { shared, jobs })
     }

@@ -1,0 +1,290 @@
+//! Leases for hot keys: a replica that sees a key often reserves a few
+//! units of its allowance in Redis, with a request it sends anyway, and
+//! decides the next requests of that key itself until they are used or
+//! the lease ends; then what is left goes back.
+
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::rate_limit::key::Key;
+
+/// Leases for hot keys of some policies ([`RedisConfig::leases`](super::RedisConfig::leases)).
+///
+/// Off unless policies are named: an exact fleet-wide count is what the
+/// Redis store promises by default. With leases the fleet still never
+/// admits more than a quota (every leased unit is charged in Redis before
+/// it is used), but units one replica holds unused cannot be used by
+/// another until they go back, so the fleet may deny early — by at most
+/// the units leased and unused, at most `burst / (2 × replicas)` per
+/// replica and key, for at most [`duration`](Self::duration). Name the
+/// policies whose keys are hot and whose bursts are large (a tenant at
+/// thousands of requests per second), not small per-client quotas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseConfig {
+    /// Policies whose hot keys may be leased; empty: none (the default).
+    pub policies: Vec<String>,
+    /// How long a lease lasts before its unused units go back (100 ms:
+    /// long enough to decide hundreds of requests of a hot key locally,
+    /// short enough that held units return before a client notices).
+    pub duration: Duration,
+    /// Requests for a key within one `duration` from which it is hot
+    /// (8: about 80 requests per second with the default duration). Colder
+    /// keys keep the exact path.
+    pub hot_after: u32,
+    /// Replicas sharing the keys. A lease takes at most
+    /// `burst / (2 × replicas)` units, so all replicas' leases together
+    /// hold at most half a burst.
+    pub replicas: u32,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            policies: Vec::new(),
+            duration: Duration::from_millis(100),
+            hot_after: 8,
+            replicas: 1,
+        }
+    }
+}
+
+/// Slots of the hot-key detector: its memory is fixed, whatever the number
+/// of keys.
+const HEAT_SLOTS: usize = 4096;
+
+/// Leases held at once at most; hot keys beyond them use the exact path.
+pub(super) const MAX_LEASES: usize = 4096;
+
+/// How often one key was seen lately, in a fixed table: keys sharing a
+/// slot push each other out, so a key must stay frequent to stay hot.
+#[derive(Default, Clone, Copy)]
+struct Heat {
+    hash: u64,
+    /// Start of the current window (local ns).
+    window: u64,
+    count: u32,
+    /// Count of the window before.
+    last: u32,
+}
+
+/// A key's lease on this replica.
+pub(super) struct Lease {
+    /// Units left to hand out.
+    pub(super) units: u64,
+    /// Local time (ns) the lease ends.
+    pub(super) ends: u64,
+    /// Local time (ns) the key's bucket is full again, as of the grant.
+    pub(super) reset_at: u64,
+    /// A lease request is on its way to Redis (since this local time).
+    pub(super) pending_since: Option<u64>,
+    /// To give unused units back: the key's name, ns per unit, and the
+    /// state in Redis the grant left.
+    pub(super) name: String,
+    pub(super) t: u64,
+    pub(super) left: (u64, u64),
+}
+
+/// Unused units to give back to Redis.
+pub(super) struct Return {
+    pub(super) name: String,
+    pub(super) charge: u64,
+    pub(super) left: (u64, u64),
+    pub(super) units: u64,
+}
+
+/// A replica's leases and the detector of its hot keys.
+pub(super) struct Leases {
+    pub(super) config: LeaseConfig,
+    /// Interned ids of the leased policies.
+    policies: Vec<u32>,
+    heat: Box<[Mutex<Heat>]>,
+    hasher: foldhash::fast::FixedState,
+    pub(super) held: DashMap<(u32, Key), Lease, foldhash::fast::RandomState>,
+    /// Leases replaced or ended with units left, waiting to go back.
+    pub(super) returns: Mutex<Vec<Return>>,
+    /// Units leased and not yet used or returned, over all keys.
+    pub(super) outstanding: AtomicU64,
+}
+
+impl Leases {
+    pub(super) fn new(config: LeaseConfig) -> Option<Self> {
+        if config.policies.is_empty() {
+            return None;
+        }
+        let policies = config
+            .policies
+            .iter()
+            .map(|p| crate::rate_limit::PolicyName::new(p).id())
+            .collect();
+        Some(Self {
+            config,
+            policies,
+            heat: (0..HEAT_SLOTS).map(|_| Mutex::default()).collect(),
+            hasher: foldhash::fast::FixedState::default(),
+            held: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            returns: Mutex::new(Vec::new()),
+            outstanding: AtomicU64::new(0),
+        })
+    }
+
+    pub(super) fn covers(&self, policy: u32) -> bool {
+        self.policies.contains(&policy)
+    }
+
+    /// Counts a request for `key`; returns how many requests the key had in
+    /// the last full window and the current one.
+    pub(super) fn seen(&self, key: &(u32, Key), now: u64) -> (u32, u32) {
+        let hash = self.hasher.hash_one(key);
+        let window = nanos(self.config.duration).max(1);
+        let mut heat = self.heat[(hash as usize) % HEAT_SLOTS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if heat.hash != hash {
+            *heat = Heat {
+                hash,
+                window: now,
+                count: 0,
+                last: 0,
+            };
+        }
+        let elapsed = now.saturating_sub(heat.window);
+        if elapsed >= 2 * window {
+            heat.last = 0;
+            heat.count = 0;
+            heat.window = now;
+        } else if elapsed >= window {
+            heat.last = heat.count;
+            heat.count = 0;
+            heat.window += window;
+        }
+        heat.count = heat.count.saturating_add(1);
+        (heat.last, heat.count)
+    }
+
+    /// Units to ask for with a request of a key seen `(last, current)`
+    /// times, under a quota of `burst`; 0 when the key is not hot or a
+    /// lease would be too small to matter.
+    pub(super) fn units_for(&self, (last, current): (u32, u32), burst: u64) -> u64 {
+        if last.max(current) < self.config.hot_after {
+            return 0;
+        }
+        let most = burst / (2 * u64::from(self.config.replicas.max(1)));
+        // Enough for the next window at the rate seen, with room to grow.
+        let wanted = 2 * u64::from(last.max(current));
+        let units = wanted.min(most);
+        if units < 2 { 0 } else { units }
+    }
+
+    /// Takes `cost` units of the key's lease, if it has them.
+    pub(super) fn take(&self, key: &(u32, Key), cost: u64, now: u64) -> Option<(u64, u64)> {
+        let mut lease = self.held.get_mut(key)?;
+        if lease.ends <= now || lease.units < cost {
+            return None;
+        }
+        lease.units -= cost;
+        self.outstanding.fetch_sub(cost, Ordering::Relaxed);
+        Some((lease.units, lease.reset_at.saturating_sub(now)))
+    }
+
+    /// Puts back units [`take`](Self::take) took, for a request another
+    /// check denied.
+    pub(super) fn untake(&self, key: &(u32, Key), cost: u64) {
+        if let Some(mut lease) = self.held.get_mut(key) {
+            lease.units += cost;
+            self.outstanding.fetch_add(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks a lease request for `key` as sent; `false` when one is already
+    /// on its way (then this request asks for none), or too many keys are
+    /// leased.
+    pub(super) fn start_request(&self, key: &(u32, Key), now: u64, stale_after: u64) -> bool {
+        if let Some(mut lease) = self.held.get_mut(key) {
+            if lease
+                .pending_since
+                .is_some_and(|since| now.saturating_sub(since) < stale_after)
+            {
+                return false;
+            }
+            lease.pending_since = Some(now);
+            return true;
+        }
+        if self.held.len() >= MAX_LEASES {
+            return false;
+        }
+        self.held.insert(
+            key.clone(),
+            Lease {
+                units: 0,
+                ends: 0,
+                reset_at: 0,
+                pending_since: Some(now),
+                name: String::new(),
+                t: 0,
+                left: (0, 0),
+            },
+        );
+        true
+    }
+
+    /// Ends a lease request: `granted` units (maybe 0) now held until
+    /// `now + duration`. What an earlier lease of the key still held goes
+    /// back.
+    pub(super) fn settle(&self, key: &(u32, Key), granted: Option<Lease>, now: u64) {
+        let Some(mut lease) = self.held.get_mut(key) else {
+            return;
+        };
+        lease.pending_since = None;
+        let Some(new) = granted.filter(|g| g.units > 0) else {
+            return;
+        };
+        if lease.units > 0 {
+            self.give_back(&mut lease);
+        }
+        self.outstanding.fetch_add(new.units, Ordering::Relaxed);
+        let ends = now + nanos(self.config.duration);
+        *lease = Lease { ends, ..new };
+    }
+
+    /// Moves a lease's unused units to the return queue.
+    fn give_back(&self, lease: &mut Lease) {
+        let units = std::mem::take(&mut lease.units);
+        self.outstanding.fetch_sub(units, Ordering::Relaxed);
+        self.returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Return {
+                name: std::mem::take(&mut lease.name),
+                charge: lease.t.saturating_mul(units),
+                left: lease.left,
+                units,
+            });
+    }
+
+    /// Ends the leases whose time is up, and forgets idle ones; returns
+    /// everything to give back.
+    pub(super) fn sweep(&self, now: u64, stale_after: u64) -> Vec<Return> {
+        self.held.retain(|_, lease| {
+            if lease.ends > now {
+                return true;
+            }
+            if lease.units > 0 {
+                self.give_back(lease);
+            }
+            // Kept only while a request for it is on its way.
+            lease
+                .pending_since
+                .is_some_and(|since| now.saturating_sub(since) < stale_after)
+        });
+        std::mem::take(&mut *self.returns.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    crate::rate_limit::clock::nanos(d)
+}
