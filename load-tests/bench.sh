@@ -20,7 +20,6 @@ LOADGEN=${LOADGEN:-oha}
 LATENCY_RATE=${LATENCY_RATE:-400}
 export CLIENTS=${CLIENTS:-16777216}
 PORT=${PORT:-18080}
-REDIS_CLI="redis-cli -h 127.0.0.1 -p 6379"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/services.sh
@@ -89,6 +88,12 @@ configs=(
   "memory store [no capacity layers]|server|RATE_LIMIT_STORE=memory $ip_env $no_capacity|XFF|/api/v1/ping|"
   "redis store (batched)|server|RATE_LIMIT_STORE=redis $ip_env|XFF|/api/v1/ping|"
   "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"
+  "redis cluster, 3 masters (exact, batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_REDIS_CLUSTER=CLUSTER $ip_env|XFF|/api/v1/ping|"
+  "redis cluster, in flight 8|server|RATE_LIMIT_STORE=redis RATE_LIMIT_REDIS_CLUSTER=CLUSTER $ip_env RATE_LIMIT_REDIS_MAX_IN_FLIGHT=8|XFF|/api/v1/ping|"
+  "redis cluster naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_REDIS_CLUSTER=CLUSTER $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"
+  "memory store, one hot key|server|RATE_LIMIT_STORE=memory $ip_env||/api/v1/ping|"
+  "redis exact, one hot key|server|RATE_LIMIT_STORE=redis $ip_env||/api/v1/ping|"
+  "redis leases, one hot key|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_LEASES=ip||/api/v1/ping|"
   "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping|"
   "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping|"
   "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|$plain_env||/api/v1/items|"
@@ -116,7 +121,31 @@ if [ -n "${ONLY:-}" ]; then
 fi
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true' EXIT
+cluster_pids=()
+trap 'rm -rf "$tmp"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true; for p in "${cluster_pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+
+# Rows with RATE_LIMIT_REDIS_CLUSTER=CLUSTER run on a three-master Redis
+# Cluster of the harness's own (ports 17001-17003, no replicas).
+CLUSTER_PORTS=(17001 17002 17003)
+CLUSTER_NODES=$(printf 'redis://127.0.0.1:%s,' "${CLUSTER_PORTS[@]}"); CLUSTER_NODES=${CLUSTER_NODES%,}
+if printf '%s\n' "${configs[@]}" | grep -q 'CLUSTER=CLUSTER'; then
+    for port in "${CLUSTER_PORTS[@]}"; do
+        mkdir -p "$tmp/redis-$port"
+        redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+            --cluster-enabled yes --cluster-require-full-coverage no --dir "$tmp/redis-$port" >/dev/null &
+        cluster_pids+=($!)
+    done
+    for port in "${CLUSTER_PORTS[@]}"; do
+        for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+    done
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") \
+        --cluster-replicas 0 --cluster-yes >/dev/null
+    for port in "${CLUSTER_PORTS[@]}"; do
+        for _ in $(seq 200); do
+            redis-cli -p "$port" cluster info | grep -q cluster_state:ok && break; sleep 0.05
+        done
+    done
+fi
 
 to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
     awk -v v="$1" 'BEGIN {
@@ -126,8 +155,16 @@ to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
         else print v }'
 }
 
+# Script calls on the Redis of services.sh and on the cluster's masters.
 evalsha_calls() {
-    $REDIS_CLI info commandstats | awk -F'[:=,]' '/^cmdstat_evalsha:/ { print $3; found=1 } END { if (!found) print 0 }'
+    local total=0 port n ports=(6379)
+    if [ ${#cluster_pids[@]} -gt 0 ]; then ports+=("${CLUSTER_PORTS[@]}"); fi
+    for port in "${ports[@]}"; do
+        n=$(redis-cli -h 127.0.0.1 -p "$port" info commandstats 2>/dev/null |
+            awk -F'[:=,]' '/^cmdstat_evalsha:/ { print $3; found=1 } END { if (!found) print 0 }')
+        total=$(( total + n ))
+    done
+    echo "$total"
 }
 
 # load CONNECTIONS RATE URL [ARGS...]: runs the load generator on its core
@@ -160,6 +197,7 @@ load() {
 for round in $(seq "$ROUNDS"); do
     for i in "${!configs[@]}"; do
         IFS='|' read -r name binary env extra path rate <<<"${configs[$i]}"
+        env=${env//CLUSTER=CLUSTER/CLUSTER=$CLUSTER_NODES}
         prefix="bench-$$-$round-$i"
         if [ "$binary" = baseline ]; then
             bin=target/release/examples/baseline

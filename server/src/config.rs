@@ -384,7 +384,7 @@ pub const VARIABLES: &[Variable] = &[
         "RATE_LIMIT_FALLBACK_REPLICAS",
         Text("1"),
         WHOLE_ABOVE_ZERO,
-        "quotas are divided by this while a replica decides alone (local), so the fleet stays near its quota",
+        "replicas in the fleet: quotas are divided by this while a replica decides alone (local), so the fleet stays near its quota; a Redis lease holds at most burst / (2 × this) units",
     ),
     var(
         "REDIS_URL",
@@ -409,6 +409,18 @@ pub const VARIABLES: &[Variable] = &[
         Text("false"),
         "true, false, or comma-separated node URLs (redis://host:port,…)",
         "true: REDIS_URL is a cluster node; or the nodes themselves",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_LEASES",
+        Text("none"),
+        "none, or comma-separated policies of ip, auth, tenant, trust, read, write",
+        "policies whose hot keys a replica leases: it reserves part of the allowance in Redis and decides the next requests itself (never over the quota; may deny early by the units it holds)",
+    ),
+    var(
+        "RATE_LIMIT_REDIS_LEASE_DURATION",
+        Text("100ms"),
+        POSITIVE_DURATION_FORMAT,
+        "how long a lease lasts before its unused units go back to Redis",
     ),
     var(
         "RATE_LIMIT_REDIS_TIMEOUT",
@@ -1059,8 +1071,27 @@ fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, Confi
     config.max_batch = var("RATE_LIMIT_REDIS_MAX_BATCH").above_zero()?;
     config.max_in_flight = var("RATE_LIMIT_REDIS_MAX_IN_FLIGHT").above_zero()?;
     config.local_cache = var("RATE_LIMIT_REDIS_LOCAL_CACHE").boolean()?;
+    let leases = var("RATE_LIMIT_REDIS_LEASES");
+    let policies: Vec<String> = match leases.text() {
+        Some("none") => Vec::new(),
+        text => text
+            .unwrap_or_default()
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .collect(),
+    };
+    if policies.iter().any(|p| !LEASABLE.contains(&p.as_str())) {
+        return Err(leases.error());
+    }
+    config.leases.policies = policies;
+    config.leases.duration = var("RATE_LIMIT_REDIS_LEASE_DURATION").positive_duration()?;
+    config.leases.replicas = var("RATE_LIMIT_FALLBACK_REPLICAS").above_zero()?;
     Ok(StoreConfig::Redis { target, config })
 }
+
+/// The server's rate-limit policies, which `RATE_LIMIT_REDIS_LEASES` may
+/// name.
+const LEASABLE: [&str; 6] = ["ip", "auth", "tenant", "trust", "read", "write"];
 
 fn lookup_value(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
     lookup(name).filter(|v| !v.trim().is_empty())
@@ -1293,6 +1324,7 @@ mod tests {
             ("RATE_LIMIT_REDIS_CLUSTER", "true"),
             ("RATE_LIMIT_REDIS_PREFIX", "api-prod"),
             ("RATE_LIMIT_REDIS_SHARDING", "single"),
+            ("RATE_LIMIT_REDIS_LEASES", "tenant, ip"),
             ("RATE_LIMIT_REDIS_TIMEOUT", "20ms"),
             ("RATE_LIMIT_FAILURE_MODE", "closed"),
             ("RATE_LIMIT_FALLBACK_REPLICAS", "3"),
@@ -1307,6 +1339,8 @@ mod tests {
         );
         assert_eq!(config.prefix, "api-prod");
         assert_eq!(config.sharding, Sharding::Single);
+        assert_eq!(config.leases.policies, ["tenant", "ip"]);
+        assert_eq!(config.leases.replicas, 3);
         assert_eq!(config.timeout, Duration::from_millis(20));
         assert_eq!(c.failure_mode, FailurePolicy::Closed);
         assert_eq!(c.fallback_replicas, 3);
@@ -1459,6 +1493,8 @@ mod tests {
             ("RATE_LIMIT_REDIS_MAX_IN_FLIGHT", "many"),
             ("RATE_LIMIT_REDIS_LOCAL_CACHE", "sometimes"),
             ("RATE_LIMIT_REDIS_SHARDING", "hash"),
+            ("RATE_LIMIT_REDIS_LEASES", "tenant,everything"),
+            ("RATE_LIMIT_REDIS_LEASE_DURATION", "0"),
         ] {
             let err = parse(&[("RATE_LIMIT_STORE", "redis"), (var, value)]).unwrap_err();
             assert_eq!(err.var, var);
@@ -1495,7 +1531,7 @@ mod tests {
             parse(&[(v.name, "1500"), ("RATE_LIMIT_STORE", "redis")])
                 .unwrap_or_else(|e| panic!("{}: {e}", v.name));
         }
-        assert_eq!(seen, 14, "duration variables besides AUTH_TOKEN_TTL");
+        assert_eq!(seen, 15, "duration variables besides AUTH_TOKEN_TTL");
         let c = parse(&[("AUTH_TOKEN_TTL", "1h"), ("TRUST_CACHE_TTL", "1500")]).unwrap();
         assert_eq!(c.auth.token_ttl, Duration::from_secs(3600));
         assert_eq!(c.trust_cache_ttl, Duration::from_millis(1500));
