@@ -536,6 +536,8 @@ impl Store for RedisStore {
                 .stats
                 .local_denials
                 .fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(crate::metrics::RATELIMIT_LOCAL_CACHE_HITS).increment(1);
             return RedisFuture::ready(Ok(denied));
         }
         let mut lease: SmallVec<[u64; 2]> = smallvec::smallvec![0; checks.len()];
