@@ -472,3 +472,55 @@ async fn unused_leased_units_go_back_when_the_lease_ends() {
     let d = exact.check(&c).await.unwrap();
     assert_eq!(d.each[0].remaining, 979, "{stats:?}");
 }
+
+/// A returned lease gives back only what is left of its own charge: when
+/// the bucket had drained past the lease and another replica charged
+/// since, that charge stays. Time is a manual clock (the scripts use it
+/// too); the quota is one per 10 s with a burst of 10.
+#[tokio::test]
+async fn a_returned_lease_never_takes_back_a_later_charge() {
+    let prefix = prefix("lease-later");
+    let clock = ManualClock::new();
+    let mut leases = LeaseConfig::default();
+    leases.policies = vec!["hot".to_owned()];
+    leases.duration = Duration::from_secs(155);
+    let store = |leases: Option<LeaseConfig>| {
+        let builder = RedisStore::builder(RedisTarget::Single(redis_url()))
+            .prefix(prefix.as_str())
+            .clock(clock.clone())
+            .local_cache(false);
+        match leases {
+            Some(leases) => builder.leases(leases),
+            None => builder,
+        }
+        .build()
+        .unwrap()
+    };
+    let (leasing, exact) = (store(Some(leases)), store(None));
+    let c = [check(
+        "hot",
+        "k",
+        Quota::new(1, Duration::from_secs(10)).with_burst(10),
+        1,
+    )];
+    // Eight at once make the key hot; the eighth takes the 2 units left.
+    for _ in 0..8 {
+        assert!(leasing.check(&c).await.unwrap().allowed);
+    }
+    assert_eq!(leasing.stats().lease_units_outstanding, 2);
+    // The bucket drains past the lease (it was full until 100 s); then
+    // another replica charges one unit, until 160 s.
+    clock.advance(Duration::from_secs(150));
+    assert!(exact.check(&c).await.unwrap().allowed);
+    // The lease ends at 155 s and goes back unused.
+    clock.advance(Duration::from_secs(6));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while leasing.stats().lease_units_returned == 0 {
+        assert!(Instant::now() < deadline, "{:?}", leasing.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The other replica's unit is still charged (4 s of it left): this
+    // request leaves 8, not the 9 of a bucket whose charge was taken back.
+    let d = exact.check(&c).await.unwrap();
+    assert_eq!((d.allowed, d.each[0].remaining), (true, 8));
+}

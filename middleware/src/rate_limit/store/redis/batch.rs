@@ -443,7 +443,9 @@ pub(super) async fn lease_sweeper(shared: std::sync::Weak<Shared>) {
                 if !returns.is_empty() {
                     shared.return_leases(returns).await;
                 }
-                (leases.config.duration / 2).max(Duration::from_millis(5))
+                // Often enough that a lease goes back soon after it ends.
+                (leases.config.duration / 2)
+                    .clamp(Duration::from_millis(5), Duration::from_millis(50))
             }
             None => return,
         };

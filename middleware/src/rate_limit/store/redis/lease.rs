@@ -23,6 +23,20 @@ use crate::rate_limit::key::Key;
 /// replica and key, for at most [`duration`](Self::duration). Name the
 /// policies whose keys are hot and whose bursts are large (a tenant at
 /// thousands of requests per second), not small per-client quotas.
+///
+/// ```no_run
+/// use tollgate::rate_limit::{LeaseConfig, RedisStore, RedisTarget};
+///
+/// # #[tokio::main] async fn main() {
+/// let mut leases = LeaseConfig::default();
+/// leases.policies = vec!["tenant".to_owned()];
+/// leases.replicas = 3;
+/// let store = RedisStore::builder(RedisTarget::Cluster(vec!["redis://10.0.0.5:6379".into()]))
+///     .leases(leases)
+///     .build()
+///     .unwrap();
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LeaseConfig {
