@@ -238,3 +238,26 @@ async fn killing_a_master_fails_only_its_keys() {
         assert_eq!(allowed, 2, "key {key}: one of 3 was used before the kill");
     }
 }
+
+/// Readiness: with one master down the store still answers `ping` (the
+/// other masters decide their keys), and `ping_nodes` names the dead one.
+#[tokio::test]
+async fn ping_fails_only_when_no_master_answers() {
+    let mut cluster = OwnCluster::start(3);
+    let store = RedisStore::builder(RedisTarget::Cluster(cluster.urls()))
+        .prefix(prefix("ping").as_str())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    store.ping().await.unwrap();
+    let dead = format!("127.0.0.1:{}", cluster.nodes[1].port);
+    drop(cluster.nodes.remove(1));
+    store.ping().await.unwrap();
+    let answers = store.ping_nodes().await.unwrap();
+    assert_eq!(answers.len(), 3);
+    for (node, answer) in &answers {
+        assert_eq!(answer.is_err(), *node == dead, "{node}: {answer:?}");
+    }
+    cluster.nodes.clear();
+    assert!(store.ping().await.is_err());
+}

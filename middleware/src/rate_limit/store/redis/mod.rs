@@ -362,18 +362,43 @@ impl RedisStore {
     /// timeout; for readiness checks. Each answer feeds that node's circuit
     /// breaker like a check's would, so a readiness check and the limiter
     /// see one state of Redis ([`is_available`](Store::is_available)).
-    /// Fails when any node fails, naming it.
+    ///
+    /// Fails only when no node answers: with one master of a cluster down,
+    /// the others still decide their keys, and a replica that took itself
+    /// out of its load balancer for that would take every key with it. A
+    /// failed node shows in [`ping_nodes`](Self::ping_nodes) and in the
+    /// `tollgate_ratelimit_redis_node_up` gauge.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        let answers = self.ping_nodes().await?;
+        if answers.iter().any(|(_, answer)| answer.is_ok()) {
+            return Ok(());
+        }
+        let failed: Vec<String> = answers
+            .into_iter()
+            .filter_map(|(_, answer)| answer.err().map(|e| e.to_string()))
+            .collect();
+        Err(StoreError::new(
+            StoreErrorKind::Connection,
+            format!("no redis node answers: {}", failed.join("; ")),
+        ))
+    }
+
+    /// [`ping`](Self::ping) of each node, by label (`host:port`, or `redis`
+    /// for one server). Fails when a cluster's slot map cannot be read.
+    pub async fn ping_nodes(&self) -> Result<Vec<(String, Result<(), StoreError>)>, StoreError> {
         let shared = &self.shared;
         let topology = shared.topology().await?;
         let mut pings = Vec::with_capacity(topology.nodes.len());
         for node in &topology.nodes {
             pings.push(shared.ping_node(node));
         }
-        futures_util::future::join_all(pings)
-            .await
-            .into_iter()
-            .collect()
+        let answers = futures_util::future::join_all(pings).await;
+        Ok(topology
+            .nodes
+            .iter()
+            .map(|node| node.label.clone())
+            .zip(answers)
+            .collect())
     }
 
     /// The key's name in Redis. `<policy length>:<policy>:<key>`, after
