@@ -10,9 +10,9 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 use tollgate::rate_limit::{
     Check, Decisions, Key, LeaseConfig, ManualClock, MemoryStore, PolicyName, Quota, RedisStore,
-    RedisTarget, Store, StoreErrorKind,
+    RedisTarget, Sharding, Store, StoreErrorKind,
 };
-use tollgate_test_support::{OwnRedis, unique_prefix as prefix};
+use tollgate_test_support::{OwnCluster, OwnRedis, unique_prefix as prefix};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -300,42 +300,16 @@ async fn a_stalled_redis_trips_the_timeout_not_seconds() {
     );
 }
 
-/// A three-node Redis Cluster of the test's own; every key of a deployment
-/// lives in the slot of its hash tag, so policies are still decided
-/// together.
+/// `Sharding::Single` on a three-node Redis Cluster of the test's own:
+/// every key of a deployment lives in the slot of its hash tag, on one
+/// master, so policies are decided together by one script. (Keys spread
+/// over slots: `tests/redis_cluster.rs`.)
 #[tokio::test]
 async fn cluster_mode_decides_like_a_single_server() {
-    let nodes: Vec<OwnRedis> = (0..3).map(|_| OwnRedis::start_cluster_node()).collect();
-    let addrs: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let created = std::process::Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(created.success());
-    // Every node must agree the cluster is up before the test starts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for node in &nodes {
-        loop {
-            let info = std::process::Command::new("redis-cli")
-                .args(["-p", &node.port.to_string(), "cluster", "info"])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster not ok after 10 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let urls: Vec<String> = nodes.iter().map(OwnRedis::url).collect();
-    let store = RedisStore::builder(RedisTarget::Cluster(urls))
+    let cluster = OwnCluster::start(3);
+    let store = RedisStore::builder(RedisTarget::Cluster(cluster.urls()))
         .prefix(prefix("cluster"))
+        .sharding(Sharding::Single)
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
@@ -361,6 +335,8 @@ async fn cluster_mode_decides_like_a_single_server() {
     assert!(!denied.allowed);
     // All or nothing across the two keys: the tenant was charged twice.
     assert_eq!(denied.each[1].remaining, 3);
+    // One script per request, and no refunds: both keys on one master.
+    assert_eq!(store.stats().refunds, 0);
 }
 
 /// Lease mode: three replicas hammer one hot key with a quota of 300 (a
