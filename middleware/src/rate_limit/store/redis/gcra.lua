@@ -1,12 +1,9 @@
--- Tollgate GCRA, the arithmetic of gcra.rs, for a batch of requests.
+-- Tollgate GCRA, the arithmetic of gcra.rs, for a batch of requests; runs
+-- after time.lua. A key stores its theoretical arrival time and expires
+-- when that time passes, since a key at or before now decides like a
+-- missing one.
 --
--- Time is (seconds, nanoseconds) so nanosecond arithmetic stays exact in
--- Lua's doubles: every quantity the script computes is an offset from now,
--- bounded by a quota's capacity (far below 2^53 ns). A key stores its
--- theoretical arrival time as "seconds:nanoseconds" and expires when that
--- time passes, since a key at or before now decides like a missing one.
---
--- ARGV[1], ARGV[2]: now as seconds and nanoseconds, or "" to use TIME.
+-- ARGV[1], ARGV[2]: now (time.lua).
 -- ARGV[3]: how many key names follow in ARGV; 0 when they are the KEYS.
 -- (On Redis Cluster a batch's keys span slots of one node: undeclared,
 -- with the allow-cross-slot-keys flag.) Then the number of groups
@@ -25,50 +22,17 @@
 -- lease; now + reset_after + leased * t is the state the charge left, for a
 -- refund to undo.
 
-local now_s, now_ns
-if ARGV[1] ~= '' then
-  now_s = tonumber(ARGV[1])
-  now_ns = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now_s = tonumber(t[1])
-  now_ns = tonumber(t[2]) * 1000
-end
-
-local BILLION = 1000000000
-
--- A stored time as ns after now (negative when past).
-local function offset(stored)
-  local colon = string.find(stored, ':', 1, true)
-  if not colon then
-    return 0
-  end
-  return (tonumber(string.sub(stored, 1, colon - 1)) - now_s) * BILLION
-    + (tonumber(string.sub(stored, colon + 1)) - now_ns)
-end
-
--- now + off (off >= 0) as "seconds:nanoseconds".
-local function encode(off)
-  local ns = now_ns + off
-  local carry = math.floor(ns / BILLION)
-  return string.format('%d:%d', now_s + carry, ns - carry * BILLION)
-end
-
-local names = KEYS
-local arg = 4
+-- Key names: KEYS from 1, or ARGV from 4.
+local names, key = KEYS, 1
 local named = tonumber(ARGV[3])
 if named > 0 then
-  names = {}
-  for i = 1, named do
-    names[i] = ARGV[3 + i]
-  end
-  arg = 4 + named
+  names, key = ARGV, 4
 end
+local arg = 4 + named
 local groups = tonumber(ARGV[arg])
 arg = arg + 1
 
 local out = { now_s, now_ns }
-local key = 1
 -- Per check of the current group, reused across groups: no table per check.
 local K, T, CAP, CHARGE, BASE, NEW, OK, LEASE = {}, {}, {}, {}, {}, {}, {}, {}
 for _ = 1, groups do

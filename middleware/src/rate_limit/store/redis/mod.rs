@@ -30,6 +30,8 @@ use super::{Check, Decision, Decisions, Store, StoreError, StoreErrorKind};
 use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::key::Key;
 
+/// What every script starts with: now, and stored times.
+const TIME_LUA: &str = include_str!("time.lua");
 /// The GCRA script: the arithmetic of the in-memory store, in Lua.
 const GCRA_LUA: &str = include_str!("gcra.lua");
 /// The refund of a charge another node's denial voided.
@@ -776,9 +778,9 @@ impl RedisStoreBuilder {
         }
         let shared = Arc::new(Shared {
             conn,
-            script: Lua::new(GCRA_LUA.to_owned()),
-            cross_slot_script: Lua::new(format!("{CROSS_SLOT}{GCRA_LUA}")),
-            refund_script: Lua::new(format!("{CROSS_SLOT}{REFUND_LUA}")),
+            script: Lua::new(format!("{TIME_LUA}{GCRA_LUA}")),
+            cross_slot_script: Lua::new(format!("{CROSS_SLOT}{TIME_LUA}{GCRA_LUA}")),
+            refund_script: Lua::new(format!("{CROSS_SLOT}{TIME_LUA}{REFUND_LUA}")),
             script_clock: self.clock,
             clock,
             over_limit: DashMap::with_hasher(foldhash::fast::RandomState::default()),

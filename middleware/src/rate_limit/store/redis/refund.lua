@@ -1,7 +1,7 @@
 -- Gives back what a charge of the GCRA script took, for a request another
 -- node denied. Runs on the node that charged.
 --
--- ARGV[1], ARGV[2]: now as seconds and nanoseconds, or "" to use TIME.
+-- Runs after time.lua. ARGV[1], ARGV[2]: now (time.lua).
 -- ARGV[3]: number of refunds, then per refund: key name, charge (ns), and
 -- the state the charge left (seconds, nanoseconds).
 --
@@ -11,24 +11,6 @@
 -- behind now) is not touched, since then nothing of ours is left.
 --
 -- Returns the number of keys changed.
-
-local now_s, now_ns
-if ARGV[1] ~= '' then
-  now_s = tonumber(ARGV[1])
-  now_ns = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now_s = tonumber(t[1])
-  now_ns = tonumber(t[2]) * 1000
-end
-
-local BILLION = 1000000000
-
-local function encode(off)
-  local ns = now_ns + off
-  local carry = math.floor(ns / BILLION)
-  return string.format('%d:%d', now_s + carry, ns - carry * BILLION)
-end
 
 local changed = 0
 local arg = 4
@@ -40,10 +22,7 @@ for _ = 1, tonumber(ARGV[3]) do
   local give = math.min(charge, left)
   local stored = redis.call('GET', k)
   if stored and give > 0 then
-    local colon = string.find(stored, ':', 1, true)
-    local current = (tonumber(string.sub(stored, 1, colon - 1)) - now_s) * BILLION
-      + (tonumber(string.sub(stored, colon + 1)) - now_ns)
-    local new = current - give
+    local new = offset(stored) - give
     if new <= 0 then
       redis.call('DEL', k)
     else
