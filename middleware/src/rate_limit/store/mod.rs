@@ -155,6 +155,12 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }
+
+    /// The same error again, for each request a failed call was deciding.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn again(&self) -> Self {
+        Self::new(self.kind, self.source.to_string())
+    }
 }
 
 impl fmt::Display for StoreError {

@@ -92,11 +92,8 @@ impl Shared {
         let topology = match self.topology().await {
             Ok(topology) => topology,
             Err(err) => {
-                let message = err.to_string();
                 for job in batch {
-                    let _ = job
-                        .reply
-                        .send(Err(StoreError::new(err.kind(), message.clone())));
+                    let _ = job.reply.send(Err(err.again()));
                 }
                 return;
             }
@@ -124,7 +121,7 @@ impl Shared {
                 Err(err) => {
                     for (j, _) in &part.groups {
                         let verdict = &mut verdicts[*j];
-                        verdict.error = Some(StoreError::new(err.kind(), err.to_string()));
+                        verdict.error = Some(err.again());
                     }
                 }
             }
@@ -142,7 +139,9 @@ impl Shared {
         part: &Part,
     ) -> Result<Vec<i64>, StoreError> {
         if node.breaker.is_open() {
-            self.stats.short_circuited.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .short_circuited
+                .fetch_add(part.groups.len() as u64, Ordering::Relaxed);
             return Err(StoreError::new(
                 StoreErrorKind::Connection,
                 format!(
