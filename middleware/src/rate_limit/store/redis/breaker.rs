@@ -12,6 +12,13 @@ pub(super) struct Breaker {
 /// Nodes whose breaker is open, for the store-wide gauge.
 static OPEN_NODES: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether any node's breaker (of any store in this process) is open: a
+/// check's fast path, so that without failures no request reads the
+/// topology to look for one.
+pub(super) fn any_open() -> bool {
+    OPEN_NODES.load(Ordering::Acquire) > 0
+}
+
 impl Breaker {
     pub(super) fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)

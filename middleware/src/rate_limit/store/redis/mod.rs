@@ -520,6 +520,9 @@ impl RedisStore {
 
     /// A node of these keys whose breaker is open, if any.
     fn open_node(&self, keys: &[String]) -> Option<Arc<Node>> {
+        if !breaker::any_open() {
+            return None;
+        }
         let topology = self.shared.current_topology();
         if !topology.nodes.iter().any(|n| n.breaker.is_open()) {
             return None;
@@ -549,12 +552,13 @@ impl Store for RedisStore {
     /// `false` while any node's circuit breaker is open and checks with
     /// keys on it go to the failure policy.
     fn is_available(&self) -> bool {
-        !self
-            .shared
-            .current_topology()
-            .nodes
-            .iter()
-            .any(|n| n.breaker.is_open())
+        !breaker::any_open()
+            || !self
+                .shared
+                .current_topology()
+                .nodes
+                .iter()
+                .any(|n| n.breaker.is_open())
     }
 
     fn check(&self, checks: &[Check]) -> Self::Future {
