@@ -131,6 +131,7 @@ impl Fallback {
     }
 
     /// Decides `checks` locally, or `None` without the `memory` feature.
+    #[cfg_attr(not(feature = "memory"), allow(clippy::unused_self))]
     pub(crate) fn decide(&self, checks: &[Check]) -> Option<super::Decisions> {
         #[cfg(feature = "memory")]
         {
