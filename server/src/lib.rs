@@ -41,5 +41,5 @@ pub mod state;
 pub mod trust;
 
 pub use app::{BODY_LIMIT, app};
-pub use server::{Server, ShutdownHandle, prepare_database, shutdown_signal};
+pub use server::{Server, ShutdownHandle, ShutdownSignals, prepare_database};
 pub use state::{AppState, AppStateInner, StartError};

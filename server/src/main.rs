@@ -34,6 +34,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the address is logged: from then on a signal drains.
+    let mut signals = match tollgate_server::ShutdownSignals::new() {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::error!(%err, "cannot listen for SIGTERM and SIGINT");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = match tollgate_server::Server::bind(config, metrics).await {
         Ok(server) => server,
         Err(err) => {
@@ -44,9 +52,9 @@ async fn main() -> ExitCode {
     // The first signal drains; a second one exits at once.
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {
-        tollgate_server::shutdown_signal().await;
+        signals.recv().await;
         shutdown.shutdown();
-        tollgate_server::shutdown_signal().await;
+        signals.recv().await;
         tracing::warn!("second signal: exiting now");
         #[allow(clippy::exit)] // deliberate: the operator asked twice
         std::process::exit(130);

@@ -239,6 +239,19 @@ async fn a_half_sent_request_cannot_hold_shutdown_past_the_deadline() {
     drop(stalled);
 }
 
+/// A SIGTERM sent the moment the server logs its address drains it: the
+/// handlers are installed before that line. (Before, the handler came a
+/// moment later, and under load half such signals killed the process.)
+#[tokio::test]
+async fn a_signal_right_after_start_drains() {
+    for _ in 0..6 {
+        let mut server = Server::process(&[("SHUTDOWN_DRAIN_DELAY", "0")]);
+        sigterm(&server);
+        let status = wait_exit(&mut server, Duration::from_secs(5)).await;
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let mut server = Server::process(&[("SHUTDOWN_DRAIN_DELAY", "10000")]);
