@@ -261,3 +261,70 @@ async fn ping_fails_only_when_no_master_answers() {
     cluster.nodes.clear();
     assert!(store.ping().await.is_err());
 }
+
+/// One master stalled (SIGSTOP: connections open, no answers), the case of
+/// a shard holding every call sent to it: requests for the other masters'
+/// keys wait at most one timeout while they share a batch with it, and
+/// once its breaker opens they are answered as fast as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_delays_other_keys_by_at_most_the_timeout() {
+    let cluster = OwnCluster::start(3);
+    let prefix = prefix("stall");
+    let timeout = Duration::from_millis(100);
+    let store = RedisStore::builder(RedisTarget::Cluster(cluster.urls()))
+        .prefix(prefix.as_str())
+        .timeout(timeout)
+        .build()
+        .unwrap();
+    let quota = Quota::per_minute(1000);
+    let live = [check(
+        "ip",
+        key_on(&cluster, &prefix, "ip", 0).as_str(),
+        quota,
+        1,
+    )];
+    let stalled = [check(
+        "ip",
+        key_on(&cluster, &prefix, "ip", 2).as_str(),
+        quota,
+        1,
+    )];
+    assert!(store.check(&live).await.unwrap().allowed);
+    assert!(store.check(&stalled).await.unwrap().allowed);
+    cluster.nodes[2].signal("-STOP");
+    // While the breaker is closed, live keys checked alongside the stalled
+    // one wait for the batch, never more than the timeout (plus slack).
+    for _ in 0..3 {
+        let (s, l) = tokio::join!(store.check(&stalled), async {
+            let started = Instant::now();
+            let result = store.check(&live).await;
+            (result, started.elapsed())
+        });
+        assert!(s.is_err());
+        let (result, took) = l;
+        assert!(result.unwrap().allowed);
+        assert!(
+            took < timeout + Duration::from_millis(100),
+            "live key took {took:?}"
+        );
+    }
+    // The third call's own timeout opens the breaker (the request's
+    // deadline may fire just before it).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while store.is_available() {
+        assert!(Instant::now() < deadline, "breaker still closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Breaker open: the stalled key fails at once, live keys are prompt.
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert!(store.check(&stalled).await.is_err());
+        assert!(store.check(&live).await.unwrap().allowed);
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    cluster.nodes[2].signal("-CONT");
+}

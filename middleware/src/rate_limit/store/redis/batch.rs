@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use redis::{FromRedisValue, RedisError};
 use smallvec::{SmallVec, smallvec};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::cluster::{Node, Topology};
 use super::lease::{Lease, Leases, Return};
@@ -35,7 +37,7 @@ pub(super) async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         // A check that already timed out is not charged behind its back.
-        batch.retain(|job| !job.reply.is_closed());
+        batch.retain(|job| job.reply.as_ref().is_some_and(|r| !r.is_closed()));
         if batch.is_empty() {
             continue;
         }
@@ -73,6 +75,8 @@ struct Verdict {
     charged: SmallVec<[(usize, Charged); 2]>,
     /// Leases granted.
     leased: SmallVec<[Granted; 1]>,
+    /// Nodes still to answer for this request.
+    waiting: usize,
 }
 
 /// A lease Redis granted with a request's check.
@@ -85,15 +89,15 @@ struct Granted {
 }
 
 impl Shared {
-    pub(super) async fn run_batch(self: &Arc<Self>, batch: Vec<Job>) {
+    pub(super) async fn run_batch(self: &Arc<Self>, mut batch: Vec<Job>) {
         self.stats
             .requests_sent
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let topology = match self.topology().await {
             Ok(topology) => topology,
             Err(err) => {
-                for job in batch {
-                    let _ = job.reply.send(Err(err.again()));
+                for reply in batch.into_iter().filter_map(|job| job.reply) {
+                    let _ = reply.send(Err(err.again()));
                 }
                 return;
             }
@@ -106,28 +110,47 @@ impl Shared {
                 error: None,
                 charged: SmallVec::new(),
                 leased: SmallVec::new(),
+                waiting: 0,
             })
             .collect();
         let parts = route(&topology, &batch, &mut verdicts);
-        // A loop, not a closure: the futures borrow the batch.
-        let mut calls = Vec::with_capacity(parts.len());
-        for part in &parts {
-            calls.push(self.decide_on(&topology.nodes[part.node], &batch, part));
-        }
-        let answers = join_all(calls).await;
-        for (p, (part, answer)) in parts.iter().zip(answers).enumerate() {
+        let mut replies: Vec<_> = batch.iter_mut().map(|job| job.reply.take()).collect();
+        // Requests no node decides (a slot without a master) are answered now.
+        let unrouted: Vec<usize> = (0..batch.len())
+            .filter(|&j| verdicts[j].waiting == 0)
+            .collect();
+        self.deliver(&batch, &mut verdicts, &mut replies, &unrouted);
+        // Each request is answered once its own nodes have: a slow node
+        // holds only the requests with keys on it.
+        let mut calls: FuturesUnordered<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(p, part)| {
+                let call = self.decide_on(&topology.nodes[part.node], &batch, part);
+                async move { (p, call.await) }
+            })
+            .collect();
+        while let Some((p, answer)) = calls.next().await {
+            let part = &parts[p];
             match answer {
                 Ok(values) => read_answer(&batch, part, p, &values, &mut verdicts),
                 Err(err) => {
                     for (j, _) in &part.groups {
-                        let verdict = &mut verdicts[*j];
-                        verdict.error = Some(err.again());
+                        verdicts[*j].error = Some(err.again());
                     }
                 }
             }
+            let mut complete = Vec::new();
+            for (j, _) in &part.groups {
+                verdicts[*j].waiting -= 1;
+                if verdicts[*j].waiting == 0 {
+                    complete.push(*j);
+                }
+            }
+            self.refund(&topology, &parts, &batch, &mut verdicts, &complete)
+                .await;
+            self.deliver(&batch, &mut verdicts, &mut replies, &complete);
         }
-        self.refund(&topology, &parts, &batch, &mut verdicts).await;
-        self.deliver(batch, verdicts);
     }
 
     /// One script call deciding `part`'s groups on `node`, within the
@@ -254,9 +277,11 @@ impl Shared {
         parts: &[Part],
         batch: &[Job],
         verdicts: &mut [Verdict],
+        complete: &[usize],
     ) {
         let mut per_part: Vec<Vec<Charged>> = parts.iter().map(|_| Vec::new()).collect();
-        for verdict in verdicts.iter_mut() {
+        for &j in complete {
+            let verdict = &mut verdicts[j];
             if verdict.denied || verdict.error.is_some() {
                 verdict.leased.clear();
                 for (p, charged) in verdict.charged.drain(..) {
@@ -358,21 +383,34 @@ impl Shared {
         }
     }
 
-    /// Answers each request and remembers denied keys.
-    fn deliver(&self, batch: Vec<Job>, verdicts: Vec<Verdict>) {
+    /// Answers the `complete` requests and remembers denied keys.
+    fn deliver(
+        &self,
+        batch: &[Job],
+        verdicts: &mut [Verdict],
+        replies: &mut [Option<oneshot::Sender<Result<Decisions, StoreError>>>],
+        complete: &[usize],
+    ) {
+        if complete.is_empty() {
+            return;
+        }
         let local_now = nanos(self.clock.now());
-        for (job, verdict) in batch.into_iter().zip(verdicts) {
+        for &j in complete {
+            let (job, verdict) = (&batch[j], &mut verdicts[j]);
             if let Some(leases) = &self.leases {
-                self.settle_leases(leases, &job, &verdict, local_now);
+                self.settle_leases(leases, job, verdict, local_now);
             }
+            let Some(reply) = replies[j].take() else {
+                continue;
+            };
             // A denial is Redis's answer even when another node failed.
-            if let (Some(err), false) = (verdict.error, verdict.denied) {
-                let _ = job.reply.send(Err(err));
+            if let (Some(err), false) = (verdict.error.take(), verdict.denied) {
+                let _ = reply.send(Err(err));
                 continue;
             }
             let mut each = SmallVec::with_capacity(verdict.each.len());
             for ((decision, cache_key), args) in
-                verdict.each.into_iter().zip(job.cache_keys).zip(&job.args)
+                verdict.each.iter().zip(&job.cache_keys).zip(&job.args)
             {
                 let decision = decision.unwrap_or_else(unknown);
                 let enforce = args[3] == 1;
@@ -385,11 +423,11 @@ impl Shared {
                     // owes is that wait less the request's own charge.
                     let charge = args[0].saturating_mul(args[2]);
                     let owed = (local_now + nanos(decision.retry_after)).saturating_sub(charge);
-                    self.remember_denial(cache_key, owed);
+                    self.remember_denial(cache_key.clone(), owed);
                 }
                 each.push(decision);
             }
-            let _ = job.reply.send(Ok(Decisions {
+            let _ = reply.send(Ok(Decisions {
                 allowed: !verdict.denied,
                 each,
             }));
@@ -479,7 +517,10 @@ fn route(topology: &Topology, batch: &[Job], verdicts: &mut [Verdict]) -> Vec<Pa
             };
             match parts[p].groups.last_mut() {
                 Some((last, checks)) if *last == j => checks.push(c),
-                _ => parts[p].groups.push((j, smallvec![c])),
+                _ => {
+                    parts[p].groups.push((j, smallvec![c]));
+                    verdicts[j].waiting += 1;
+                }
             }
         }
     }

@@ -302,3 +302,37 @@ impl Leases {
 fn nanos(d: Duration) -> u64 {
     crate::rate_limit::clock::nanos(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client rotating keys cannot grow a replica's lease state: the
+    /// detector is a fixed table, and leases stop at `MAX_LEASES`.
+    #[test]
+    fn lease_state_is_bounded_whatever_the_number_of_keys() {
+        let mut config = LeaseConfig::default();
+        config.policies = vec!["hot".to_owned()];
+        let leases = Leases::new(config).unwrap();
+        let policy = crate::rate_limit::PolicyName::new("hot").id();
+        let mut started = 0;
+        for i in 0..(MAX_LEASES + 1000) {
+            let key = (policy, Key::from(format!("k{i}")));
+            for _ in 0..10 {
+                leases.seen(&key, 0);
+            }
+            if leases.start_request(&key, 0, u64::MAX) {
+                started += 1;
+            }
+        }
+        assert_eq!(started, MAX_LEASES);
+        assert_eq!(leases.held.len(), MAX_LEASES);
+        assert_eq!(leases.heat.len(), HEAT_SLOTS);
+        // Ended requests that leased nothing are swept away.
+        for i in 0..MAX_LEASES {
+            leases.settle(&(policy, Key::from(format!("k{i}"))), None, 0);
+        }
+        assert!(leases.sweep(1, 0).is_empty());
+        assert_eq!(leases.held.len(), 0);
+    }
+}

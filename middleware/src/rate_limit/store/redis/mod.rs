@@ -318,7 +318,8 @@ struct Job {
     args: SmallVec<[[u64; 5]; 2]>,
     /// To remember denials in the over-limit cache.
     cache_keys: SmallVec<[(u32, Key); 2]>,
-    reply: oneshot::Sender<Result<Decisions, StoreError>>,
+    /// Taken when the request is answered.
+    reply: Option<oneshot::Sender<Result<Decisions, StoreError>>>,
 }
 
 // === impl RedisStore ===
@@ -610,7 +611,7 @@ impl Store for RedisStore {
                 .iter()
                 .map(|c| (c.policy.id(), c.key.clone()))
                 .collect(),
-            reply,
+            reply: Some(reply),
         };
         if self.jobs.try_send(job).is_err() {
             return RedisFuture::ready(Err(StoreError::new(
