@@ -311,9 +311,11 @@ mod tests {
     /// detector is a fixed table, and leases stop at `MAX_LEASES`.
     #[test]
     fn lease_state_is_bounded_whatever_the_number_of_keys() {
-        let mut config = LeaseConfig::default();
-        config.policies = vec!["hot".to_owned()];
-        let leases = Leases::new(config).unwrap();
+        let leases = Leases::new(LeaseConfig {
+            policies: vec!["hot".to_owned()],
+            ..LeaseConfig::default()
+        })
+        .unwrap();
         let policy = crate::rate_limit::PolicyName::new("hot").id();
         let mut started = 0;
         for i in 0..(MAX_LEASES + 1000) {
