@@ -534,7 +534,7 @@ async fn after_commit_runs_once_the_change_is_visible_and_never_on_rollback() {
                         // A hook must not block: look from a task.
                         tokio::spawn(async move {
                             let mut conn = observer.acquire().await.unwrap();
-                            sqlx::query(&format!("SET app.tenant_id = '{A}'"))
+                            sqlx::query(sqlx::AssertSqlSafe(format!("SET app.tenant_id = '{A}'")))
                                 .execute(&mut *conn)
                                 .await
                                 .unwrap();

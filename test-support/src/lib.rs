@@ -267,7 +267,8 @@ impl TestDb {
             format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
             format!("CREATE DATABASE {name}"),
         ] {
-            sqlx::raw_sql(&sql)
+            // The name is generated here, never user input.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&mut admin)
                 .await
                 .expect("create the test database");
@@ -275,7 +276,7 @@ impl TestDb {
         let mut owner = sqlx::PgConnection::connect(&owner_url(&name))
             .await
             .expect("connect to the test database");
-        sqlx::raw_sql(setup)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(setup.to_owned()))
             .execute(&mut owner)
             .await
             .expect("the test schema");
@@ -296,10 +297,10 @@ impl TestDb {
     pub async fn drop_now(self) {
         use sqlx::Connection;
         if let Ok(mut admin) = sqlx::PgConnection::connect(&owner_url("postgres")).await {
-            let _ = sqlx::raw_sql(&format!(
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
-            ))
+            )))
             .execute(&mut admin)
             .await;
         }

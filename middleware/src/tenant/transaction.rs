@@ -68,7 +68,8 @@ pub async fn begin(
     access: Access,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let pool = pool.clone();
-    let sql = begin_sql(tenant, access);
+    // Safe to interpolate: see above.
+    let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     #[cfg(feature = "metrics")]
     let started = tokio::time::Instant::now();
     let task = tokio::spawn(async move { pool.begin_with(sql).await });

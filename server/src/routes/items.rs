@@ -108,7 +108,13 @@ pub struct ItemPage {
     pub next: Option<Uuid>,
 }
 
-const COLUMNS: &str = "id, name, body, created_at, updated_at";
+/// The columns an [`Item`] is read from, as a macro so queries stay
+/// `&'static str` (`concat!`), built at compile time.
+macro_rules! columns {
+    () => {
+        "id, name, body, created_at, updated_at"
+    };
+}
 
 /// Lists the tenant's items.
 #[utoipa::path(
@@ -133,8 +139,10 @@ pub async fn list(
     }
     // Input checked: only now take a connection.
     // Keyset pagination on (created_at, id): stable under inserts.
-    let mut items: Vec<Item> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM items
+    let mut items: Vec<Item> = sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM items
           WHERE deleted_at IS NULL
             AND ($2::uuid IS NULL
                  OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
@@ -173,8 +181,9 @@ pub async fn create(
     // slow client holds no pooled connection.
     let Json(input) = input?;
     input.validate()?;
-    let item: Item = sqlx::query_as(&format!(
-        "INSERT INTO items (name, body) VALUES ($1, $2) RETURNING {COLUMNS}"
+    let item: Item = sqlx::query_as(concat!(
+        "INSERT INTO items (name, body) VALUES ($1, $2) RETURNING ",
+        columns!()
     ))
     .bind(input.name.trim())
     .bind(&input.body)
@@ -205,8 +214,10 @@ pub async fn fetch(
     id: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<Item>, AppError> {
     let Path(id) = id?;
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM items WHERE id = $1 AND deleted_at IS NULL"
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM items WHERE id = $1 AND deleted_at IS NULL"
     ))
     .bind(id)
     .fetch_optional(tx.conn().await?)
@@ -236,9 +247,10 @@ pub async fn update(
     let Path(id) = id?;
     let Json(input) = input?;
     input.validate()?;
-    sqlx::query_as(&format!(
+    sqlx::query_as(concat!(
         "UPDATE items SET name = $2, body = $3, updated_at = now()
-          WHERE id = $1 AND deleted_at IS NULL RETURNING {COLUMNS}"
+          WHERE id = $1 AND deleted_at IS NULL RETURNING ",
+        columns!()
     ))
     .bind(id)
     .bind(input.name.trim())
