@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure what Tollgate needs runs on loopback: PostgreSQL (15, Debian's
-# cluster 15/main on 127.0.0.1:5432) and Redis (127.0.0.1:6379).
+# cluster 15/main on 127.0.0.1:5432), Redis (127.0.0.1:6379) and PgBouncer
+# in transaction mode in front of that Postgres (127.0.0.1:6432; README,
+# "Behind a connection pooler").
 # Installs what is missing (Debian, as root or with sudo) and leaves
 # services that already answer alone. Used by `make run` and `make test`.
 #
@@ -13,6 +15,8 @@ PG_VERSION=${PG_VERSION:-15}
 PG_CLUSTER=${PG_CLUSTER:-main}
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
+PGBOUNCER_PORT=${PGBOUNCER_PORT:-6432}
+PGBOUNCER_DIR=${PGBOUNCER_DIR:-${TMPDIR:-/tmp}/tollgate-pgbouncer}
 SCHEMATHESIS_VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -105,6 +109,23 @@ database() {
     log "database tollgate ready (roles tollgate_owner, tollgate_app)"
 }
 
+pgbouncer_service() {
+    if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+        log "installing pgbouncer"
+        apt_install pgbouncer
+    fi
+    if pg_isready -q -h 127.0.0.1 -p "$PGBOUNCER_PORT"; then
+        log "pgbouncer already answers on 127.0.0.1:$PGBOUNCER_PORT"
+        return
+    fi
+    log "starting pgbouncer (transaction mode) on 127.0.0.1:$PGBOUNCER_PORT"
+    PATH="$PATH:/usr/sbin" bash "$(dirname "$0")/pgbouncer.sh" --daemon "$PGBOUNCER_PORT" 20 "$PGBOUNCER_DIR"
+    if ! wait_for 100 pg_isready -q -h 127.0.0.1 -p "$PGBOUNCER_PORT"; then
+        log "pgbouncer did not come up on 127.0.0.1:$PGBOUNCER_PORT (log: $PGBOUNCER_DIR/pgbouncer.log)"; exit 1
+    fi
+    log "pgbouncer ready on 127.0.0.1:$PGBOUNCER_PORT"
+}
+
 test_tools() {
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         log "installing prometheus (for the dashboard and cluster tests)"
@@ -132,6 +153,7 @@ test_tools() {
 postgres
 database
 redis
+pgbouncer_service
 if [ "${1:-}" = "--with-test-tools" ]; then
     test_tools
 fi

@@ -7,14 +7,20 @@
 //! - cycles are aligned to the wall clock (cycle `n` starts at
 //!   `n × interval` since the Unix epoch), so every replica tries at the
 //!   same moment;
-//! - the job runs while holding `pg_try_advisory_lock(key)` on a
-//!   connection opened for that cycle alone (session level, never a pooled
-//!   connection), released with `pg_advisory_unlock` after. A replica that
-//!   crashes releases the lock with its connection;
+//! - the job runs while a transaction, on a connection opened for that
+//!   cycle alone, holds `pg_try_advisory_xact_lock(key)`. The lock is
+//!   transaction-scoped, so it needs no session: it works the same
+//!   through a transaction-mode pooler (PgBouncer), which keeps one server
+//!   connection for as long as a transaction lasts, and it is released
+//!   when the transaction ends — commit, rollback, or a replica that
+//!   crashes and loses its connection. (A session lock taken through such
+//!   a pooler would stay on whichever server connection ran it, and the
+//!   unlock could run on another.)
 //! - a replica that gets the lock first checks [`SCHEMA`]'s table for the
 //!   cycle, so a replica whose timer fires late cannot run the same cycle
-//!   again after the first has finished; the run is recorded when it
-//!   succeeds.
+//!   again after the first has finished; the run is recorded, in the
+//!   lock's transaction, when it succeeds: the record and the lock's
+//!   release commit together.
 //!
 //! A cycle is never run twice, but it can be skipped: when a run overruns
 //! the next cycle's start, that cycle finds the lock held. Keep jobs well
@@ -176,7 +182,8 @@ impl Singleton {
         })
     }
 
-    /// One attempt at `cycle`: lock, check, run, record, unlock.
+    /// One attempt at `cycle`: lock, check, run, record, commit (which
+    /// releases the lock).
     pub async fn run_cycle<F, Fut, E>(
         &self,
         cycle: i64,
@@ -187,23 +194,28 @@ impl Singleton {
         Fut: Future<Output = Result<(), E>>,
         E: Display,
     {
-        // Its own connection: the lock lives and dies with it.
+        // Its own connection, so the job's own queries never wait for the
+        // pool behind the transaction that holds the lock.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let mut tx = conn.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(self.key)
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *tx)
             .await?;
-        if !locked {
+        let outcome = if locked {
+            self.run_locked(&mut tx, cycle, job).await
+        } else {
             self.count(SKIPPED);
-            conn.close().await?;
-            return Ok(CycleOutcome::Locked);
+            Ok(CycleOutcome::Locked)
+        };
+        // Only a recorded run commits; the lock goes either way.
+        match outcome {
+            Ok(CycleOutcome::Ran) => {
+                tx.commit().await?;
+                self.count(RUNS);
+            }
+            _ => tx.rollback().await?,
         }
-        let outcome = self.run_locked(&mut conn, cycle, job).await;
-        // Unlock even after a failed job; closing would release it too.
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(self.key)
-            .execute(&mut conn)
-            .await;
         conn.close().await?;
         outcome
     }
@@ -246,7 +258,6 @@ impl Singleton {
             .execute(&mut *conn)
             .await?;
         tracing::debug!(job = self.name, cycle, took = ?started.elapsed(), "singleton job ran");
-        self.count(RUNS);
         Ok(CycleOutcome::Ran)
     }
 

@@ -28,11 +28,14 @@ pub fn spawn(
         .spawn(move || {
             let pool = job_pool.clone();
             async move {
+                // In a transaction: DATABASE_URL may be a pooler.
+                let mut tx = pool.begin().await?;
                 let purged: i64 =
                     sqlx::query_scalar("SELECT purge_deleted_items(make_interval(secs => $1))")
                         .bind(retention.as_secs_f64())
-                        .fetch_one(&pool)
+                        .fetch_one(&mut *tx)
                         .await?;
+                tx.commit().await?;
                 metrics::counter!(ITEMS_PURGED).increment(u64::try_from(purged).unwrap_or(0));
                 if purged > 0 {
                     tracing::info!(purged, "cleanup purged deleted items");

@@ -183,11 +183,14 @@ pub async fn run(command: Command) -> Result<(), CliError> {
             let limits = LimitsConfig::from_lookup(lookup)?;
             let level = known_level(&limits, &level)?;
             let pool = db::pool(&database)?;
+            // Every query in a transaction: DATABASE_URL may be a pooler.
+            let mut lookup = pool.begin_with("BEGIN READ ONLY").await?;
             let user: Option<(Uuid, Uuid)> =
                 sqlx::query_as("SELECT user_id, tenant_id FROM auth_lookup($1)")
                     .bind(email.trim())
-                    .fetch_optional(&pool)
+                    .fetch_optional(&mut *lookup)
                     .await?;
+            lookup.commit().await?;
             let Some((user_id, tenant)) = user else {
                 return Err(CliError::Usage(format!("--email {email}: no such user")));
             };

@@ -129,8 +129,18 @@ pub struct DatabaseConfig {
     /// `DATABASE_URL`: the role the server runs as (not the owner).
     pub url: String,
     /// `MIGRATION_DATABASE_URL`: the owner role, for migrations; else
-    /// `DATABASE_URL`.
+    /// [`direct_url`](Self::direct_url), else `DATABASE_URL`. Must be a
+    /// direct connection: migrations hold a session advisory lock.
     pub migration_url: Option<String>,
+    /// `DATABASE_DIRECT_URL`: a session connection to Postgres itself (not
+    /// through a transaction-mode pooler), for what needs a session: the
+    /// LISTEN connection. `None`: `DATABASE_URL`.
+    pub direct_url: Option<String>,
+    /// `DB_STATEMENT_CACHE`: statements each `DATABASE_URL` connection
+    /// keeps prepared. 0 sends every statement unnamed, which a
+    /// transaction-mode pooler needs (a named statement lives on one
+    /// server connection; the next transaction may run on another).
+    pub statement_cache: usize,
     /// `DB_MIGRATE_ON_START`: apply pending migrations at start-up. Turn it
     /// off when a deploy step runs `tollgate-server migrate` once for the
     /// fleet.
@@ -164,6 +174,8 @@ impl std::fmt::Debug for DatabaseConfig {
                 "migration_url",
                 &self.migration_url.as_deref().map(redact_url),
             )
+            .field("direct_url", &self.direct_url.as_deref().map(redact_url))
+            .field("statement_cache", &self.statement_cache)
             .field("migrate_on_start", &self.migrate_on_start)
             .field("max_connections", &self.max_connections)
             .field("min_connections", &self.min_connections)
@@ -496,9 +508,21 @@ pub const VARIABLES: &[Variable] = &[
     ),
     var(
         "MIGRATION_DATABASE_URL",
+        Unset("DATABASE_DIRECT_URL, else DATABASE_URL"),
+        DB_URL_FORMAT,
+        "the owner role, for migrations; a direct connection, never a transaction-mode pooler (migrations hold a session lock)",
+    ),
+    var(
+        "DATABASE_DIRECT_URL",
         Unset("DATABASE_URL"),
         DB_URL_FORMAT,
-        "the owner role, for migrations",
+        "a direct (session) connection for LISTEN, when DATABASE_URL goes through a transaction-mode pooler such as PgBouncer",
+    ),
+    var(
+        "DB_STATEMENT_CACHE",
+        Text("100"),
+        "a whole number; 0 behind a transaction-mode pooler",
+        "statements each DATABASE_URL connection keeps prepared; 0 sends every statement unnamed, as PgBouncer in transaction mode needs",
     ),
     var(
         "DB_MIGRATE_ON_START",
@@ -899,6 +923,8 @@ fn database_config(var: &impl Fn(&'static str) -> Var) -> Result<DatabaseConfig,
         system_connections: system.check(system_connections, system_connections >= 3)?,
         url: url("DATABASE_URL")?.unwrap_or_default(),
         migration_url: url("MIGRATION_DATABASE_URL")?,
+        direct_url: url("DATABASE_DIRECT_URL")?,
+        statement_cache: var("DB_STATEMENT_CACHE").parse()?,
         migrate_on_start: var("DB_MIGRATE_ON_START").boolean()?,
         max_connections,
         min_connections: min.check(min_connections, min_connections <= max_connections)?,
@@ -1449,6 +1475,9 @@ mod tests {
             ("READY_CHECK_TIMEOUT", "soon"),
             ("DATABASE_URL", "mysql://x"),
             ("MIGRATION_DATABASE_URL", "localhost"),
+            ("DATABASE_DIRECT_URL", "127.0.0.1:5432"),
+            ("DB_STATEMENT_CACHE", "off"),
+            ("DB_STATEMENT_CACHE", "-1"),
             ("DB_MAX_CONNECTIONS", "0"),
             ("DB_MIN_CONNECTIONS", "21"),
             ("DB_CONNECTION_TIMEOUT", "0"),

@@ -30,13 +30,34 @@ pub enum DbError {
     },
     /// Connecting or querying failed.
     #[error("{0}")]
-    Sqlx(#[from] sqlx::Error),
+    Sqlx(sqlx::Error),
+    /// A named prepared statement met another client's on the same server
+    /// connection, or was gone: the signature of a transaction-mode pooler.
+    #[error(
+        "{0} (DATABASE_URL looks like a transaction-mode pooler such as PgBouncer: set DB_STATEMENT_CACHE=0)"
+    )]
+    PreparedStatements(sqlx::Error),
     /// A migration failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The role can get around row-level security.
     #[error("refusing to serve: {0}")]
     Audit(#[from] tollgate::tenant::AuditError),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(err: sqlx::Error) -> Self {
+        // 42P05 duplicate_prepared_statement ("sqlx_s_1 already exists"),
+        // 26000 invalid_sql_statement_name ("… does not exist").
+        match &err {
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("42P05" | "26000")) =>
+            {
+                Self::PreparedStatements(err)
+            }
+            _ => Self::Sqlx(err),
+        }
+    }
 }
 
 /// `url` parsed, or an error naming `var`.
@@ -48,11 +69,58 @@ pub fn options(var: &'static str, url: &str) -> Result<PgConnectOptions, DbError
     })
 }
 
+/// `DATABASE_URL`'s options: the app role, through a pooler or not, with
+/// `DB_STATEMENT_CACHE`.
+///
+/// Behind a transaction-mode pooler every statement must also run inside
+/// an explicit transaction: with the cache off sqlx parses an unnamed
+/// statement and binds it in a second exchange, and outside a transaction
+/// the pooler may hand that exchange to another server connection, whose
+/// unnamed statement is some other client's (measured through PgBouncer
+/// 1.18: most such queries returned another query's result, silently).
+/// A transaction keeps one server connection until it ends. The server
+/// runs every query of its own in one.
+pub fn app_options(config: &DatabaseConfig) -> Result<PgConnectOptions, DbError> {
+    Ok(options("DATABASE_URL", &config.url)?.statement_cache_capacity(config.statement_cache))
+}
+
+/// `DATABASE_DIRECT_URL`'s options (else `DATABASE_URL`'s): a session of
+/// its own, for LISTEN.
+pub fn direct_options(config: &DatabaseConfig) -> Result<PgConnectOptions, DbError> {
+    match &config.direct_url {
+        Some(url) => options("DATABASE_DIRECT_URL", url),
+        None => app_options(config),
+    }
+}
+
+/// What falls back when `DATABASE_URL` is declared to go through a
+/// transaction-mode pooler (`DB_STATEMENT_CACHE=0`) and no direct
+/// connection is configured: said once at start-up, not discovered later.
+pub fn pooler_fallbacks(config: &DatabaseConfig, listening: bool) -> Vec<&'static str> {
+    let mut fallbacks = Vec::new();
+    if config.statement_cache != 0 || config.direct_url.is_some() {
+        return fallbacks;
+    }
+    if listening {
+        fallbacks.push(
+            "LISTEN runs on DATABASE_URL; through a transaction-mode pooler it receives \
+             nothing, so trust changes made on other replicas apply within TRUST_CACHE_TTL only",
+        );
+    }
+    if config.migrate_on_start && config.migration_url.is_none() {
+        fallbacks.push(
+            "migrations run on DATABASE_URL; through a transaction-mode pooler their session \
+             lock is not held: set MIGRATION_DATABASE_URL (or DATABASE_DIRECT_URL)",
+        );
+    }
+    fallbacks
+}
+
 /// The server's pool, sized from `DB_*`. Connections are opened lazily,
 /// so a database that is down at start makes readiness fail, not the
 /// process.
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
-    let options = options("DATABASE_URL", &config.url)?.application_name("tollgate-server");
+    let options = app_options(config)?.application_name("tollgate-server");
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(config.min_connections)
@@ -67,7 +135,7 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
 /// traffic: however loaded the request pool is, readiness measures
 /// Postgres itself.
 pub fn system_pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
-    let options = options("DATABASE_URL", &config.url)?.application_name("tollgate-system");
+    let options = app_options(config)?.application_name("tollgate-system");
     Ok(PgPoolOptions::new()
         .max_connections(config.system_connections)
         .idle_timeout(Some(config.idle_timeout).filter(|d| !d.is_zero()))
@@ -77,26 +145,29 @@ pub fn system_pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
 }
 
 /// Applies pending migrations as the owner role (`MIGRATION_DATABASE_URL`,
-/// else `DATABASE_URL`). Concurrent callers are serialised by sqlx's
-/// advisory lock, so replicas starting together do not race.
+/// else `DATABASE_DIRECT_URL`, else `DATABASE_URL`). Concurrent callers
+/// are serialised by sqlx's session advisory lock, so replicas starting
+/// together do not race; that lock is why the connection must be direct.
 pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
-    let (var, url) = match &config.migration_url {
-        Some(url) => ("MIGRATION_DATABASE_URL", url),
-        None => ("DATABASE_URL", &config.url),
+    let options = match (&config.migration_url, &config.direct_url) {
+        (Some(url), _) => options("MIGRATION_DATABASE_URL", url)?,
+        (None, Some(url)) => options("DATABASE_DIRECT_URL", url)?,
+        (None, None) => app_options(config)?,
     };
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(config.connection_timeout)
-        .connect_with(options(var, url)?.application_name("tollgate-migrate"))
+        .connect_with(options.application_name("tollgate-migrate"))
         .await?;
     MIGRATOR.run(&pool).await?;
     pool.close().await;
     Ok(())
 }
 
-/// Readiness: Postgres answers.
+/// Readiness: Postgres answers. One simple-protocol message, so it is
+/// safe through a transaction-mode pooler outside a transaction.
 pub async fn ping(pool: &PgPool) -> Result<(), String> {
-    sqlx::query("SELECT 1")
+    sqlx::raw_sql("SELECT 1")
         .execute(pool)
         .await
         .map(drop)
@@ -109,11 +180,17 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<(), String> {
     let Some(latest) = MIGRATOR.iter().map(|m| m.version).max() else {
         return Ok(());
     };
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(pool)
-            .await
-            .map_err(|e| e.to_string())?;
+    let read = async {
+        // In a transaction, as every query behind a pooler (see `app_options`).
+        let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(applied)
+    };
+    let applied = read.await.map_err(|e| e.to_string())?;
     match applied {
         Some(v) if v >= latest => Ok(()),
         Some(v) => Err(format!("schema at {v}, this build needs {latest}")),

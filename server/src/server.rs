@@ -82,6 +82,13 @@ impl Server {
             );
         }
         let database = config.database.clone();
+        // Said before the first query: migrations through a pooler can hang.
+        for fallback in db::pooler_fallbacks(&database, config.trust_broadcast) {
+            tracing::warn!(
+                "DB_STATEMENT_CACHE=0 (DATABASE_URL through a transaction-mode pooler) and no \
+                 DATABASE_DIRECT_URL: {fallback}"
+            );
+        }
         let state = AppState::new(config, metrics)?;
         prepare_database(&database, &state.pool).await?;
         let metrics_tasks = routes::metrics::spawn(&state, state.config.metrics_addr).await?;
@@ -92,7 +99,7 @@ impl Server {
             addr.to_string(),
         ))];
         if state.config.trust_broadcast {
-            let options = db::options("DATABASE_URL", &state.config.database.url)?;
+            let options = db::direct_options(&state.config.database)?;
             others.push(AbortOnDrop(trust::spawn_listener(
                 state.trust.clone(),
                 options,

@@ -391,8 +391,20 @@ pub async fn current_trust(
     next.run(req).await
 }
 
+/// How long the listener waits for its own probe message before it
+/// concludes that its connection cannot receive notifications.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Listens on [`TRUST_CHANNEL`] until aborted, on a connection of its own
 /// named `application_name` (so operators can find it).
+///
+/// After each LISTEN it proves delivery: it sends a probe message through
+/// the system pool and waits [`PROBE_TIMEOUT`] for it. A LISTEN made
+/// through a transaction-mode pooler is registered on a server connection
+/// the pooler hands to other clients as soon as the statement ends, so
+/// nothing ever arrives; the listener then says so (naming the likely
+/// cause), counts itself disconnected and tries again with back-off,
+/// while the TTL bounds staleness.
 pub fn spawn_listener(
     trust: TrustLevels,
     options: PgConnectOptions,
@@ -406,15 +418,18 @@ pub fn spawn_listener(
             .connect_lazy_with(options.application_name(&application_name));
         let mut backoff = Duration::from_secs(1);
         let mut first = true;
+        let mut probes = 0u64;
         loop {
-            match listen(&pool).await {
-                Ok(mut listener) => {
+            probes += 1;
+            let probe = format!("{}:probe-{probes}", trust.origin);
+            match listen(&pool, &trust, &probe).await {
+                Ok(Some(mut listener)) => {
                     metrics::gauge!(LISTENER_CONNECTED).set(1.0);
                     // Messages may have been missed while disconnected.
                     if !first {
                         trust.invalidate_all();
                     }
-                    tracing::info!("trust listener connected");
+                    tracing::info!("trust listener connected (a probe message arrived)");
                     backoff = Duration::from_secs(1);
                     loop {
                         match listener.try_recv().await {
@@ -431,6 +446,13 @@ pub fn spawn_listener(
                     }
                     metrics::gauge!(LISTENER_CONNECTED).set(0.0);
                 }
+                Ok(None) => tracing::warn!(
+                    ?backoff,
+                    "trust listener: its probe message did not arrive within {PROBE_TIMEOUT:?}; \
+                     is DATABASE_DIRECT_URL (else DATABASE_URL) a transaction-mode pooler? \
+                     LISTEN needs a direct connection. Trust changes made on other replicas \
+                     apply within TRUST_CACHE_TTL only"
+                ),
                 Err(err) => tracing::warn!(%err, ?backoff, "trust listener cannot connect"),
             }
             first = false;
@@ -441,12 +463,41 @@ pub fn spawn_listener(
     })
 }
 
-async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+/// LISTENs, then sends `probe` through the system pool and waits for it:
+/// `None` when it did not arrive in time (the listener is dropped).
+async fn listen(
+    pool: &PgPool,
+    trust: &TrustLevels,
+    probe: &str,
+) -> Result<Option<PgListener>, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     // Reconnect on our schedule, with back-off, not at once.
     listener.eager_reconnect(false);
     listener.listen(TRUST_CHANNEL).await?;
-    Ok(listener)
+    // In a transaction: the system pool may go through a pooler too.
+    let mut tx = trust.pool.begin().await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(TRUST_CHANNEL)
+        .bind(probe)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let arrived = tokio::time::timeout(PROBE_TIMEOUT, async {
+        // Other replicas' messages may come first: handled as usual.
+        while let Some(message) = listener.try_recv().await? {
+            if message.payload() == probe {
+                return Ok::<_, sqlx::Error>(true);
+            }
+            trust.on_message(message.payload());
+        }
+        Ok(false)
+    })
+    .await;
+    match arrived {
+        Ok(Ok(true)) => Ok(Some(listener)),
+        Ok(Err(err)) => Err(err),
+        Ok(Ok(false)) | Err(_) => Ok(None),
+    }
 }
 
 #[cfg(test)]

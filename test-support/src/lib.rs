@@ -236,6 +236,79 @@ pub fn app_url(db: &str) -> String {
     format!("postgres://tollgate_app:tollgate_app@127.0.0.1:5432/{db}")
 }
 
+/// PgBouncer of the test's own, in transaction mode in front of the local
+/// Postgres, started by `scripts/pgbouncer.sh` as `make test` starts the
+/// shared one; stopped when dropped.
+#[derive(Debug)]
+pub struct OwnPgBouncer {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnPgBouncer {
+    /// Starts one on a free port whose pool holds at most `pool_size`
+    /// server connections per database and role, and waits (at most 5 s)
+    /// until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If `pgbouncer` is not installed (`make test` installs it) or does
+    /// not start.
+    pub fn start(pool_size: u32) -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-pgbouncer-{}-{port}", std::process::id()));
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pgbouncer.sh");
+        let path = std::env::var("PATH").unwrap_or_default();
+        let child = Command::new("bash")
+            .arg(script)
+            .args(["--foreground", &port.to_string(), &pool_size.to_string()])
+            .arg(&dir)
+            // Debian installs it in /usr/sbin, not on every user's PATH.
+            .env("PATH", format!("{path}:/usr/sbin"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bash scripts/pgbouncer.sh");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, dir }
+    }
+
+    /// The app role's URL of database `db` through it.
+    pub fn app_url(&self, db: &str) -> String {
+        format!(
+            "postgres://tollgate_app:tollgate_app@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// The owner role's URL of database `db` through it.
+    pub fn owner_url(&self, db: &str) -> String {
+        format!(
+            "postgres://tollgate_owner:tollgate_owner@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+}
+
+impl Drop for OwnPgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A fresh database of the test's own, created by the owner role (which
 /// has `CREATEDB`), dropped when [`drop_now`](Self::drop_now) is called.
 #[derive(Debug)]

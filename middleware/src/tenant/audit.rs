@@ -1,7 +1,7 @@
 //! [`audit`]: refuse to serve when the database role could bypass
 //! row-level security.
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 /// A reason row-level security would not isolate tenants for this role.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,17 @@ pub async fn audit(pool: &PgPool) -> Result<(), AuditError> {
 /// role can execute are those in `definers` (`schema.name`, e.g.
 /// `public.auth_lookup`): the ones the schema declares on purpose.
 pub async fn audit_allowing(pool: &PgPool, definers: &[&str]) -> Result<(), AuditError> {
-    audit_role_and_tables(pool).await?;
+    // One read-only transaction: one snapshot, and safe behind a
+    // transaction-mode pooler, which keeps a server connection only for
+    // the length of a transaction.
+    let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
+    audit_in(&mut tx, definers).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn audit_in(conn: &mut PgConnection, definers: &[&str]) -> Result<(), AuditError> {
+    audit_role_and_tables(conn).await?;
     let views: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT format('%I.%I', vn.nspname, v.relname)
            FROM pg_class v
@@ -126,7 +136,7 @@ pub async fn audit_allowing(pool: &PgPool, definers: &[&str]) -> Result<(), Audi
             AND vn.nspname NOT IN ('pg_catalog', 'information_schema')
           ORDER BY 1",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     if let Some((view,)) = views.into_iter().next() {
         return Err(AuditError::ViewWithoutInvoker { view });
@@ -141,7 +151,7 @@ pub async fn audit_allowing(pool: &PgPool, definers: &[&str]) -> Result<(), Audi
             AND n.nspname NOT IN ('pg_catalog', 'information_schema')
           ORDER BY 2",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     match functions
         .into_iter()
@@ -153,11 +163,11 @@ pub async fn audit_allowing(pool: &PgPool, definers: &[&str]) -> Result<(), Audi
 }
 
 /// The role's attributes and the tenant tables' row-level security.
-async fn audit_role_and_tables(pool: &PgPool) -> Result<(), AuditError> {
+async fn audit_role_and_tables(conn: &mut PgConnection) -> Result<(), AuditError> {
     let (role, superuser, bypass): (String, bool, bool) = sqlx::query_as(
         "SELECT rolname::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     if superuser {
         return Err(AuditError::Superuser { role });
@@ -181,7 +191,7 @@ async fn audit_role_and_tables(pool: &PgPool) -> Result<(), AuditError> {
             AND n.nspname NOT LIKE 'pg_toast%'
           ORDER BY 1",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for (table, owner, can_act_as_owner, enabled, forced, has_policy) in tables {
         if can_act_as_owner {

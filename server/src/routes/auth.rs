@@ -94,10 +94,24 @@ pub async fn login(
         // Logins share the tenant pool as one more "tenant", capped like
         // any other, so a login flood cannot take every connection.
         let _permit = state.tenant_pool.acquire(LOGIN_POOL_KEY).await?;
-        sqlx::query_as("SELECT user_id, tenant_id, password_hash, trust_level FROM auth_lookup($1)")
-            .bind(&req.email)
-            .fetch_optional(&state.pool)
-            .await?
+        // In a read-only transaction, as every query behind a pooler
+        // (`db::app_options`), and in a task of its own: a login cancelled
+        // while BEGIN is on the wire still ends its transaction before the
+        // connection is reused.
+        let (pool, email) = (state.pool.clone(), req.email.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
+            let user = sqlx::query_as(
+                "SELECT user_id, tenant_id, password_hash, trust_level FROM auth_lookup($1)",
+            )
+            .bind(&email)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(user)
+        })
+        .await
+        .map_err(|join| sqlx::Error::Protocol(format!("login lookup task: {join}")))??
     };
     let hash = user.as_ref().map(|(_, _, hash, _)| hash.clone());
     // Argon2 runs on a bounded set of blocking threads.
