@@ -91,7 +91,8 @@ pub enum CliError {
 
 impl From<sqlx::Error> for CliError {
     fn from(err: sqlx::Error) -> Self {
-        Self::Db(DbError::Sqlx(err))
+        // Classified: a pooler's signature gets its hint.
+        Self::Db(DbError::from(err))
     }
 }
 
