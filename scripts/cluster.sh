@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The docker-compose topology without Docker, on loopback: three release
-# replicas (127.0.0.1:8081-8083, Redis store), Caddy on 127.0.0.1:8080
+# replicas (127.0.0.1:8081-8083, Redis store) whose requests go through
+# PgBouncer in transaction mode (127.0.0.1:6432, from scripts/services.sh)
+# and whose LISTEN connection goes to Postgres, Caddy on 127.0.0.1:8080
 # (round robin, health checks on /ready), Prometheus on 127.0.0.1:9090
 # scraping all three. Ctrl-C stops everything. Used by `make cluster`.
 set -euo pipefail
@@ -18,7 +20,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
+export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:6432/tollgate}
+export DB_STATEMENT_CACHE=${DB_STATEMENT_CACHE:-0}
+export DATABASE_DIRECT_URL=${DATABASE_DIRECT_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
 export MIGRATION_DATABASE_URL=${MIGRATION_DATABASE_URL:-postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate}
 export AUTH_SECRET=${AUTH_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 # Migrations once, then replicas that do not run them.

@@ -37,6 +37,7 @@ fn every_service_file_and_variable_it_references_exists() {
     let names: BTreeSet<String> = keys(services).into_iter().collect();
     for expected in [
         "postgres",
+        "pgbouncer",
         "redis",
         "migrate",
         "server-1",
@@ -95,6 +96,21 @@ fn every_service_file_and_variable_it_references_exists() {
         assert!(env["AUTH_SECRET"].as_str().unwrap().contains("AUTH_SECRET"));
         // Metrics on an address of their own, which Caddy does not proxy.
         assert_eq!(env["METRICS_ADDR"].as_str(), Some("0.0.0.0:9100"));
+        // Requests through the pooler without a statement cache; LISTEN on
+        // a direct connection.
+        assert!(
+            env["DATABASE_URL"]
+                .as_str()
+                .unwrap()
+                .contains("@pgbouncer:6432/")
+        );
+        assert_eq!(env["DB_STATEMENT_CACHE"].as_str(), Some("0"));
+        assert!(
+            env["DATABASE_DIRECT_URL"]
+                .as_str()
+                .unwrap()
+                .contains("@postgres:5432/")
+        );
         // The owner's credentials go to the one-shot migrate service only.
         for (name, value) in env.as_hash().unwrap() {
             let value = value.as_str().unwrap_or_default();
@@ -112,6 +128,22 @@ fn every_service_file_and_variable_it_references_exists() {
             .contains("tollgate_owner")
     );
     assert_eq!(services["migrate"]["command"][0].as_str(), Some("migrate"));
+    // Migrations hold a session lock: straight to Postgres, never the pooler.
+    assert!(
+        migrate_env["MIGRATION_DATABASE_URL"]
+            .as_str()
+            .unwrap()
+            .contains("@postgres:5432/")
+    );
+    // The pooler is the Dockerfile's `pgbouncer` stage, run by the script
+    // the tests use, in transaction mode.
+    let pgbouncer = &services["pgbouncer"];
+    assert_eq!(pgbouncer["build"]["target"].as_str(), Some("pgbouncer"));
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("AS pgbouncer"));
+    assert!(dockerfile.contains("COPY scripts/pgbouncer.sh"));
+    let script = std::fs::read_to_string(repo("scripts/pgbouncer.sh")).unwrap();
+    assert!(script.contains("pool_mode = transaction"));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The docker-compose topology as local processes: three server replicas
 //! on loopback behind Debian's Caddy (round robin, active health checks on
-//! `/ready`), Redis for fleet-wide limits, Prometheus scraping all three.
+//! `/ready`), PgBouncer in transaction mode between them and Postgres,
+//! Redis for fleet-wide limits, Prometheus scraping all three.
 //! Load goes through Caddy only.
 
 mod common;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use common::{Prometheus, Server, client};
 use tokio::time::Instant;
+use tollgate_test_support::OwnPgBouncer;
 
 /// Caddy on a free loopback port in front of `upstreams`; killed when
 /// dropped.
@@ -93,15 +95,24 @@ impl Drop for Caddy {
     }
 }
 
-fn replicas(prefix: &str, extra: &[(&str, &str)]) -> Vec<Server> {
+/// Three replicas as docker-compose.yml runs them: requests through
+/// PgBouncer in transaction mode, LISTEN on a direct connection.
+fn replicas(prefix: &str, extra: &[(&str, &str)]) -> (OwnPgBouncer, Vec<Server>) {
+    let bouncer = OwnPgBouncer::start(10);
+    let through = bouncer.app_url("tollgate");
+    let direct = tollgate_test_support::app_url("tollgate");
     let mut env = vec![
+        ("DATABASE_URL", through.as_str()),
+        ("DB_STATEMENT_CACHE", "0"),
+        ("DATABASE_DIRECT_URL", direct.as_str()),
         ("RATE_LIMIT_STORE", "redis"),
         ("RATE_LIMIT_REDIS_PREFIX", prefix),
         ("TRUSTED_PROXIES", "127.0.0.1/32"),
         ("READY_CHECK_INTERVAL", "200"),
     ];
     env.extend_from_slice(extra);
-    (0..3).map(|_| Server::process(&env)).collect()
+    let servers = (0..3).map(|_| Server::process(&env)).collect();
+    (bouncer, servers)
 }
 
 fn signal(server: &Server, signal: &str) {
@@ -139,7 +150,7 @@ fn load(base: &str, clients: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinH
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_holds_fleet_wide_through_the_load_balancer() {
     let prefix = tollgate_test_support::unique_prefix("lb");
-    let servers = replicas(&prefix, &[("RATE_LIMIT_IP", "30/min")]);
+    let (_bouncer, servers) = replicas(&prefix, &[("RATE_LIMIT_IP", "30/min")]);
     let caddy = Caddy::start(&servers.iter().collect::<Vec<_>>()).await;
     let http = client();
     let mut allowed = 0;
@@ -166,7 +177,7 @@ async fn a_quota_holds_fleet_wide_through_the_load_balancer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_replica_leaves_without_failures_and_a_killed_one_costs_only_its_in_flight() {
     let prefix = tollgate_test_support::unique_prefix("lb-drain");
-    let mut servers = replicas(
+    let (_bouncer, mut servers) = replicas(
         &prefix,
         &[
             ("RATE_LIMIT_IP", "1000000/min"),
