@@ -77,6 +77,10 @@ load_cpu=$(( cores > 1 ? 1 : 0 ))
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
 plain_env="DATABASE_URL=$MIGRATION_DATABASE_URL TENANT_ID=$TENANT"
 ip_env="RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1"
+# Through scripts/services.sh's PgBouncer (127.0.0.1:6432, transaction mode):
+# requests pooled, no statement cache, LISTEN direct. Rows named
+# "… [pooler]" are compared with the direct tenant route after the table.
+pooler_env="DATABASE_URL=postgres://tollgate_app:tollgate_app@127.0.0.1:6432/tollgate DB_STATEMENT_CACHE=0 DATABASE_DIRECT_URL=$DATABASE_URL"
 # The same stack without the capacity layers: no concurrency policies, no
 # header/body/request deadlines (rows named "… [no capacity layers]" are
 # compared with the row of the same name after the table).
@@ -98,6 +102,8 @@ configs=(
   "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping|"
   "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|$plain_env||/api/v1/items|"
   "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
+  "tenant route, direct, no statement cache [pooler]|server|RATE_LIMIT_STORE=memory $unlimited DB_STATEMENT_CACHE=0|AUTH|/api/v1/items|"
+  "tenant route through PgBouncer (transaction mode) [pooler]|server|RATE_LIMIT_STORE=memory $unlimited $pooler_env|AUTH|/api/v1/items|"
 )
 if [ "$LOADGEN" = oha ]; then
   configs+=(
@@ -250,7 +256,7 @@ for i in "${!configs[@]}"; do
     per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
     non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-    if [[ "$name" == "tenant route, c"* ]]; then
+    if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" ]]; then
         ratio="(see below)"
     elif [ "$path" = /api/v1/items ]; then
         # Database rows compare with the plain transaction, not with ping.
@@ -285,3 +291,27 @@ for i in "${!configs[@]}"; do
             "$(awk -v a="$with" -v b="$without" 'BEGIN { print a / b }')" "$p50_with" "$p50_without"
     done
 done
+
+# Behind a pooler: each "[pooler]" row against the direct tenant route (the
+# statement cache on, straight to Postgres) of the same run.
+direct=$(for i in "${!configs[@]}"; do
+    IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
+    [[ "$name" == "tenant route: token, limits, RLS transaction"* ]] && echo "$i"
+done | head -1)
+if [ -n "$direct" ] && printf '%s\n' "${configs[@]}" | grep -q ' \[pooler\]|'; then
+    direct_rps=$(awk -F'|' -v i="$direct" '$1 == i { print $3 }' "$tmp/results" | median)
+    direct_p50=$(awk -F'|' -v i="$direct" '$1 == i { print $4 }' "$tmp/results" | median)
+    echo
+    echo "| tenant route (c$TENANT_CONNECTIONS) | req/s | × direct with statement cache | p50 ms | × direct p50 |"
+    echo "|---|---|---|---|---|"
+    printf '| direct, statement cache on (the default) | %.0f | 1.00 | %.3f | 1.00 |\n' "$direct_rps" "$direct_p50"
+    for i in "${!configs[@]}"; do
+        IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
+        [[ "$name" == *" [pooler]" ]] || continue
+        rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
+        p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
+        printf '| %s | %.0f | %.2f | %.3f | %.2f |\n' "${name% \[pooler\]}" "$rps" \
+            "$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { print a / b }')" "$p50" \
+            "$(awk -v a="$p50" -v b="$direct_p50" 'BEGIN { print a / b }')"
+    done
+fi
