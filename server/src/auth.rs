@@ -155,8 +155,18 @@ pub struct HashGate {
     admitted: Arc<tokio::sync::Semaphore>,
 }
 
-/// A password to check and where to send the answer.
-type HashJob = (Option<String>, String, tokio::sync::oneshot::Sender<bool>);
+/// A password to check, where to send the answer, and the login's place,
+/// given back by the worker once the job is done (or skipped).
+type HashJob = (
+    Option<String>,
+    String,
+    tokio::sync::oneshot::Sender<bool>,
+    Admitted,
+);
+
+/// The job could not be queued: answered 503, never "wrong password".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashQueueFull;
 
 /// A login's place at the [`HashGate`]: running or queued.
 #[derive(Debug)]
@@ -190,14 +200,21 @@ impl HashGate {
                         // One waiter takes the next job; a poisoned lock
                         // still holds a usable receiver.
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((hash, password, answer)) = job else {
+                        let Ok((hash, password, answer, _place)) = job else {
                             return;
                         };
+                        // A login cancelled while queued (client gone,
+                        // request timeout) still held its place until
+                        // here; its hash is not computed.
+                        if answer.is_closed() {
+                            continue;
+                        }
                         let _ = answer.send(verify_password_with(
                             &mut blocks,
                             hash.as_deref(),
                             &password,
                         ));
+                        // `_place` is released here, after the hash.
                     }
                 });
             if let Err(err) = spawned {
@@ -224,14 +241,24 @@ impl HashGate {
         }
     }
 
-    /// [`verify_password`] on a hashing thread, once one is free.
-    pub async fn verify(&self, _place: &Admitted, hash: Option<String>, password: String) -> bool {
+    /// [`verify_password`] on a hashing thread, once one is free. The
+    /// place travels with the job and is released by the worker when the
+    /// hash is done: a login cancelled meanwhile keeps counting against the
+    /// bound until then, so the queue never holds more jobs than places.
+    pub async fn verify(
+        &self,
+        place: Admitted,
+        hash: Option<String>,
+        password: String,
+    ) -> Result<bool, HashQueueFull> {
         let (answer, verdict) = tokio::sync::oneshot::channel();
-        // Holding a place means there is room in the channel.
-        if self.jobs.try_send((hash, password, answer)).is_err() {
-            return false;
+        // Holding a place means there is room in the channel; if not (the
+        // workers are gone), the login is refused as busy.
+        if self.jobs.try_send((hash, password, answer, place)).is_err() {
+            metrics::counter!(HASH_REJECTED).increment(1);
+            return Err(HashQueueFull);
         }
-        verdict.await.unwrap_or(false)
+        verdict.await.map_err(|_| HashQueueFull)
     }
 }
 
@@ -298,4 +325,62 @@ fn matches_hash(blocks: &mut Vec<argon2::Block>, hash: &str, password: &str) -> 
         .ok()?;
     // `Output`'s equality is constant-time.
     Some(argon2::password_hash::Output::new(&out).ok()? == expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash that keeps the one worker busy for a while (in a debug
+    /// build), so cancelled jobs are still queued when later logins come.
+    fn slow_hash(password: &str) -> String {
+        let params = argon2::Params::new(19_456, 4, 1, None).unwrap();
+        Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_logins_keep_their_place_until_the_worker_is_done() {
+        let gate = HashGate::new(1, 1);
+        let hash = slow_hash("right");
+        // Two logins admitted and cancelled (client gone, request timeout)
+        // while their jobs are queued or running.
+        for _ in 0..2 {
+            let place = gate.admit().expect("a place");
+            let (gate, hash) = (gate.clone(), hash.clone());
+            let login =
+                tokio::spawn(async move { gate.verify(place, Some(hash), "right".into()).await });
+            // Queued (or running) by now, then cancelled.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            login.abort();
+            let _ = login.await;
+        }
+        // Two later logins at once with the right password: admitted only
+        // once a place is free, and then never answered "wrong password".
+        let later: Vec<_> = (0..2)
+            .map(|_| {
+                let (gate, hash) = (gate.clone(), hash.clone());
+                tokio::spawn(async move {
+                    let place = loop {
+                        if let Some(place) = gate.admit() {
+                            break place;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    };
+                    gate.verify(place, Some(hash), "right".into()).await
+                })
+            })
+            .collect();
+        for answer in later {
+            assert_eq!(answer.await.unwrap(), Ok(true));
+        }
+        // A wrong password is still wrong.
+        let place = gate.admit().unwrap();
+        assert_eq!(
+            gate.verify(place, Some(hash), "wrong".into()).await,
+            Ok(false)
+        );
+    }
 }

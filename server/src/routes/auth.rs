@@ -115,7 +115,11 @@ pub async fn login(
     };
     let hash = user.as_ref().map(|(_, _, hash, _)| hash.clone());
     // Argon2 runs on a bounded set of blocking threads.
-    let ok = state.hashing.verify(&place, hash, req.password).await;
+    let ok = state
+        .hashing
+        .verify(place, hash, req.password)
+        .await
+        .map_err(|_| AppError::Busy("too many logins in progress; retry shortly"))?;
     match user {
         Some((sub, tenant, _, trust)) if ok => Ok(Json(TokenResponse {
             access_token: state.tokens.issue(sub, tenant, &trust),
