@@ -294,11 +294,13 @@ done
 
 # Behind a pooler: each "[pooler]" row against the direct tenant route (the
 # statement cache on, straight to Postgres) of the same run.
-direct=$(for i in "${!configs[@]}"; do
+direct= pooled=
+for i in "${!configs[@]}"; do
     IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
-    [[ "$name" == "tenant route: token, limits, RLS transaction"* ]] && echo "$i"
-done | head -1)
-if [ -n "$direct" ] && printf '%s\n' "${configs[@]}" | grep -q ' \[pooler\]|'; then
+    if [[ -z "$direct" && "$name" == "tenant route: token, limits, RLS transaction"* ]]; then direct=$i; fi
+    if [[ "$name" == *" [pooler]" ]]; then pooled=1; fi
+done
+if [ -n "$direct" ] && [ -n "$pooled" ]; then
     direct_rps=$(awk -F'|' -v i="$direct" '$1 == i { print $3 }' "$tmp/results" | median)
     direct_p50=$(awk -F'|' -v i="$direct" '$1 == i { print $4 }' "$tmp/results" | median)
     echo

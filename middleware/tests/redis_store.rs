@@ -39,7 +39,10 @@ proptest! {
         period_ms in 1u64..3_000,
         burst in 1u32..15,
         tenant_count in 1u32..20,
-        steps in proptest::collection::vec((0u8..3, 1u32..20, 0u64..300, any::<bool>()), 1..80),
+        steps in proptest::collection::vec(
+            (0u8..3, 1u32..20, 0u64..300, any::<bool>(), any::<bool>()),
+            1..80,
+        ),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
@@ -54,11 +57,17 @@ proptest! {
                 .local_cache(false)
                 .build()
                 .unwrap();
-            for (key, cost, step_ms, shadow_tenant) in steps {
+            for (key, cost, step_ms, shadow_tenant, twice) in steps {
                 clock.advance(Duration::from_millis(step_ms));
                 let mut tenant = check("tenant", "t", tenant_quota, 1);
                 tenant.enforce = !shadow_tenant;
-                let checks = [check("ip", key.to_string(), quota, cost), tenant];
+                let ip = check("ip", key.to_string(), quota, cost);
+                // Sometimes the same (policy, key) twice in one request: it
+                // is charged twice, one charge after the other.
+                let mut checks = vec![ip.clone(), tenant];
+                if twice {
+                    checks.push(ip);
+                }
                 let expected: Decisions = memory.check(&checks).await.unwrap();
                 let got = redis.check(&checks).await.unwrap();
                 prop_assert_eq!(got, expected);
@@ -66,6 +75,28 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[tokio::test]
+async fn a_key_checked_twice_in_one_request_is_charged_twice() {
+    let clock = ManualClock::new();
+    let memory = MemoryStore::with_clock(clock.clone());
+    let redis = RedisStore::builder(RedisTarget::Single(redis_url()))
+        .prefix(prefix("twice"))
+        .clock(clock.clone())
+        .local_cache(false)
+        .build()
+        .unwrap();
+    let quota = Quota::per_minute(10);
+    let checks = [check("ip", "c", quota, 1), check("ip", "c", quota, 1)];
+    let (mut by_memory, mut by_redis) = (0, 0);
+    for _ in 0..12 {
+        clock.advance(Duration::from_millis(1));
+        by_memory += u32::from(memory.check(&checks).await.unwrap().allowed);
+        by_redis += u32::from(redis.check(&checks).await.unwrap().allowed);
+    }
+    assert_eq!(by_memory, 5, "two units a request, ten in the burst");
+    assert_eq!(by_redis, by_memory);
 }
 
 #[tokio::test]

@@ -14,7 +14,11 @@
 --
 -- A group is decided all-or-nothing: when an enforced check denies, no
 -- check of the group is charged. Groups are decided in order, each seeing
--- what the ones before it charged.
+-- what the ones before it charged. Within a group, checks of one key
+-- (policies of one name) charge it one after the other, as in MemoryStore:
+-- a later check starts from what the earlier ones would charge, and only
+-- the key's last check of the group may lease (so each charge's reported
+-- state stays what a refund of it needs).
 --
 -- Returns now (seconds, nanoseconds), then per group: allowed (1/0), then
 -- per check: allowed, remaining, reset_after (ns), retry_after (ns), units
@@ -39,6 +43,8 @@ for _ = 1, groups do
   local n = tonumber(ARGV[arg])
   arg = arg + 1
   local group_allowed = true
+  -- This group's running value per key, and each key's last check.
+  local RUN, LAST = {}, {}
   for c = 1, n do
     local t = tonumber(ARGV[arg])
     local cap = tonumber(ARGV[arg + 1])
@@ -48,16 +54,25 @@ for _ = 1, groups do
     arg = arg + 5
     local k = names[key]
     key = key + 1
-    local stored = redis.call('GET', k)
-    local base = 0
-    if stored then
-      base = offset(stored)
-      if base < 0 then
-        base = 0
+    local base = RUN[k]
+    if base == nil then
+      base = 0
+      local stored = redis.call('GET', k)
+      if stored then
+        base = offset(stored)
+        if base < 0 then
+          base = 0
+        end
       end
     end
     local new = base + charge
     local allowed = new <= cap
+    if allowed then
+      RUN[k] = new
+    else
+      RUN[k] = base
+    end
+    LAST[k] = c
     if enforce and not allowed then
       group_allowed = false
     end
@@ -70,7 +85,10 @@ for _ = 1, groups do
     if OK[c] and group_allowed then
       -- Charged, with as much of the lease as fits. The key lives exactly
       -- as long as its state matters.
-      local leased = math.min(LEASE[c], math.floor((cap - new) / t))
+      local leased = 0
+      if LAST[K[c]] == c then
+        leased = math.min(LEASE[c], math.floor((cap - new) / t))
+      end
       local stored_new = new + leased * t
       local ms = math.ceil(stored_new / 1000000)
       if ms < 1 then
