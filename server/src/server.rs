@@ -91,6 +91,10 @@ impl Server {
         }
         let state = AppState::new(config, metrics)?;
         prepare_database(&database, &state.pool).await?;
+        // The first round ran while migrations were still under way (its
+        // `migrations` check failed on a fresh database): check again now
+        // rather than one READY_CHECK_INTERVAL later.
+        state.readiness.check_now();
         let metrics_tasks = routes::metrics::spawn(&state, state.config.metrics_addr).await?;
         let mut others = vec![AbortOnDrop(cleanup::spawn(
             state.system_pool.clone(),

@@ -102,6 +102,31 @@ async fn readiness_passes_once_started() {
     assert_eq!(status(&http, server.url("/readyz")).await, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_a_fresh_database_is_ready_once_migrated_not_an_interval_later() {
+    let db = tollgate_test_support::TestDb::create("fresh_ready", "SELECT 1").await;
+    let (app, owner) = (db.app_url(), db.owner_url());
+    // A first round before the migrations ran fails its `migrations` check;
+    // the next scheduled one would come 30 s later.
+    let server = Server::start(&[
+        ("DATABASE_URL", &app),
+        ("MIGRATION_DATABASE_URL", &owner),
+        ("READY_CHECK_INTERVAL", "30s"),
+    ]);
+    let http = client();
+    let started = tokio::time::Instant::now();
+    while status(&http, server.url("/ready")).await != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not ready 3 s after start on a fresh database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("ready {:?} after the server started", started.elapsed());
+    drop(server);
+    db.drop_now().await;
+}
+
 fn sigterm(server: &Server) {
     let status = Command::new("kill")
         .args(["-TERM", &server.pid().to_string()])

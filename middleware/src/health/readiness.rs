@@ -31,6 +31,9 @@ const MISSES_TO_FAIL: u32 = 2;
 #[derive(Clone)]
 pub struct Readiness {
     inner: Arc<Inner>,
+    /// Wakes the background task for a round now (outside `Inner`, so the
+    /// task can wait on it without keeping the readiness alive).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 struct Inner {
@@ -186,8 +189,13 @@ impl ReadinessBuilder {
             report,
             timeout: self.timeout,
         });
-        tokio::spawn(run_checks(Arc::downgrade(&inner), self.interval));
-        Readiness { inner }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(run_checks(
+            Arc::downgrade(&inner),
+            wake.clone(),
+            self.interval,
+        ));
+        Readiness { inner, wake }
     }
 }
 
@@ -204,12 +212,16 @@ impl fmt::Debug for ReadinessBuilder {
     }
 }
 
-/// Runs every check each `interval` until the readiness is dropped.
-async fn run_checks(inner: Weak<Inner>, interval: Duration) {
+/// Runs every check each `interval`, and at once when woken
+/// ([`Readiness::check_now`]), until the readiness is dropped.
+async fn run_checks(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = wake.notified() => tick.reset(),
+        }
         let Some(inner) = inner.upgrade() else { return };
         let previous = inner.report.borrow().clone();
         let mut round = tokio::task::JoinSet::new();
@@ -281,11 +293,18 @@ async fn run_checks(inner: Weak<Inner>, interval: Duration) {
         }
         inner.report.send_replace(Some(reports));
         #[cfg(feature = "metrics")]
-        metrics::gauge!(crate::metrics::READY).set(if (Readiness { inner }).is_ready() {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!(crate::metrics::READY).set(if inner.is_ready() { 1.0 } else { 0.0 });
+    }
+}
+
+impl Inner {
+    fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+            && self.report.borrow().as_ref().is_some_and(|checks| {
+                checks
+                    .iter()
+                    .all(|c| !c.critical || c.status != CheckStatus::Fail)
+            })
     }
 }
 
@@ -304,12 +323,7 @@ impl Readiness {
     /// Whether the process should receive traffic: the first round has
     /// run, every critical check passes, and it is not draining.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining()
-            && self.inner.report.borrow().as_ref().is_some_and(|checks| {
-                checks
-                    .iter()
-                    .all(|c| !c.critical || c.status != CheckStatus::Fail)
-            })
+        self.inner.is_ready()
     }
 
     /// Marks the process as draining: readiness fails from now on, so the
@@ -328,6 +342,14 @@ impl Readiness {
     /// Whether [`drain`](Self::drain) was called.
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Runs a round of checks now instead of at the next interval (or
+    /// right after the round under way), e.g. once start-up work a check
+    /// waits for (migrations) is done, so the process is ready as soon as
+    /// it can be rather than one interval later.
+    pub fn check_now(&self) {
+        self.wake.notify_one();
     }
 
     /// Waits until the first round of checks has finished.
@@ -452,6 +474,30 @@ mod tests {
         );
         r.wait_first_round().await;
         assert!(r.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_now_runs_a_round_without_waiting_for_the_interval() {
+        let (up, check) = switch();
+        up.store(false, Ordering::SeqCst);
+        let r = Readiness::builder()
+            .check("migrations", check)
+            .interval(Duration::from_secs(3600))
+            .start();
+        r.wait_first_round().await;
+        assert!(!r.is_ready(), "the first round failed");
+        up.store(true, Ordering::SeqCst);
+        let asked = tokio::time::Instant::now();
+        r.check_now();
+        next_round(&r).await;
+        assert!(r.is_ready());
+        // Paused time advances only to a timer: the round came at once,
+        // not at the next tick an hour on.
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
