@@ -570,3 +570,61 @@ async fn after_commit_runs_once_the_change_is_visible_and_never_on_rollback() {
         "the hook ran after a rollback"
     );
 }
+
+/// A commit that takes 300 ms: a deferred trigger sleeps at COMMIT for a
+/// note whose body starts with "slow".
+const SLOW_COMMIT: &str = "
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.body LIKE 'slow%' THEN PERFORM pg_sleep(0.3); END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER notes_slow_commit AFTER INSERT ON notes
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_commit_runs_even_when_the_caller_is_dropped_during_commit() {
+    let db = TestDb::create("tenant_dropped_commit", &format!("{SCHEMA}{SLOW_COMMIT}")).await;
+    let pool = pool(&db, 2).await;
+    let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let app = Router::new()
+        .route(
+            "/notes",
+            post(move |mut tx: Tx, body: String| {
+                let ran_tx = ran_tx.clone();
+                async move {
+                    insert(&mut tx, &body).await?;
+                    tx.after_commit(move || {
+                        let _ = ran_tx.send(());
+                    });
+                    Ok::<_, TenantError>(StatusCode::CREATED)
+                }
+            }),
+        )
+        .layer(TenantLayer::new(
+            pool.clone(),
+            FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
+        ));
+    // The caller gives up 100 ms in, while COMMIT (300 ms) is on the wire.
+    let call = app.clone().oneshot(req("POST", "/notes", A, "slow"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err(),
+        "the request finished before the caller gave up"
+    );
+    // The change committed anyway, and its hook ran.
+    tokio::time::timeout(Duration::from_secs(3), ran.recv())
+        .await
+        .expect("a committed change's after-commit hook never ran")
+        .unwrap();
+    let mut tx = tollgate::tenant::begin(&pool, A.parse().unwrap(), Access::ReadOnly)
+        .await
+        .unwrap();
+    let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(notes, 1, "the note did not commit");
+}

@@ -311,9 +311,27 @@ where
                             }
                             return Poll::Ready(Ok(res.map(ResponseBody::inner)));
                         }
-                        (Ok(res), Some(tx)) => State::Finishing {
+                        (Ok(res), Some(tx)) if hooks.is_empty() => State::Finishing {
                             future: Box::pin(finish(tx, res, hooks)),
                         },
+                        // With after-commit hooks, the commit and the hooks
+                        // run in a task of their own: a caller dropped while
+                        // COMMIT is on the wire (client gone, a timeout)
+                        // must not skip the hooks of a change that committed.
+                        (Ok(res), Some(tx)) => {
+                            let finishing = tokio::spawn(finish::<B, E>(tx, res, hooks));
+                            State::Finishing {
+                                future: Box::pin(async move {
+                                    finishing.await.unwrap_or_else(|join| {
+                                        tracing::error!(%join, "tenant transaction commit task failed");
+                                        Ok(problem_response(Problem::new(
+                                            http::StatusCode::INTERNAL_SERVER_ERROR,
+                                            "Commit failed",
+                                        )))
+                                    })
+                                }),
+                            }
+                        }
                     }
                 }
             };
