@@ -54,7 +54,7 @@ pub enum BodyErrors {
     /// Malformed JSON, or a path or query that does not parse.
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(Problem),
-    /// Body over 64 KiB.
+    /// Body over 128 KiB.
     #[response(status = 413, content_type = "application/problem+json")]
     TooLarge(Problem),
     /// Not `application/json`.

@@ -34,7 +34,12 @@ async fn the_server_conforms_to_its_openapi_document() {
                 .current_dir(&workdir)
                 .env("NO_COLOR", "1")
                 .args(["run", &url, "--checks", "all", "--max-examples", "30"])
-                .args(["--phases", "examples,coverage,fuzzing", "--workers", "2"])
+                .args([
+                    "--phases",
+                    "examples,coverage,fuzzing,stateful",
+                    "--workers",
+                    "2",
+                ])
                 // Reproducible runs; a failure prints the case to replay.
                 .args(["--seed", "20261204"])
                 .args(["-H", &format!("Authorization: Bearer {token}")])
@@ -63,6 +68,12 @@ async fn the_server_conforms_to_its_openapi_document() {
             })
             .and_then(|n| n.parse::<u32>().ok())
     };
+    // The stateful phase ran: link-following scenarios (create, then
+    // read, change, delete what was created).
+    assert!(
+        number_after("Scenarios:").is_some_and(|n| n > 0),
+        "{report}"
+    );
     let (selected, tested) = (number_after("Selected:"), number_after("Tested:"));
     assert!(selected.is_some_and(|n| n >= 11), "{report}");
     assert_eq!(tested, selected, "{report}");

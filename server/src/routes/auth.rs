@@ -26,11 +26,16 @@ pub const LOGIN_POOL_KEY: TenantId = TenantId::new(Uuid::nil());
 /// Credentials.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
-    /// The user's e-mail address (case-insensitive), 1 to 254 bytes, no
-    /// NUL.
-    #[schema(example = "ada@example.com", min_length = 1, max_length = 254)]
+    /// The user's e-mail address (case-insensitive), 1 to 254 characters,
+    /// no NUL.
+    #[schema(
+        example = "ada@example.com",
+        min_length = 1,
+        max_length = 254,
+        pattern = r"^[^\x00]*$"
+    )]
     pub email: String,
-    /// The user's password, 1 to 1024 bytes.
+    /// The user's password, 1 to 1024 characters.
     #[schema(
         example = "correct horse battery staple",
         min_length = 1,
@@ -70,16 +75,17 @@ pub async fn login(
 ) -> Result<Json<TokenResponse>, AppError> {
     let Json(req) = payload?;
     let mut errors = Vec::new();
-    if req.email.is_empty() || req.email.len() > 254 {
-        errors.push("email: 1 to 254 bytes".to_owned());
+    // Characters, as the document's maxLength counts them.
+    if req.email.is_empty() || req.email.chars().count() > 254 {
+        errors.push("email: 1 to 254 characters".to_owned());
     }
     // Postgres text cannot hold NUL: a 422, not a database error.
     if req.email.contains('\0') {
         errors.push("email: must not contain NUL (U+0000)".to_owned());
     }
     // Hashing cost grows with the input; bound it.
-    if req.password.is_empty() || req.password.len() > 1024 {
-        errors.push("password: 1 to 1024 bytes".to_owned());
+    if req.password.is_empty() || req.password.chars().count() > 1024 {
+        errors.push("password: 1 to 1024 characters".to_owned());
     }
     if !errors.is_empty() {
         return Err(AppError::Invalid(errors));

@@ -54,19 +54,40 @@ pub struct Item {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemInput {
-    /// 1 to 200 characters, not blank, no NUL.
-    #[schema(example = "First item", min_length = 1, max_length = 200)]
+    /// 1 to 200 characters, not blank (some character other than space,
+    /// tab, CR, LF, VT or FF), no NUL; stored without leading and trailing
+    /// blanks.
+    #[schema(
+        example = "First item",
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00]*[^\x00 \t\n\r\x0b\x0c][^\x00]*$"
+    )]
     pub name: String,
     /// Up to 10 000 characters, no NUL.
     #[serde(default)]
-    #[schema(max_length = 10000)]
+    #[schema(max_length = 10000, pattern = r"^[^\x00]*$")]
     pub body: String,
+}
+
+/// The characters a name may not consist of alone, and is stored without at
+/// either end: the same set as the documented `pattern` (a Unicode notion
+/// of white space differs between the regex engines clients validate with).
+fn blank(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c')
+}
+
+impl ItemInput {
+    /// The name as stored.
+    fn stored_name(&self) -> &str {
+        self.name.trim_matches(blank)
+    }
 }
 
 impl ItemInput {
     fn validate(&self) -> Result<(), AppError> {
         let mut errors = Vec::new();
-        let name = self.name.trim();
+        let name = self.stored_name();
         if name.is_empty() || self.name.chars().count() > NAME_MAX {
             errors.push(format!("name: 1 to {NAME_MAX} characters, not blank"));
         }
@@ -185,7 +206,7 @@ pub async fn create(
         "INSERT INTO items (name, body) VALUES ($1, $2) RETURNING ",
         columns!()
     ))
-    .bind(input.name.trim())
+    .bind(input.stored_name())
     .bind(&input.body)
     .fetch_one(tx.conn().await?)
     .await?;
@@ -253,7 +274,7 @@ pub async fn update(
         columns!()
     ))
     .bind(id)
-    .bind(input.name.trim())
+    .bind(input.stored_name())
     .bind(&input.body)
     .fetch_optional(tx.conn().await?)
     .await?
