@@ -196,8 +196,14 @@ async fn crud_round_trip_and_validation() {
         (http.post(&items).body("name=x"), 415),
         (
             http.post(&items)
-                .json(&json!({ "name": "x", "body": "y".repeat(70 * 1024) })),
+                .json(&json!({ "name": "x", "body": "y".repeat(tollgate_server::BODY_LIMIT) })),
             413,
+        ),
+        // Under the limit but over the document's 10 000 characters: 422.
+        (
+            http.post(&items)
+                .json(&json!({ "name": "x", "body": "y".repeat(70 * 1024) })),
+            422,
         ),
         (http.get(format!("{items}?limit=0")), 422),
         (http.get(format!("{items}?limit=ten")), 400),
