@@ -97,3 +97,9 @@ pub mod singleton;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod tenant;
 pub mod timeout;
+
+/// The repository README's Rust blocks, compiled as doctests, so a change
+/// of API breaks the build rather than the reader who copies them.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
