@@ -484,6 +484,51 @@ async fn unused_leased_units_go_back_when_the_lease_ends() {
 /// the bucket had drained past the lease and another replica charged
 /// since, that charge stays. Time is a manual clock (the scripts use it
 /// too); the quota is one per 10 s with a burst of 10.
+/// `Sharding::Single` on a cluster: lease returns (a script that declares
+/// no key) go to the master of the prefix's slot, not to a random node,
+/// which refused them ("non local key") and kept the units charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_slot_lease_returns_reach_the_owning_master() {
+    let cluster = OwnCluster::start(3);
+    let prefix = prefix("single-return");
+    let mut leases = LeaseConfig::default();
+    leases.policies = vec!["hot".to_owned()];
+    let build = |leases: Option<LeaseConfig>| {
+        let mut builder = RedisStore::builder(RedisTarget::Cluster(cluster.urls()))
+            .prefix(prefix.as_str())
+            .sharding(Sharding::Single);
+        if let Some(leases) = leases {
+            builder = builder.leases(leases);
+        }
+        builder.build().unwrap()
+    };
+    let (leasing, exact) = (build(Some(leases)), build(None));
+    let quota = Quota::per_hour(1000);
+    let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    for key in &keys {
+        let c = [check("hot", key.as_str(), quota, 1)];
+        for _ in 0..20 {
+            assert!(leasing.check(&c).await.unwrap().allowed);
+        }
+    }
+    assert!(leasing.stats().leases >= 10, "{:?}", leasing.stats());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while leasing.stats().lease_units_outstanding > 0 {
+        assert!(Instant::now() < deadline, "{:?}", leasing.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = leasing.stats();
+    assert_eq!(stats.refund_failures, 0, "{stats:?}");
+    for key in &keys {
+        // 20 used, one more now: 979 left of 1000, on every key.
+        let d = exact
+            .check(&[check("hot", key.as_str(), quota, 1)])
+            .await
+            .unwrap();
+        assert_eq!(d.each[0].remaining, 979, "{key}: {stats:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_returned_lease_never_takes_back_a_later_charge() {
     let prefix = prefix("lease-later");

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::cluster::{Node, Topology};
 use super::lease::{Lease, Leases, Return};
-use super::{Job, Lua, Shared, kind_of, unknown};
+use super::{Job, Lua, Shared, is_routing_error, kind_of, unknown};
 use crate::rate_limit::clock::nanos;
 use crate::rate_limit::store::{Decision, Decisions, StoreError, StoreErrorKind};
 
@@ -245,6 +245,15 @@ impl Shared {
                 Ok(Ok(value)) => {
                     node.breaker.success();
                     return Ok(value);
+                }
+                Ok(Err(err)) if is_routing_error(&err) => {
+                    // The node is fine; our slot map is not.
+                    tracing::debug!(%err, node = %node.label, "redis call sent to the wrong node");
+                    self.refresh_soon();
+                    return Err(StoreError::new(
+                        StoreErrorKind::Response,
+                        format!("redis node {}: {err}", node.label),
+                    ));
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(%err, node = %node.label, "redis rate-limit script failed");

@@ -32,8 +32,13 @@ pub(super) struct Node {
     /// metrics.
     pub(super) label: String,
     /// Where to route calls on a cluster; `None` for a single server or
-    /// when every key has one hash tag (the key routes the call).
+    /// when every key has one hash tag (then [`slot`](Self::slot) routes).
     pub(super) address: Option<(String, u16)>,
+    /// On a cluster where every key has one hash tag
+    /// ([`Sharding::Single`](super::Sharding::Single)): that tag's slot,
+    /// whose master gets every call, those that declare no key (refunds,
+    /// lease returns) included.
+    pub(super) slot: Option<u16>,
     pub(super) breaker: Breaker,
 }
 
@@ -42,7 +47,16 @@ impl Node {
         Self {
             label,
             address,
+            slot: None,
             breaker: Breaker::default(),
+        }
+    }
+
+    /// A node whose calls go to the master of `slot`.
+    pub(super) fn owning(label: String, slot: u16) -> Self {
+        Self {
+            slot: Some(slot),
+            ..Self::new(label, None)
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use pin_project_lite::pin_project;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{RedisError, Script};
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
@@ -767,7 +767,10 @@ impl RedisStoreBuilder {
                 let topology = match sharding {
                     // One slot: the key routes each call; one breaker.
                     Sharding::Single => {
-                        Topology::single(Arc::new(Node::new("cluster".to_owned(), None)))
+                        // Every key is `{prefix}:…`: one slot, one master.
+                        let tag = format!("{{{}}}", self.config.prefix);
+                        let slot = cluster::slot_of(tag.as_bytes());
+                        Topology::single(Arc::new(Node::owning("cluster".to_owned(), slot)))
                     }
                     Sharding::Slot => Topology::unknown(),
                 };
@@ -808,6 +811,18 @@ impl RedisStoreBuilder {
 
 fn config_error(err: RedisError) -> StoreError {
     StoreError::new(StoreErrorKind::Connection, err)
+}
+
+/// Whether `err` says the call went to a node that does not own (all) its
+/// keys: a slot moved (`MOVED`, `ASK`, `TRYAGAIN` during a migration,
+/// `CROSSSLOT`) or a script touched a key another node owns. The slot map
+/// is stale, the node is healthy: not a failure for its breaker.
+fn is_routing_error(err: &RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, CrossSlot, Moved, TryAgain};
+    matches!(
+        err.kind(),
+        redis::ErrorKind::Server(Moved | Ask | TryAgain | CrossSlot)
+    ) || err.to_string().contains("non local key")
 }
 
 fn kind_of(err: &RedisError) -> StoreErrorKind {
@@ -923,20 +938,20 @@ impl Shared {
             Conn::Single(manager) => cmd.query_async(&mut manager.clone()).await,
             Conn::Cluster(cluster) => {
                 let mut conn = cluster.get().await?;
-                match &node.address {
-                    Some((host, port)) => {
-                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        });
-                        // Routed commands hand a server's error back as a
-                        // value.
-                        conn.route_command(cmd.clone(), route)
-                            .await?
-                            .extract_error()
+                let route = match (&node.address, node.slot) {
+                    (Some((host, port)), _) => SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    },
+                    (None, Some(slot)) => {
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))
                     }
-                    None => cmd.query_async(&mut conn).await,
-                }
+                    (None, None) => return cmd.query_async(&mut conn).await,
+                };
+                // Routed commands hand a server's error back as a value.
+                conn.route_command(cmd.clone(), RoutingInfo::SingleNode(route))
+                    .await?
+                    .extract_error()
             }
         }
     }
