@@ -466,6 +466,7 @@ impl Shared {
                         name: job.keys[c].clone(),
                         t: args[0],
                         left,
+                        capacity: args[1],
                     })
                 },
             );

@@ -101,6 +101,11 @@ pub(super) struct Lease {
     pub(super) name: String,
     pub(super) t: u64,
     pub(super) left: (u64, u64),
+    /// The capacity (ns) of the quota the units were granted under: with
+    /// `t`, the quota. A request under another quota of the same key (a
+    /// quota chosen per request) is not decided from this lease: a unit
+    /// of a larger quota may be worth less than one of a smaller.
+    pub(super) capacity: u64,
 }
 
 /// Unused units to give back to Redis.
@@ -194,10 +199,17 @@ impl Leases {
         if units < 2 { 0 } else { units }
     }
 
-    /// Takes `cost` units of the key's lease, if it has them.
-    pub(super) fn take(&self, key: &(u32, Key), cost: u64, now: u64) -> Option<(u64, u64)> {
+    /// Takes `cost` units of the key's lease, if it has them and was
+    /// granted under the request's quota (`t` ns per unit, `capacity` ns).
+    pub(super) fn take(
+        &self,
+        key: &(u32, Key),
+        cost: u64,
+        (t, capacity): (u64, u64),
+        now: u64,
+    ) -> Option<(u64, u64)> {
         let mut lease = self.held.get_mut(key)?;
-        if lease.ends <= now || lease.units < cost {
+        if lease.ends <= now || lease.units < cost || lease.t != t || lease.capacity != capacity {
             return None;
         }
         lease.units -= cost;
@@ -241,6 +253,7 @@ impl Leases {
                 name: String::new(),
                 t: 0,
                 left: (0, 0),
+                capacity: 0,
             },
         );
         true
@@ -250,11 +263,18 @@ impl Leases {
     /// `now + duration`. What an earlier lease of the key still held goes
     /// back.
     pub(super) fn settle(&self, key: &(u32, Key), granted: Option<Lease>, now: u64) {
+        let granted = granted.filter(|g| g.units > 0);
         let Some(mut lease) = self.held.get_mut(key) else {
+            // The sweep forgot the request (it outlived `stale_after`):
+            // nothing will hand these units out, so they go back now
+            // rather than stay charged until they drain.
+            if let Some(mut late) = granted {
+                self.queue_return(&mut late);
+            }
             return;
         };
         lease.pending_since = None;
-        let Some(new) = granted.filter(|g| g.units > 0) else {
+        let Some(new) = granted else {
             return;
         };
         if lease.units > 0 {
@@ -265,10 +285,15 @@ impl Leases {
         *lease = Lease { ends, ..new };
     }
 
-    /// Moves a lease's unused units to the return queue.
+    /// Moves a held lease's unused units to the return queue.
     fn give_back(&self, lease: &mut Lease) {
+        self.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
+        self.queue_return(lease);
+    }
+
+    /// Queues a lease's units to go back to Redis.
+    fn queue_return(&self, lease: &mut Lease) {
         let units = std::mem::take(&mut lease.units);
-        self.outstanding.fetch_sub(units, Ordering::Relaxed);
         self.returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -336,5 +361,69 @@ mod tests {
         }
         assert!(leases.sweep(1, 0).is_empty());
         assert_eq!(leases.held.len(), 0);
+    }
+
+    fn leases() -> (Leases, (u32, Key)) {
+        let leases = Leases::new(LeaseConfig {
+            policies: vec!["hot".to_owned()],
+            ..LeaseConfig::default()
+        })
+        .unwrap();
+        let key = (
+            crate::rate_limit::PolicyName::new("hot").id(),
+            Key::from("k"),
+        );
+        (leases, key)
+    }
+
+    fn grant(units: u64, t: u64, capacity: u64) -> Lease {
+        Lease {
+            units,
+            ends: 0,
+            reset_at: 0,
+            pending_since: None,
+            name: "tollgate:{3:hot:k}".to_owned(),
+            t,
+            left: (1, 0),
+            capacity,
+        }
+    }
+
+    /// A grant that arrives after the sweep forgot its request goes back,
+    /// not nowhere (its units were charged in Redis).
+    #[test]
+    fn a_grant_settled_after_its_request_was_swept_is_given_back() {
+        let (leases, key) = leases();
+        assert!(leases.start_request(&key, 0, 10));
+        // The request outlives `stale_after`: the sweep drops its entry.
+        assert!(leases.sweep(100, 10).is_empty());
+        assert!(leases.held.is_empty());
+        leases.settle(&key, Some(grant(5, 1000, 100_000)), 100);
+        let returns = leases.sweep(101, 10);
+        assert_eq!(returns.len(), 1);
+        assert_eq!((returns[0].units, returns[0].charge), (5, 5000));
+        assert_eq!(leases.outstanding.load(Ordering::Relaxed), 0);
+    }
+
+    /// Units granted under one quota are not spent by a request of the same
+    /// key under another (per-request quotas): a unit of the larger quota
+    /// is worth less of the smaller one's allowance.
+    #[test]
+    fn a_lease_serves_only_requests_of_the_quota_it_was_granted_under() {
+        let (leases, key) = leases();
+        assert!(leases.start_request(&key, 0, 10));
+        leases.settle(&key, Some(grant(5, 1000, 100_000)), 0);
+        assert!(
+            leases.take(&key, 1, (4000, 100_000), 1).is_none(),
+            "a slower quota"
+        );
+        assert!(
+            leases.take(&key, 1, (1000, 10_000), 1).is_none(),
+            "a smaller burst"
+        );
+        assert_eq!(
+            leases.take(&key, 1, (1000, 100_000), 1).map(|(u, _)| u),
+            Some(4)
+        );
     }
 }

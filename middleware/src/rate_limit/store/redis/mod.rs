@@ -481,8 +481,10 @@ impl RedisStore {
             }
             let key = (id, check.key.clone());
             let seen = leases.seen(&key, now);
+            let gcra = check.quota.gcra();
             if local {
-                if let Some((units, reset)) = leases.take(&key, u64::from(check.cost), now) {
+                let quota = (gcra.interval(), gcra.capacity());
+                if let Some((units, reset)) = leases.take(&key, u64::from(check.cost), quota, now) {
                     taken.push(i);
                     each.push(Decision {
                         allowed: true,
@@ -494,7 +496,6 @@ impl RedisStore {
                 }
                 local = false;
             }
-            let gcra = check.quota.gcra();
             let units = leases.units_for(seen, gcra.capacity() / gcra.interval());
             if units > 0 && leases.start_request(&key, now, stale_after) {
                 lease[i] = units;
