@@ -337,3 +337,143 @@ async fn a_stalled_master_delays_other_keys_by_at_most_the_timeout() {
     }
     cluster.nodes[2].signal("-CONT");
 }
+
+/// A slot moved while requests run (`CLUSTER SETSLOT … IMPORTING/MIGRATING`,
+/// `MIGRATE`, `SETSLOT … NODE`): a call charges all it was sent or nothing,
+/// a stale slot map is read again and the request retried, decisions stay
+/// the memory store's, no key is charged for a request answered with an
+/// error, and no breaker opens: the nodes were healthy all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_under_load_charges_nothing_twice_and_nothing_for_errors() {
+    let cluster = OwnCluster::start(3);
+    let prefix = prefix("migrate");
+    let clock = ManualClock::new();
+    let store = RedisStore::builder(RedisTarget::Cluster(cluster.urls()))
+        .prefix(prefix.as_str())
+        .clock(clock.clone())
+        .local_cache(false)
+        .timeout(Duration::from_secs(1))
+        // One call at a time, so concurrent requests share script calls.
+        .max_in_flight(1)
+        .build()
+        .unwrap();
+    let memory = MemoryStore::with_clock(clock.clone());
+    let (from, to, other) = (0, 1, 2);
+    let moving = key_on(&cluster, &prefix, "ip", from);
+    let steady = key_on(&cluster, &prefix, "tenant", other);
+    let moving_name = key_name(&prefix, "ip", &moving);
+    let slot = cluster.nodes[from].cli(&["cluster", "keyslot", &moving_name]);
+    let slot = slot.trim();
+    let id = |n: usize| cluster.nodes[n].cli(&["cluster", "myid"]).trim().to_owned();
+    let quota = Quota::per_hour(100);
+    let checks = [
+        check("ip", moving.as_str(), quota, 1),
+        check("tenant", steady.as_str(), quota, 1),
+    ];
+    let mut errors = 0;
+    let step = |n: usize| {
+        let (store, memory, checks) = (&store, &memory, &checks);
+        async move {
+            let mut errors = 0;
+            for _ in 0..n {
+                match store.check(checks).await {
+                    Ok(got) => assert_eq!(got, memory.check(checks).await.unwrap()),
+                    // Answered with an error: nothing charged, in Redis as
+                    // in the model.
+                    Err(_) => errors += 1,
+                }
+            }
+            errors
+        }
+    };
+
+    // Load on other keys of every master meanwhile: none of it may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (store, stop, prefix) = (store.clone(), stop.clone(), prefix.clone());
+        let keys: Vec<String> = (0..3)
+            .map(|n| key_on(&cluster, &prefix, "load", n))
+            .collect();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for key in &keys {
+                    match store
+                        .check(&[check("load", key.as_str(), Quota::per_second(1_000_000), 1)])
+                        .await
+                    {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    errors += step(3).await;
+    cluster.nodes[to].cli(&["cluster", "setslot", slot, "importing", &id(from)]);
+    cluster.nodes[from].cli(&["cluster", "setslot", slot, "migrating", &id(to)]);
+    // The key is still on its old master: served there.
+    errors += step(2).await;
+    let port = cluster.nodes[to].port.to_string();
+    let migrated = cluster.nodes[from].cli(&[
+        "migrate",
+        "127.0.0.1",
+        &port,
+        "",
+        "0",
+        "5000",
+        "keys",
+        &moving_name,
+    ]);
+    assert!(migrated.contains("OK"), "MIGRATE: {migrated}");
+    // Moved, but the slot is still the old master's: the request cannot be
+    // decided there (the retry meets the same), so it is answered with an
+    // error, and the other key's charge is given back. A request of another
+    // key of that master, sent at the same time (often in the same script
+    // call), is decided and charged exactly once.
+    let neighbour = [check(
+        "auth",
+        key_on(&cluster, &prefix, "auth", from).as_str(),
+        quota,
+        1,
+    )];
+    let mut during = 0;
+    for i in 0..4 {
+        // Both orders within a call: the moved key's group first, then last.
+        let (moved, beside) = if i % 2 == 0 {
+            tokio::join!(store.check(&checks), store.check(&neighbour))
+        } else {
+            let (beside, moved) = tokio::join!(store.check(&neighbour), store.check(&checks));
+            (moved, beside)
+        };
+        match moved {
+            Ok(got) => assert_eq!(got, memory.check(&checks).await.unwrap()),
+            Err(_) => during += 1,
+        }
+        assert_eq!(beside.unwrap(), memory.check(&neighbour).await.unwrap());
+    }
+    assert!(during > 0, "a request touching a migrated key was decided");
+    errors += during;
+    for node in &cluster.nodes {
+        node.cli(&["cluster", "setslot", slot, "node", &id(to)]);
+    }
+    // The store's map is stale: MOVED, re-read, retried on the new master.
+    let after = step(5).await;
+    assert_eq!(after, 0, "requests failed after the slot had moved");
+    eprintln!("{errors} requests answered with an error while the key's slot moved");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "other keys failed during the migration");
+    // Healthy nodes: no breaker opened, nothing short-circuited.
+    assert_eq!(store.stats().short_circuited, 0, "{:?}", store.stats());
+    assert!(store.ping().await.is_ok());
+    // Every key holds exactly the charges of the requests decided.
+    let d = store.check(&checks).await.unwrap();
+    assert_eq!(d, memory.check(&checks).await.unwrap());
+    let d = store.check(&neighbour).await.unwrap();
+    assert_eq!(d, memory.check(&neighbour).await.unwrap());
+}

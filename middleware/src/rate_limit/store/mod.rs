@@ -118,6 +118,11 @@ pub enum StoreErrorKind {
     Connection,
     /// The store answered with an error.
     Response,
+    /// A key was not where the store's map of a Redis Cluster said
+    /// (`MOVED`, `ASK`, a script touching a key another node owns): a slot
+    /// is being moved. The store re-reads the map and tries once more
+    /// before it reports this.
+    Moved,
 }
 
 impl StoreErrorKind {
@@ -127,6 +132,7 @@ impl StoreErrorKind {
             Self::Timeout => "timeout",
             Self::Connection => "connection",
             Self::Response => "response",
+            Self::Moved => "moved",
         }
     }
 }

@@ -89,7 +89,15 @@ struct Granted {
 }
 
 impl Shared {
-    pub(super) async fn run_batch(self: &Arc<Self>, mut batch: Vec<Job>) {
+    pub(super) fn run_batch(
+        self: &Arc<Self>,
+        batch: Vec<Job>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        // Boxed: a batch whose slot moved runs its retry as a batch.
+        Box::pin(self.run_batch_inner(batch))
+    }
+
+    async fn run_batch_inner(self: &Arc<Self>, mut batch: Vec<Job>) {
         self.stats
             .requests_sent
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -130,6 +138,7 @@ impl Shared {
                 async move { (p, call.await) }
             })
             .collect();
+        let mut again = Vec::new();
         while let Some((p, answer)) = calls.next().await {
             let part = &parts[p];
             match answer {
@@ -147,10 +156,55 @@ impl Shared {
                     complete.push(*j);
                 }
             }
+            // What other nodes charged for a request that failed anywhere
+            // goes back first, so a retry starts from nothing charged.
             self.refund(&topology, &parts, &batch, &mut verdicts, &complete)
                 .await;
+            // A request that met a moved slot (and no denial) is sent again,
+            // once, after the slot map is read again.
+            complete.retain(|&j| {
+                let verdict = &verdicts[j];
+                let moved = !verdict.denied
+                    && !batch[j].retried
+                    && verdict
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.kind() == StoreErrorKind::Moved);
+                if moved {
+                    again.push(j);
+                }
+                !moved
+            });
             self.deliver(&batch, &mut verdicts, &mut replies, &complete);
         }
+        drop(calls);
+        if again.is_empty() {
+            return;
+        }
+        // With one slot the cluster client routes by slot and follows
+        // `MOVED` itself; with slot sharding the map is ours to re-read.
+        if self.config.sharding == super::Sharding::Slot {
+            if let Err(err) = self.refresh_topology().await {
+                tracing::debug!(%err, "cannot read the redis cluster's slot map");
+            }
+        }
+        let retry: Vec<Job> = again
+            .into_iter()
+            .filter_map(|j| {
+                let reply = replies[j].take().filter(|r| !r.is_closed())?;
+                let job = &batch[j];
+                Some(Job {
+                    keys: job.keys.clone(),
+                    args: job.args.clone(),
+                    cache_keys: job.cache_keys.clone(),
+                    reply: Some(reply),
+                    retried: true,
+                })
+            })
+            .collect();
+        // Each on its own: a request whose key is still in flight between
+        // masters must not fail the others a shared call would hold.
+        join_all(retry.into_iter().map(|job| self.run_batch(vec![job]))).await;
     }
 
     /// One script call deciding `part`'s groups on `node`, within the
@@ -247,13 +301,11 @@ impl Shared {
                     return Ok(value);
                 }
                 Ok(Err(err)) if is_routing_error(&err) => {
-                    // The node is fine; our slot map is not.
                     tracing::debug!(%err, node = %node.label, "redis call sent to the wrong node");
-                    self.refresh_soon();
-                    return Err(StoreError::new(
-                        StoreErrorKind::Response,
+                    StoreError::new(
+                        StoreErrorKind::Moved,
                         format!("redis node {}: {err}", node.label),
-                    ));
+                    )
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(%err, node = %node.label, "redis rate-limit script failed");
@@ -274,7 +326,12 @@ impl Shared {
             "kind" => error.kind().as_str()
         )
         .increment(1);
-        self.node_failed(node);
+        if error.kind() == StoreErrorKind::Moved {
+            // The node is fine; our slot map is not.
+            self.refresh_soon();
+        } else {
+            self.node_failed(node);
+        }
         Err(error)
     }
 

@@ -36,6 +36,33 @@ local arg = 4 + named
 local groups = tonumber(ARGV[arg])
 arg = arg + 1
 
+-- Every key is read before any is written: a key this node does not own
+-- (its slot is being moved) fails the script here, before anything is
+-- charged, so a call charges all it was sent or nothing. OFF: each key's
+-- stored state as ns after now (0 when absent or past), kept current as
+-- groups charge.
+local OFF = {}
+do
+  local count = named
+  if named == 0 then
+    count = #KEYS
+  end
+  for i = key, key + count - 1 do
+    local k = names[i]
+    if OFF[k] == nil then
+      local base = 0
+      local stored = redis.call('GET', k)
+      if stored then
+        base = offset(stored)
+        if base < 0 then
+          base = 0
+        end
+      end
+      OFF[k] = base
+    end
+  end
+end
+
 local out = { now_s, now_ns }
 -- Per check of the current group, reused across groups: no table per check.
 local K, T, CAP, CHARGE, BASE, NEW, OK, LEASE = {}, {}, {}, {}, {}, {}, {}, {}
@@ -56,14 +83,7 @@ for _ = 1, groups do
     key = key + 1
     local base = RUN[k]
     if base == nil then
-      base = 0
-      local stored = redis.call('GET', k)
-      if stored then
-        base = offset(stored)
-        if base < 0 then
-          base = 0
-        end
-      end
+      base = OFF[k]
     end
     local new = base + charge
     local allowed = new <= cap
@@ -95,6 +115,7 @@ for _ = 1, groups do
         ms = 1
       end
       redis.call('SET', K[c], encode(stored_new), 'PX', ms)
+      OFF[K[c]] = stored_new
       out[#out + 1] = 1
       out[#out + 1] = math.floor((cap - new) / t)
       out[#out + 1] = new

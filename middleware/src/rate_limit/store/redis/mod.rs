@@ -320,6 +320,8 @@ struct Job {
     cache_keys: SmallVec<[(u32, Key); 2]>,
     /// Taken when the request is answered.
     reply: Option<oneshot::Sender<Result<Decisions, StoreError>>>,
+    /// Sent again after a slot moved under it (once).
+    retried: bool,
 }
 
 // === impl RedisStore ===
@@ -613,6 +615,7 @@ impl Store for RedisStore {
                 .map(|c| (c.policy.id(), c.key.clone()))
                 .collect(),
             reply: Some(reply),
+            retried: false,
         };
         if self.jobs.try_send(job).is_err() {
             return RedisFuture::ready(Err(StoreError::new(
