@@ -6,19 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, client, login, metric, metric_present, seed_tenant};
+use common::{Server, cleanup_cycles, client, login, seed_tenant, singleton_runs_without_failures};
 use serde_json::json;
 use sqlx::PgPool;
 use tollgate_test_support::TestDb;
-
-async fn cycles(pool: &PgPool) -> Vec<(i64, String)> {
-    sqlx::query_as(
-        "SELECT cycle, origin FROM tollgate_singleton_runs WHERE job = 'cleanup' ORDER BY cycle",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_per_cycle_and_the_others_take_over_from_a_killed_one() {
@@ -71,23 +62,16 @@ async fn one_replica_per_cycle_and_the_others_take_over_from_a_killed_one() {
     );
 
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let before = cycles(&pool).await;
+    let before = cleanup_cycles(&pool).await;
     assert!(before.len() >= 4, "{before:?}");
     for pair in before.windows(2) {
         assert!(pair[1].0 - pair[0].0 <= 2, "cycles ran nowhere: {before:?}");
     }
     // The job body ran exactly once per recorded cycle: a second run of a
     // cycle would fail to record it (primary key) and count a failure.
-    let rows_before = cycles(&pool).await.len() as f64;
-    let mut runs = 0.0;
-    for server in &servers {
-        runs += metric(&http, server, "tollgate_singleton_runs_total").await;
-        assert_eq!(
-            metric_present(&http, server, "tollgate_singleton_failures_total").await,
-            0.0
-        );
-    }
-    let rows_after = cycles(&pool).await.len() as f64;
+    let rows_before = cleanup_cycles(&pool).await.len() as f64;
+    let runs = singleton_runs_without_failures(&http, &servers).await;
+    let rows_after = cleanup_cycles(&pool).await.len() as f64;
     assert!(
         rows_before - 1.0 <= runs && runs <= rows_after,
         "{runs} runs for {rows_before}..{rows_after} recorded cycles"
@@ -110,9 +94,9 @@ async fn one_replica_per_cycle_and_the_others_take_over_from_a_killed_one() {
     let mut killed = servers.remove(victim);
     killed.child().kill().unwrap();
     killed.child().wait().unwrap();
-    let killed_at = cycles(&pool).await.last().unwrap().0;
+    let killed_at = cleanup_cycles(&pool).await.last().unwrap().0;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let after: Vec<_> = cycles(&pool)
+    let after: Vec<_> = cleanup_cycles(&pool)
         .await
         .into_iter()
         .filter(|(cycle, _)| *cycle > killed_at)

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Server, client, login, metric, metric_present, seed_tenant, user_id};
+use common::{
+    Server, cleanup_cycles, client, login, metric, seed_tenant, singleton_runs_without_failures,
+    trust_quota, user_id,
+};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
@@ -290,26 +293,6 @@ async fn setting(conn: &mut sqlx::PgConnection) -> Result<Option<String>, String
         .map_err(|e| e.to_string())
 }
 
-/// The trust quota `server` applies to `token` now (from `RateLimit-Policy`).
-async fn trust_quota(http: &reqwest::Client, server: &Server, token: &str) -> String {
-    let res = http
-        .get(server.url("/api/v1/items"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let policy = res.headers()["ratelimit-policy"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    policy
-        .split(", ")
-        .find(|p| p.starts_with("\"trust\""))
-        .and_then(|p| p.split(';').nth(1))
-        .unwrap_or("none")
-        .to_owned()
-}
-
 /// How long until every server in `servers` applies quota `q`, polling
 /// every 20 ms for at most `within`; `None` past it.
 async fn applied_everywhere(
@@ -461,24 +444,12 @@ async fn three_replicas_through_one_pgbouncer() {
 
     // The cleanup job: one replica per cycle, each run recorded once.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let cycles: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT cycle, origin FROM tollgate_singleton_runs WHERE job = 'cleanup' ORDER BY cycle",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let cycles = cleanup_cycles(&pool).await;
     assert!(cycles.len() >= 4, "{cycles:?}");
     for pair in cycles.windows(2) {
         assert!(pair[1].0 - pair[0].0 <= 2, "cycles ran nowhere: {cycles:?}");
     }
-    let mut runs = 0.0;
-    for server in &servers {
-        runs += metric(&http, server, "tollgate_singleton_runs_total").await;
-        assert_eq!(
-            metric_present(&http, server, "tollgate_singleton_failures_total").await,
-            0.0
-        );
-    }
+    let runs = singleton_runs_without_failures(&http, &servers).await;
     let recorded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tollgate_singleton_runs WHERE job = 'cleanup'")
             .fetch_one(&pool)

@@ -51,24 +51,9 @@ fn with_quotas<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     QUOTAS.iter().chain(extra).copied().collect()
 }
 
-/// The trust quota `server` applies to `token` now (from `RateLimit-Policy`).
+/// The trust quota `server` applies to `token` now.
 async fn trust_quota(server: &Server, token: &str) -> String {
-    let res = client()
-        .get(server.url("/api/v1/items"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let policy = res.headers()["ratelimit-policy"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    policy
-        .split(", ")
-        .find(|p| p.starts_with("\"trust\""))
-        .and_then(|p| p.split(';').nth(1))
-        .unwrap_or("none")
-        .to_owned()
+    common::trust_quota(&client(), server, token).await
 }
 
 async fn downgrade(fleet: &Fleet) {

@@ -317,6 +317,51 @@ async fn series(http: &reqwest::Client, server: &Server, metric: &str, labels: &
         .collect()
 }
 
+/// The trust quota `server` applies to `token` now: the `q=…` of the
+/// `"trust"` item of `RateLimit-Policy` on a read.
+pub async fn trust_quota(http: &reqwest::Client, server: &Server, token: &str) -> String {
+    let res = http
+        .get(server.url("/api/v1/items"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let policy = res.headers()["ratelimit-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    policy
+        .split(", ")
+        .find(|p| p.starts_with("\"trust\""))
+        .and_then(|p| p.split(';').nth(1))
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// The cleanup job's recorded cycles, oldest first: (cycle, origin).
+pub async fn cleanup_cycles(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
+    sqlx::query_as(
+        "SELECT cycle, origin FROM tollgate_singleton_runs WHERE job = 'cleanup' ORDER BY cycle",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Singleton runs counted by every server's `/metrics`, each server having
+/// counted no failure.
+pub async fn singleton_runs_without_failures(http: &reqwest::Client, servers: &[Server]) -> f64 {
+    let mut runs = 0.0;
+    for server in servers {
+        runs += metric(http, server, "tollgate_singleton_runs_total").await;
+        assert_eq!(
+            metric_present(http, server, "tollgate_singleton_failures_total").await,
+            0.0
+        );
+    }
+    runs
+}
+
 /// A file of the repository.
 pub fn repo_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
