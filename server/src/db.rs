@@ -197,3 +197,45 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<(), String> {
         None => Err(format!("no migration applied, this build needs {latest}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database(vars: &[(&str, &str)]) -> DatabaseConfig {
+        DatabaseConfig::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_declared_pooler_without_a_direct_url_names_what_falls_back() {
+        // Direct (the default cache): nothing to say.
+        assert!(pooler_fallbacks(&database(&[]), true).is_empty());
+        let pooled = database(&[("DB_STATEMENT_CACHE", "0")]);
+        let said = pooler_fallbacks(&pooled, true);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("TRUST_CACHE_TTL") && said[1].contains("MIGRATION_DATABASE_URL"));
+        // Without the listener, or with migrations elsewhere: less to say.
+        assert_eq!(pooler_fallbacks(&pooled, false).len(), 1);
+        let migrated = database(&[
+            ("DB_STATEMENT_CACHE", "0"),
+            ("MIGRATION_DATABASE_URL", "postgres://o@db/t"),
+        ]);
+        assert_eq!(pooler_fallbacks(&migrated, true).len(), 1);
+        // A direct URL: nothing falls back.
+        let direct = database(&[
+            ("DB_STATEMENT_CACHE", "0"),
+            ("DATABASE_DIRECT_URL", "postgres://a@db/t"),
+        ]);
+        assert!(pooler_fallbacks(&direct, true).is_empty());
+        assert_eq!(
+            direct_options(&direct).unwrap().get_host(),
+            "db",
+            "LISTEN on the direct URL"
+        );
+    }
+}
