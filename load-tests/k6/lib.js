@@ -1,6 +1,6 @@
 // Shared by the k6 scripts: the target, login, and JSON helpers.
 import http from 'k6/http';
-import { check } from 'k6';
+import { check, sleep } from 'k6';
 
 export const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 export const PASSWORD = __ENV.K6_PASSWORD || 'k6-password-123';
@@ -12,11 +12,21 @@ export function jsonHeaders(token) {
 }
 
 // Logs in user `k6-user-<n>@example.com` (made by seed.sh) and returns its
-// token, or null.
+// token, or null. A 503 is the server bounding password hashing (many users
+// logging in at once, AUTH_HASH_QUEUE): the user waits its Retry-After and
+// tries again on its next round, as a well-behaved client does.
 export function login(n) {
   const res = http.post(`${BASE}/auth/login`,
     JSON.stringify({ email: `k6-user-${n}@example.com`, password: PASSWORD }),
-    Object.assign(jsonHeaders(), { tags: { name: 'login' } }));
+    Object.assign(jsonHeaders(), {
+      tags: { name: 'login' },
+      responseCallback: http.expectedStatuses(200, 503),
+    }));
+  if (res.status === 503) {
+    check(res, { 'busy login says when to retry': (r) => Number(r.headers['Retry-After']) >= 1 });
+    sleep(Number(res.headers['Retry-After']) || 1);
+    return null;
+  }
   check(res, { 'login 200': (r) => r.status === 200 });
   return res.status === 200 ? res.json('access_token') : null;
 }
