@@ -13,8 +13,10 @@ use tollgate_test_support::TestDb;
 
 /// The password `load-tests/k6/lib.js` logs in with.
 const K6_PASSWORD: &str = "k6-password-123";
-/// Users the tenant scripts run (each of its own tenant, as seed.sh makes).
-const USERS: usize = 4;
+/// Users the tenant scripts run (each of its own tenant, as seed.sh makes):
+/// more than the hashing gate admits at once on two cores (2 workers + 8
+/// queued), so some first logins are answered 503 and retried.
+const USERS: usize = 12;
 
 /// What `load-tests/k6/seed.sh` creates: user `k6-user-<n>@example.com` of
 /// tenant n, trust level `trusted`.
