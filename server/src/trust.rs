@@ -311,7 +311,9 @@ impl TrustLevels {
             tracing::warn!(payload, "malformed trust notification");
             return;
         };
-        if origin == self.origin.to_string() {
+        // Our own messages, and every listener's delivery probe (each
+        // replica's reaches all the others): nothing to drop.
+        if origin == self.origin.to_string() || user.starts_with(PROBE_PREFIX) {
             return;
         }
         match user.parse::<Uuid>() {
@@ -391,6 +393,9 @@ pub async fn current_trust(
     next.run(req).await
 }
 
+/// What a listener's delivery probe carries after its origin.
+const PROBE_PREFIX: &str = "probe-";
+
 /// How long the listener waits for its own probe message before it
 /// concludes that its connection cannot receive notifications.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -421,7 +426,7 @@ pub fn spawn_listener(
         let mut probes = 0u64;
         loop {
             probes += 1;
-            let probe = format!("{}:probe-{probes}", trust.origin);
+            let probe = format!("{}:{PROBE_PREFIX}{probes}", trust.origin);
             match listen(&pool, &trust, &probe).await {
                 Ok(Some(mut listener)) => {
                     metrics::gauge!(LISTENER_CONNECTED).set(1.0);

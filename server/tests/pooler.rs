@@ -483,6 +483,15 @@ async fn three_replicas_through_one_pgbouncer() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 100, "only {ok} reads");
+    // Each replica's delivery probe reached the others too: not a warning.
+    for server in &servers {
+        let lines = server.stdout_lines();
+        let warned: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("malformed trust notification"))
+            .collect();
+        assert!(warned.is_empty(), "{warned:?}");
+    }
     drop(servers);
     pool.close().await;
     db.drop_now().await;
