@@ -59,14 +59,7 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (make test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port, "redis-server");
         Self { child, port }
     }
 
@@ -199,6 +192,16 @@ impl OwnRedis {
     }
 }
 
+/// Waits (at most 5 s) until something accepts connections on loopback
+/// `port`; panics naming `what` after that.
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A port nothing listens on right now.
 ///
 /// # Panics
@@ -273,14 +276,7 @@ impl OwnPgBouncer {
             .stderr(Stdio::null())
             .spawn()
             .expect("bash scripts/pgbouncer.sh");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not start on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port, "pgbouncer");
         Self { child, port, dir }
     }
 
