@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::headers::{QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY};
+use super::headers::{QUOTA_EXCEEDED, RATELIMIT, RATELIMIT_POLICY, syntax};
 use super::{Key, KeyExtractor, PolicyName};
 use crate::body::ResponseBody;
 use crate::problem::Problem;
@@ -67,7 +67,7 @@ impl ConcurrencyPolicy {
 /// policy bounds that per key (tenant, subject, client IP: any
 /// [`KeyExtractor`]): the request over the limit is answered `429` at
 /// once, with `Retry-After: 1` and, in the form of
-/// draft-ietf-httpapi-ratelimit-headers-10, a `RateLimit-Policy` item whose
+/// draft-ietf-httpapi-ratelimit-headers-11, a `RateLimit-Policy` item whose
 /// quota unit is `qu="concurrent-requests"`.
 ///
 /// A request's slots are taken all-or-nothing across the layer's policies
@@ -327,18 +327,20 @@ impl<S> ConcurrencyLimit<S> {
     /// The 429 for the policies in `full`.
     fn rejection(&self, full: &[usize]) -> Response<Bytes> {
         let mut violated = Vec::new();
-        let mut policy_items = Vec::new();
-        let mut limit_items = Vec::new();
+        let mut policy_line = String::new();
+        let mut limit_line = String::new();
         for &i in full {
             let policy = &self.shared.policies[i];
             #[cfg(feature = "metrics")]
             self.shared.metrics()[i].rejected.increment(1);
             violated.push(serde_json::Value::from(policy.name.as_str()));
-            policy_items.push(format!(
-                r#""{}";q={};qu="concurrent-requests""#,
-                policy.name, policy.max
-            ));
-            limit_items.push(format!(r#""{}";r=0"#, policy.name));
+            let sep = if limit_line.is_empty() { "" } else { ", " };
+            let sf_name = syntax::sf_string(policy.name.as_str());
+            policy_line.push_str(sep);
+            syntax::concurrency_policy_item(&mut policy_line, &sf_name, policy.max.into());
+            // No `t`: when a slot frees depends on other requests.
+            limit_line.push_str(sep);
+            syntax::limit_item(&mut limit_line, &sf_name, 0, None);
         }
         let mut res = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -351,10 +353,10 @@ impl<S> ConcurrencyLimit<S> {
         let headers = res.headers_mut();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         // Policy names are HTTP-safe tokens; a value that is not is left out.
-        if let Ok(v) = HeaderValue::try_from(policy_items.join(", ")) {
+        if let Ok(v) = HeaderValue::try_from(policy_line) {
             headers.insert(RATELIMIT_POLICY.clone(), v);
         }
-        if let Ok(v) = HeaderValue::try_from(limit_items.join(", ")) {
+        if let Ok(v) = HeaderValue::try_from(limit_line) {
             headers.insert(RATELIMIT.clone(), v);
         }
         res

@@ -1,8 +1,11 @@
 //! The response side of a decision: the `RateLimit-Policy` and `RateLimit`
-//! fields of draft-ietf-httpapi-ratelimit-headers-10, `Retry-After`, and
+//! fields of draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, and
 //! the `quota-exceeded` problem.
+//!
+//! The draft's parameter names are written in [`syntax`] and nowhere else,
+//! so following a later draft (an open proposal renames `r`/`t` to `a`/`w`)
+//! changes that module and the tests that spell the fields out.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::RETRY_AFTER};
@@ -25,14 +28,67 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// One `RateLimit-Policy` item: `"name";q=<burst>;w=<window s>`.
+/// How items of the two fields are written (draft -11, section 3 and 4).
+pub(crate) mod syntax {
+    use std::fmt::Write as _;
+
+    /// `RateLimit-Policy` item of a quota: `"name";q=<quota>;w=<window s>`.
+    pub(crate) fn policy_item(line: &mut String, sf_name: &str, quota: u64, window: u64) {
+        let _ = write!(line, "{sf_name};q={quota};w={window}");
+    }
+
+    /// `RateLimit-Policy` item of a quota counted in requests in flight,
+    /// which has no window: `"name";q=<max>;qu="concurrent-requests"`.
+    pub(crate) fn concurrency_policy_item(line: &mut String, sf_name: &str, max: u64) {
+        let _ = write!(line, r#"{sf_name};q={max};qu="concurrent-requests""#);
+    }
+
+    /// `RateLimit` item: `"name";r=<available>;t=<effective window s>`,
+    /// or without `t` when the service cannot say one.
+    pub(crate) fn limit_item(
+        line: &mut String,
+        sf_name: &str,
+        available: u64,
+        window: Option<u64>,
+    ) {
+        let _ = write!(line, "{sf_name};r={available}");
+        if let Some(t) = window {
+            let _ = write!(line, ";t={t}");
+        }
+    }
+
+    /// A name as a structured-field string (`"a\"b"`).
+    pub(crate) fn sf_string(name: &str) -> String {
+        format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// One `RateLimit-Policy` item of a GCRA quota: `q` is the burst, `w` the
+/// seconds an exhausted client needs to earn it all back.
 fn write_policy_item(line: &mut String, sf_name: &str, quota: Quota) {
-    let _ = write!(
+    syntax::policy_item(
         line,
-        "{sf_name};q={};w={}",
-        quota.burst(),
-        ceil_secs(quota.window()).max(1)
+        sf_name,
+        quota.burst().into(),
+        ceil_secs(quota.window()).max(1),
     );
+}
+
+/// The `t` of one policy's `RateLimit` item: the effective window of the
+/// `r` units it reports (draft -11). With GCRA there is no fixed window;
+/// the one that applies is
+/// - when the request was allowed: until the bucket is whole again — `r`
+///   units can be spent now, and `t` seconds from now the full quota is
+///   available again;
+/// - when the policy denied it: until the request would be allowed (`r` is
+///   0 until then), at least 1 s; `Retry-After` is the largest of these, so
+///   it is never earlier than the end of a violated policy's window.
+fn effective_window(decision: &super::store::Decision) -> u64 {
+    if decision.allowed {
+        ceil_secs(decision.reset_after)
+    } else {
+        ceil_secs(decision.retry_after).max(1)
+    }
 }
 
 /// The `RateLimit-Policy` value of a layer whose only policy has a fixed
@@ -71,14 +127,13 @@ pub(crate) fn fields(
             policy_line.push_str(sep);
             write_policy_item(&mut policy_line, name, check.quota);
         }
-        // For a violated policy, `t` is the wait until the request would be
-        // allowed, so `Retry-After` is never earlier than a `t` we report.
-        let t = if decision.allowed {
-            ceil_secs(decision.reset_after)
-        } else {
-            ceil_secs(decision.retry_after).max(1)
-        };
-        let _ = write!(limit_line, "{sep}{name};r={};t={t}", decision.remaining);
+        limit_line.push_str(sep);
+        syntax::limit_item(
+            &mut limit_line,
+            name,
+            decision.remaining,
+            Some(effective_window(decision)),
+        );
     }
     if limit_line.is_empty() {
         return None;
@@ -111,7 +166,7 @@ pub(crate) fn rejection(
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         if check.enforce && !decision.allowed {
             violated.push(serde_json::Value::from(policies[i].name().as_str()));
-            retry_after = retry_after.max(ceil_secs(decision.retry_after));
+            retry_after = retry_after.max(effective_window(decision));
         }
     }
     let mut res = Problem::new(

@@ -12,16 +12,19 @@
 //!
 //! Allowed responses carry, per enforced policy, a `RateLimit-Policy` item
 //! (`"ip";q=100;w=60`: quota units `q` per window `w` seconds) and a
-//! `RateLimit` item (`"ip";r=42;t=12`: `r` units remaining, `t` seconds until
-//! the quota is whole again), in the form of
-//! [draft-ietf-httpapi-ratelimit-headers-10](https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/10/).
+//! `RateLimit` item (`"ip";r=42;t=12`: `r` units available, and `t` their
+//! effective window: the seconds until the quota is whole again), in the
+//! form of
+//! [draft-ietf-httpapi-ratelimit-headers-11](https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/11/).
 //! Several stacked layers each add their own items (header lines), which
 //! HTTP joins into one list.
 //!
 //! A rejected request gets `429 Too Many Requests` with
 //! - `Retry-After` in whole seconds, rounded up, at least 1;
-//! - the same two fields, where a violated policy's `t` is the wait until
-//!   the request would be allowed (so `Retry-After` is never earlier);
+//! - the same two fields, where a violated policy's `r` is 0 and its `t`
+//!   (the window in which nothing is available) the wait until the request
+//!   would be allowed, so `Retry-After` is never earlier than the end of
+//!   that window;
 //! - an RFC 9457 `application/problem+json` body of the draft's
 //!   `quota-exceeded` type listing the `violated-policies`.
 //!

@@ -124,7 +124,7 @@ impl Policy {
             !name.is_empty() && name.bytes().all(|b| (0x20..0x7f).contains(&b)),
             "a policy name is non-empty printable ASCII, got {name:?}"
         );
-        let sf_name = format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""));
+        let sf_name = super::headers::syntax::sf_string(name);
         Self {
             name: PolicyName::new(name),
             sf_name: sf_name.into(),

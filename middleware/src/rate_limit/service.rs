@@ -310,6 +310,32 @@ mod tests {
         assert_eq!(get(&app, &[]).await.0, 429);
     }
 
+    /// Draft -11: `r` is the quota available and `t` its effective window.
+    /// A client that takes the fields at their word is right: after `t`
+    /// seconds of an allowed response the whole quota is there again, and
+    /// a rejected request is allowed at `Retry-After`, not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_effective_window_is_what_a_client_sees() {
+        let app = app(ip_layer(Quota::per_minute(3)));
+        get(&app, &[]).await;
+        let (_, headers, _) = get(&app, &[]).await;
+        assert_eq!(headers["ratelimit"], r#""ip";r=1;t=40"#);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        let (_, headers, _) = get(&app, &[]).await;
+        // Whole again: this request left q - 1.
+        assert_eq!(headers["ratelimit"], r#""ip";r=2;t=20"#);
+        get(&app, &[]).await;
+        get(&app, &[]).await;
+        let (status, headers, _) = get(&app, &[]).await;
+        assert_eq!(status, 429);
+        let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert_eq!(headers["ratelimit"], format!(r#""ip";r=0;t={retry_after}"#));
+        tokio::time::advance(Duration::from_secs(retry_after - 1)).await;
+        assert_eq!(get(&app, &[]).await.0, 429, "allowed before Retry-After");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(get(&app, &[]).await.0, 200, "denied at Retry-After");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_never_zero() {
         let app = app(ip_layer(Quota::per_second(100).with_burst(1)));
