@@ -638,3 +638,90 @@ async fn leases_stay_within_the_quota_in_every_window() {
     );
     assert!(hits > 0);
 }
+
+/// The model of a key whose quota changes: one GCRA bucket per quota
+/// (`Policy::with_quota_fn`'s rule), written out independently of the
+/// stores: `tat` per quota, a request of cost 1 allowed when
+/// `max(tat, now) + t <= now + burst * t`.
+#[derive(Default)]
+struct PlanModel(std::collections::HashMap<(u32, u64), u64>);
+
+impl PlanModel {
+    fn check(&mut self, quota: Quota, now: u64) -> bool {
+        let t = (quota.period().as_nanos() / u128::from(quota.count())) as u64;
+        let burst = u64::from(quota.burst());
+        let tat = self.0.entry((quota.burst(), t)).or_insert(0);
+        let next = (*tat).max(now) + t;
+        let allowed = next <= now + burst * t;
+        if allowed {
+            *tat = next;
+        }
+        allowed
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Random sequences of requests and quota changes (a tenant moved
+    /// between plans of bursts 2, 5 and 40) through the layer: the memory
+    /// and Redis stores decide exactly like the model, and so an upgrade is
+    /// usable at once and a downgrade never lets more through than the new
+    /// quota from the change on.
+    #[test]
+    fn quota_changes_decide_like_the_model_in_both_stores(
+        steps in proptest::collection::vec((0usize..3, 0u64..2_000, 1usize..8), 1..40),
+    ) {
+        use tollgate::rate_limit::{Global, Policy, RateLimitLayer};
+        use tower::{Layer, ServiceExt};
+        let plans = [
+            Quota::per_minute(2),
+            Quota::per_minute(5),
+            Quota::per_minute(40).with_burst(40),
+        ];
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let clock = ManualClock::new();
+            let memory = MemoryStore::with_clock(clock.clone());
+            let redis = RedisStore::builder(RedisTarget::Single(redis_url()))
+                .prefix(prefix("plans"))
+                .clock(clock.clone())
+                .local_cache(false)
+                .build()
+                .unwrap();
+            let policy = || {
+                Policy::new("tenant", Global, plans[0]).with_quota_fn(move |parts| {
+                    let plan = parts.headers["x-plan"].to_str().unwrap().parse::<usize>().unwrap();
+                    plans[plan]
+                })
+            };
+            let app = tower::service_fn(|_req: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(
+                    http_body_util::Empty::<bytes::Bytes>::new(),
+                ))
+            });
+            let in_memory = RateLimitLayer::new(memory).with_policy(policy()).layer(app);
+            let in_redis = RateLimitLayer::new(redis).with_policy(policy()).layer(app);
+            let mut model = PlanModel::default();
+            let mut now = 0u64;
+            for (plan, step_ms, requests) in steps {
+                clock.advance(Duration::from_millis(step_ms));
+                now += step_ms * 1_000_000;
+                for _ in 0..requests {
+                    let req = || {
+                        http::Request::get("/")
+                            .header("x-plan", plan.to_string())
+                            .body(())
+                            .unwrap()
+                    };
+                    let expected = model.check(plans[plan], now);
+                    let memory_status = in_memory.clone().oneshot(req()).await.unwrap().status();
+                    let redis_status = in_redis.clone().oneshot(req()).await.unwrap().status();
+                    prop_assert_eq!(memory_status == 200, expected, "memory store, plan {}", plan);
+                    prop_assert_eq!(redis_status == 200, expected, "redis store, plan {}", plan);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}

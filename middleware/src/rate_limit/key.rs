@@ -24,6 +24,10 @@ impl std::hash::Hash for Key {
             Repr::Ip(IpAddr::V4(v4)) => state.write_u32(u32::from(*v4)),
             Repr::Ip(IpAddr::V6(v6)) => state.write_u128(u128::from(*v6)),
             Repr::Text(text) => state.write(text.as_bytes()),
+            Repr::UnderQuota(under) => {
+                under.1.hash(state);
+                under.0.hash(state);
+            }
         }
     }
 }
@@ -33,6 +37,8 @@ enum Repr {
     Global,
     Ip(IpAddr),
     Text(Arc<str>),
+    /// A key's bucket under one quota (see [`Key::under_quota`]).
+    UnderQuota(Box<(Key, super::Quota)>),
 }
 
 impl Key {
@@ -50,6 +56,16 @@ impl Key {
     pub fn text(text: impl Into<Arc<str>>) -> Self {
         Self(Repr::Text(text.into()))
     }
+
+    /// The bucket of this key under `quota`, distinct from the key's
+    /// bucket under any other quota. A policy whose quota is chosen per
+    /// request counts a request whose quota is not the policy's own here,
+    /// so a key whose quota changes (a plan upgrade, an override) starts a
+    /// fresh bucket instead of reading the old one's state under new
+    /// parameters.
+    pub(crate) fn under_quota(self, quota: super::Quota) -> Self {
+        Self(Repr::UnderQuota(Box::new((self, quota))))
+    }
 }
 
 impl fmt::Display for Key {
@@ -58,6 +74,12 @@ impl fmt::Display for Key {
             Repr::Global => f.write_str("global"),
             Repr::Ip(ip) => write!(f, "ip:{ip}"),
             Repr::Text(t) => write!(f, "k:{t}"),
+            // Other keys never start with `q`: no collision in a store's
+            // key space.
+            Repr::UnderQuota(under) => {
+                let gcra = under.1.gcra();
+                write!(f, "q{}/{}:{}", under.1.burst(), gcra.interval(), under.0)
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::request::Parts;
 
-use super::key::KeyExtractor;
+use super::key::{Key, KeyExtractor};
 use super::quota::Quota;
 
 /// A policy's name, interned: copying it and comparing it cost nothing, and
@@ -141,6 +141,27 @@ impl Policy {
     /// Chooses the quota per request (a trust level, a route class, a plan).
     /// The quota given to [`new`](Self::new) is then only a fallback for
     /// documentation.
+    ///
+    /// # When a key's quota changes
+    ///
+    /// A key has one bucket per quota: requests under another quota (a plan
+    /// upgrade, an override, a trust level) are counted in a fresh bucket,
+    /// and the old one drains and is dropped like any idle key. The same in
+    /// every store, leases included, because it is the bucket's identity,
+    /// not arithmetic on its state:
+    /// - **an upgrade is usable at once**: a key that exhausted a burst of 5
+    ///   and moves to a burst of 50 can make 50 requests right away;
+    /// - **a downgrade never lets the key exceed the new quota from the
+    ///   change on**: the new bucket admits its burst plus its rate, and
+    ///   nothing of the old one is spent under it; moving back resumes the
+    ///   old bucket as it stands (its charges only ever restrict);
+    /// - **a lease** (Redis store) is granted for one bucket, so one granted
+    ///   under the old quota serves no request under the new one and ends
+    ///   within its duration.
+    ///
+    /// The price is at the change itself: what was spent under the old
+    /// quota is not charged to the new one, so across the change a key may
+    /// get up to one burst of each.
     #[must_use]
     pub fn with_quota_fn(mut self, f: impl Fn(&Parts) -> Quota + Send + Sync + 'static) -> Self {
         self.quota_fn = Some(Arc::new(f));
@@ -191,6 +212,17 @@ impl Policy {
     /// The quota when it is the same for every request.
     pub(crate) fn fixed_quota(&self) -> Option<Quota> {
         self.quota_fn.is_none().then_some(self.quota)
+    }
+
+    /// The bucket `key` is counted in under `quota`: its own under the
+    /// policy's quota, another under any other (see
+    /// [`with_quota_fn`](Self::with_quota_fn)).
+    pub(crate) fn bucket(&self, key: Key, quota: Quota) -> Key {
+        if quota == self.quota {
+            key
+        } else {
+            key.under_quota(quota)
+        }
     }
 
     pub(crate) fn quota_for(&self, req: &Parts) -> Quota {

@@ -196,10 +196,11 @@ where
         for (i, policy) in self.shared.policies.iter().enumerate() {
             match policy.extractor.extract(&parts) {
                 Ok(Some(key)) => {
+                    let quota = policy.quota_for(&parts);
                     checks.push(Check {
                         policy: policy.name,
-                        key,
-                        quota: policy.quota_for(&parts),
+                        key: policy.bucket(key, quota),
+                        quota,
                         cost: policy.cost_for(&parts),
                         enforce: !policy.shadow,
                     });
