@@ -24,7 +24,10 @@ pub struct ConcurrencyPolicy {
     name: PolicyName,
     extractor: Box<dyn KeyExtractor>,
     max: u32,
+    max_fn: Option<Box<MaxFn>>,
 }
+
+type MaxFn = dyn Fn(&http::request::Parts) -> u32 + Send + Sync;
 
 impl std::fmt::Debug for ConcurrencyPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,7 +45,27 @@ impl ConcurrencyPolicy {
             name: PolicyName::new(name),
             extractor: Box::new(extractor),
             max: max.max(1),
+            max_fn: None,
         }
+    }
+
+    /// Chooses the maximum per request (a tenant's plan): `f(req)` requests
+    /// of the request's key at once (0 is taken as 1). The maximum given to
+    /// [`new`](Self::new) is then only a fallback for documentation. A
+    /// lowered maximum applies to requests arriving after the change:
+    /// those already in flight finish, and new ones wait for the count to
+    /// fall below it.
+    #[must_use]
+    pub fn with_max_fn(
+        mut self,
+        f: impl Fn(&http::request::Parts) -> u32 + Send + Sync + 'static,
+    ) -> Self {
+        self.max_fn = Some(Box::new(f));
+        self
+    }
+
+    fn max_for(&self, req: &http::request::Parts) -> u32 {
+        self.max_fn.as_ref().map_or(self.max, |f| f(req).max(1))
     }
 
     /// The policy's name.
@@ -217,15 +240,14 @@ impl Shared {
     fn acquire(
         self: &Arc<Self>,
         keys: SmallVec<[(usize, Key); 2]>,
-    ) -> Result<Slots, SmallVec<[usize; 2]>> {
+        maxes: &[u32],
+    ) -> Result<Slots, SmallVec<[(usize, u32); 2]>> {
         let mut map = self.lock();
-        let full: SmallVec<[usize; 2]> = keys
+        let full: SmallVec<[(usize, u32); 2]> = keys
             .iter()
-            .filter(|slot| {
-                map.get(*slot)
-                    .is_some_and(|&n| n >= self.policies[slot.0].max)
-            })
-            .map(|(i, _)| *i)
+            .zip(maxes)
+            .filter(|(slot, max)| map.get(*slot).is_some_and(|n| n >= *max))
+            .map(|((i, _), max)| (*i, *max))
             .collect();
         if !full.is_empty() {
             return Err(full);
@@ -297,9 +319,13 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
         let mut keys = SmallVec::new();
+        let mut maxes: SmallVec<[u32; 2]> = SmallVec::new();
         for (i, policy) in self.shared.policies.iter().enumerate() {
             match policy.extractor.extract(&parts) {
-                Ok(Some(key)) => keys.push((i, key)),
+                Ok(Some(key)) => {
+                    keys.push((i, key));
+                    maxes.push(policy.max_for(&parts));
+                }
                 Ok(None) => {}
                 Err(rejection) => {
                     return ConcurrencyFuture::rejected(rejection.into_problem().into_response());
@@ -309,7 +335,7 @@ where
         let slots = if keys.is_empty() {
             None
         } else {
-            match self.shared.acquire(keys) {
+            match self.shared.acquire(keys, &maxes) {
                 Ok(slots) => Some(slots),
                 Err(full) => return ConcurrencyFuture::rejected(self.rejection(&full)),
             }
@@ -324,12 +350,12 @@ where
 }
 
 impl<S> ConcurrencyLimit<S> {
-    /// The 429 for the policies in `full`.
-    fn rejection(&self, full: &[usize]) -> Response<Bytes> {
+    /// The 429 for the policies in `full`, with the maximum each applied.
+    fn rejection(&self, full: &[(usize, u32)]) -> Response<Bytes> {
         let mut violated = Vec::new();
         let mut policy_line = String::new();
         let mut limit_line = String::new();
-        for &i in full {
+        for &(i, max) in full {
             let policy = &self.shared.policies[i];
             #[cfg(feature = "metrics")]
             self.shared.metrics()[i].rejected.increment(1);
@@ -337,7 +363,7 @@ impl<S> ConcurrencyLimit<S> {
             let sep = if limit_line.is_empty() { "" } else { ", " };
             let sf_name = syntax::sf_string(policy.name.as_str());
             policy_line.push_str(sep);
-            syntax::concurrency_policy_item(&mut policy_line, &sf_name, policy.max.into());
+            syntax::concurrency_policy_item(&mut policy_line, &sf_name, max.into());
             // No `t`: when a slot frees depends on other requests.
             limit_line.push_str(sep);
             syntax::limit_item(&mut limit_line, &sf_name, 0, None);
@@ -499,6 +525,51 @@ mod tests {
             .header("x-user", user)
             .body(AxumBody::empty())
             .unwrap()
+    }
+
+    /// A maximum chosen per request (a plan): each request is held to the
+    /// one it carries, and the 429 reports it.
+    #[tokio::test]
+    async fn per_request_maximum() {
+        let layer = ConcurrencyLimitLayer::new().with_policy(
+            ConcurrencyPolicy::new("tenant", by_header("x-tenant"), 1).with_max_fn(|req| {
+                req.headers
+                    .get("x-max")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1)
+            }),
+        );
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(layer.clone());
+        let with_max = |max: &str| {
+            let mut req = req("t", "u");
+            req.headers_mut().insert("x-max", max.parse().unwrap());
+            req
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let res = app.clone().oneshot(with_max("3")).await.unwrap();
+            assert_eq!(res.status(), 200);
+            held.push(res);
+        }
+        let res = app.clone().oneshot(with_max("3")).await.unwrap();
+        assert_eq!(res.status(), 429);
+        assert_eq!(
+            res.headers()["ratelimit-policy"],
+            r#""tenant";q=3;qu="concurrent-requests""#
+        );
+        // Lowered to 2: refused until the count falls below it.
+        held.pop();
+        assert_eq!(
+            app.clone().oneshot(with_max("2")).await.unwrap().status(),
+            429
+        );
+        held.pop();
+        assert_eq!(
+            app.clone().oneshot(with_max("2")).await.unwrap().status(),
+            200
+        );
     }
 
     #[tokio::test]
