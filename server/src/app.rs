@@ -20,6 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::access_log::AccessLogLayer;
 use crate::auth::{self, Claims};
 use crate::openapi::ApiDoc;
+use crate::plans;
 use crate::routes::{self, Class, Route};
 use crate::state::AppState;
 use crate::trust::{self, CurrentTrust};
@@ -41,8 +42,8 @@ pub const BODY_LIMIT: usize = 128 * 1024;
 /// layer sits in the router, because it labels by the matched route.
 ///
 /// Each route gets its class's rate-limit layer ([`Limits::layer`](crate::limits::Limits::layer)).
-/// Authenticated routes share, outermost first: authentication →
-/// concurrency per tenant and user → current trust level → load shedding
+/// Authenticated routes share, outermost first: authentication → the
+/// tenant's plan → concurrency per tenant and user → current trust level → load shedding
 /// by level → tenant transaction → the route's limits → handler. The
 /// transaction begins only when the handler asks for it (after reading its
 /// body), so neither a rejected request nor a slow client holds a database
@@ -66,7 +67,8 @@ pub fn app(
         handler: (schemas, paths, method_router),
     } in routes::all()
     {
-        if class == Class::Admin && metrics_elsewhere {
+        // The operator API is only ever on ADMIN_ADDR.
+        if class == Class::Operator || (class == Class::Admin && metrics_elsewhere) {
             elsewhere.paths.extend(paths.paths);
             continue;
         }
@@ -103,6 +105,11 @@ pub fn app(
             trust::current_trust,
         ))
         .route_layer(limits.concurrency())
+        // The tenant's plan sets its concurrency and quotas.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.plans.clone(),
+            plans::current_plan,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::require_auth,

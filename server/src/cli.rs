@@ -7,6 +7,7 @@ use uuid::Uuid;
 use crate::auth::hash_password;
 use crate::config::{ConfigError, DatabaseConfig, LimitsConfig};
 use crate::db::{self, DbError};
+use crate::plans::{LimitName, PlanTable, TenantPlan, parse_value};
 use crate::trust::{Trust, change_level};
 use tollgate::tenant::{Access, TenantId, begin};
 
@@ -39,10 +40,32 @@ pub enum Command {
 /// `tenant …`.
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
-    /// Creates a tenant and prints its id.
+    /// Creates a tenant on `TENANT_DEFAULT_PLAN` and prints its id.
     Add {
         /// Its display name.
         name: String,
+    },
+    /// Moves a tenant to another plan, live on every replica.
+    SetPlan {
+        /// The tenant's id.
+        tenant: Uuid,
+        /// One of `TENANT_PLANS`.
+        plan: String,
+    },
+    /// Overrides one of a tenant's limits (`default`: back to the plan's).
+    SetLimit {
+        /// The tenant's id.
+        tenant: Uuid,
+        /// `tenant`, `read`, `write` or `concurrency`.
+        limit: String,
+        /// A quota (`100/min,burst=20`), for `concurrency` a number or
+        /// `unlimited`; or `default`.
+        quota: String,
+    },
+    /// Prints a tenant's plan, overrides and effective limits (JSON).
+    Show {
+        /// The tenant's id.
+        tenant: Uuid,
     },
 }
 
@@ -119,14 +142,56 @@ pub async fn run(command: Command) -> Result<(), CliError> {
             // The id is chosen here so the insert can run as that tenant:
             // the tenants table is under row-level security too.
             let id = Uuid::new_v4();
+            let plans = PlanTable::from_lookup(lookup)?;
             let mut tx = begin(&pool, TenantId::new(id), Access::ReadWrite).await?;
-            sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+            sqlx::query("INSERT INTO tenants (id, name, plan) VALUES ($1, $2, $3)")
                 .bind(id)
                 .bind(name)
+                .bind(&**plans.name(plans.default_plan()))
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
             println!("{id}");
+        }
+        Command::Tenant(TenantCommand::SetPlan { tenant, plan }) => {
+            let plans = PlanTable::from_lookup(lookup)?;
+            let plan = plans.parse(plan.trim()).map_err(CliError::Usage)?;
+            let shown = plan_change(&database, &plans, tenant, |conn, plans, origin| {
+                Box::pin(crate::plans::set_plan(conn, plans, origin, tenant, plan))
+            })
+            .await?;
+            println!("{shown}");
+        }
+        Command::Tenant(TenantCommand::SetLimit {
+            tenant,
+            limit,
+            quota,
+        }) => {
+            let plans = PlanTable::from_lookup(lookup)?;
+            let limit = LimitName::parse(&limit).map_err(CliError::Usage)?;
+            let value = match quota.trim() {
+                "default" => None,
+                quota => {
+                    parse_value(limit, quota).map_err(CliError::Usage)?;
+                    Some(quota.to_owned())
+                }
+            };
+            let shown = plan_change(&database, &plans, tenant, move |conn, plans, origin| {
+                Box::pin(async move {
+                    crate::plans::set_limit(conn, plans, origin, tenant, limit, value.as_deref())
+                        .await
+                })
+            })
+            .await?;
+            println!("{shown}");
+        }
+        Command::Tenant(TenantCommand::Show { tenant }) => {
+            let plans = PlanTable::from_lookup(lookup)?;
+            let shown = plan_change(&database, &plans, tenant, |conn, plans, _| {
+                Box::pin(crate::plans::show(conn, plans, tenant))
+            })
+            .await?;
+            println!("{shown}");
         }
         Command::User(UserCommand::Add {
             tenant,
@@ -204,6 +269,35 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Runs `work` in a transaction of `tenant` and returns what it shows, as
+/// JSON; exit 2 when there is no such tenant. A change announces itself
+/// to every replica on commit; this process caches nothing, so any origin
+/// id will do.
+async fn plan_change<F>(
+    database: &DatabaseConfig,
+    plans: &PlanTable,
+    tenant: Uuid,
+    work: F,
+) -> Result<String, CliError>
+where
+    F: for<'c> FnOnce(
+        &'c mut sqlx::PgConnection,
+        &'c PlanTable,
+        Uuid,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = sqlx::Result<Option<TenantPlan>>> + Send + 'c>,
+    >,
+{
+    let pool = db::pool(database)?;
+    let mut tx = begin(&pool, TenantId::new(tenant), Access::ReadWrite).await?;
+    let shown = work(&mut tx, plans, Uuid::new_v4()).await?;
+    let Some(shown) = shown else {
+        return Err(CliError::Usage(format!("tenant {tenant}: no such tenant")));
+    };
+    tx.commit().await?;
+    Ok(serde_json::to_string_pretty(&shown).unwrap_or_default())
 }
 
 fn known_level(limits: &LimitsConfig, level: &str) -> Result<Trust, CliError> {

@@ -13,6 +13,7 @@ use tollgate::rate_limit::{
     FailurePolicy, QUOTA_FORMAT, Quota, RedisConfig, RedisTarget, Sharding,
 };
 
+use crate::plans::{IMPLICIT_PLAN, LimitName, PlanLimits, PlanTable, parse_value};
 use crate::trust::TrustTable;
 
 /// Everything the server reads from its environment.
@@ -71,8 +72,19 @@ pub struct Config {
     /// `TRUST_CACHE_TTL`: how long a replica trusts its cached copy of
     /// a subject's trust level; the bound on staleness without broadcasts.
     pub trust_cache_ttl: Duration,
-    /// `TRUST_BROADCAST_ENABLED`: listen for trust changes made elsewhere.
+    /// `TRUST_BROADCAST_ENABLED`: listen for trust (and plan) changes made
+    /// elsewhere.
     pub trust_broadcast: bool,
+    /// `TENANT_PLANS`, `TENANT_DEFAULT_PLAN`, `RATE_LIMIT_PLAN_*`: the
+    /// plans tenants are on.
+    pub plans: PlanTable,
+    /// `PLAN_CACHE_TTL`: how long a replica keeps a tenant's plan and
+    /// overrides; the bound on staleness without broadcasts.
+    pub plan_cache_ttl: Duration,
+    /// `ADMIN_ADDR`: where the operator API listens; `None`: it is off.
+    pub admin_addr: Option<SocketAddr>,
+    /// `ADMIN_TOKEN`: the operator API's bearer credential.
+    pub admin_token: Option<String>,
     /// `CLEANUP_INTERVAL`: how often the fleet's cleanup job runs (on
     /// one replica per cycle).
     pub cleanup_interval: Duration,
@@ -723,6 +735,44 @@ pub const VARIABLES: &[Variable] = &[
         "listen for trust changes made elsewhere (LISTEN tollgate_trust)",
     ),
     var(
+        "TENANT_PLANS",
+        Unset("one plan, default, with the limits of the variables below"),
+        "comma-separated names, lowest first (a-z, 0-9, '_', '-')",
+        "the plans a tenant can be on (tenant set-plan, the operator API)",
+    ),
+    var(
+        "TENANT_DEFAULT_PLAN",
+        Derived("the first of TENANT_PLANS"),
+        "one of TENANT_PLANS",
+        "the plan of a new tenant, and of one whose plan cannot be read",
+    ),
+    var(
+        "RATE_LIMIT_PLAN_<PLAN>_<LIMIT>",
+        Unset(
+            "the variable of the same limit: RATE_LIMIT_TENANT, RATE_LIMIT_CLASS_READ, RATE_LIMIT_CLASS_WRITE, RATE_LIMIT_TENANT_CONCURRENCY",
+        ),
+        "as that variable; LIMIT is TENANT, READ, WRITE or CONCURRENCY",
+        "a plan's limit (e.g. RATE_LIMIT_PLAN_PRO_TENANT=50/min)",
+    ),
+    var(
+        "PLAN_CACHE_TTL",
+        Text("1min"),
+        POSITIVE_DURATION_FORMAT,
+        "how long a replica keeps a tenant's plan; the bound on staleness without broadcasts",
+    ),
+    var(
+        "ADMIN_ADDR",
+        Unset("no operator API (the CLI still changes plans)"),
+        "host:port",
+        "where the operator API (/admin/...) listens, never on LISTEN_ADDR; needs ADMIN_TOKEN",
+    ),
+    var(
+        "ADMIN_TOKEN",
+        Unset("required with ADMIN_ADDR"),
+        "at least 32 bytes of at least 8 distinct values (e.g. openssl rand -hex 32)",
+        "the operator API's bearer token; no tenant user holds it",
+    ),
+    var(
         "CLEANUP_INTERVAL",
         Text("1min"),
         POSITIVE_DURATION_FORMAT,
@@ -806,6 +856,7 @@ impl Config {
         let ipv6 = var("RATE_LIMIT_IPV6_PREFIX");
         let ipv6_prefix = ipv6.parse::<u8>().and_then(|p| ipv6.check(p, p <= 128))?;
         let metrics = var("METRICS_ADDR");
+        let admin = var("ADMIN_ADDR");
         Ok(Self {
             listen_addr: var("LISTEN_ADDR").parse()?,
             trusted_proxies,
@@ -835,6 +886,10 @@ impl Config {
             limits: limits_config(&var, &lookup)?,
             trust_cache_ttl: var("TRUST_CACHE_TTL").positive_duration()?,
             trust_broadcast: var("TRUST_BROADCAST_ENABLED").boolean()?,
+            plans: plans_config(&var, &lookup)?,
+            plan_cache_ttl: var("PLAN_CACHE_TTL").positive_duration()?,
+            admin_addr: admin.value.as_ref().map(|_| admin.parse()).transpose()?,
+            admin_token: admin_token(&var, admin.value.is_some())?,
             cleanup_interval: var("CLEANUP_INTERVAL").positive_duration()?,
             item_retention: var("ITEM_RETENTION").duration()?,
             http: HttpConfig {
@@ -998,14 +1053,7 @@ fn limits_config(
         .split(',')
         .map(|l| l.trim().to_owned())
         .collect();
-    let valid_level = |l: &String| {
-        !l.is_empty()
-            && l.len() <= 32
-            && l.starts_with(|c: char| c.is_ascii_lowercase())
-            && l.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-    };
-    if !levels.iter().all(valid_level) {
+    if !levels.iter().all(|l| valid_name(l)) {
         return Err(levels_var.error());
     }
     let mut trust = Vec::with_capacity(levels.len());
@@ -1017,13 +1065,7 @@ fn limits_config(
         // A level of the table has its default there; others have none.
         let v = match VARIABLES.iter().find(|v| v.name == name) {
             Some(known) => var(known.name),
-            None => Var {
-                value: lookup_value(lookup, &name),
-                // Leaked once per configured level, at start-up.
-                name: Box::leak(name.into_boxed_str()),
-                defaulted: false,
-                format: TRUST_QUOTA_FORMAT,
-            },
+            None => dynamic_var(lookup, name, TRUST_QUOTA_FORMAT),
         };
         let quota = match v.text() {
             Some("unlimited") => None,
@@ -1039,6 +1081,114 @@ fn limits_config(
         class_read: var("RATE_LIMIT_CLASS_READ").parse()?,
         class_write: var("RATE_LIMIT_CLASS_WRITE").parse()?,
     })
+}
+
+/// A name of a trust level or a plan.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// A variable whose name is made at start-up (`RATE_LIMIT_TRUST_<LEVEL>`,
+/// `RATE_LIMIT_PLAN_<PLAN>_<LIMIT>`): read like the others, its name
+/// leaked once (a handful per process).
+fn dynamic_var(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: String,
+    format: &'static str,
+) -> Var {
+    Var {
+        value: lookup_value(lookup, &name),
+        name: Box::leak(name.into_boxed_str()),
+        defaulted: false,
+        format,
+    }
+}
+
+impl PlanTable {
+    /// Reads only the plans (for the CLI).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        plans_config(&|name| Var::read(&lookup, name), &lookup)
+    }
+}
+
+fn plans_config(
+    var: &impl Fn(&'static str) -> Var,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<PlanTable, ConfigError> {
+    // The limits of a plan that sets none: today's variables.
+    let concurrency = var("RATE_LIMIT_TENANT_CONCURRENCY");
+    let base = PlanLimits {
+        tenant: var("RATE_LIMIT_TENANT").parse()?,
+        read: var("RATE_LIMIT_CLASS_READ").parse()?,
+        write: var("RATE_LIMIT_CLASS_WRITE").parse()?,
+        concurrency: match concurrency.text() {
+            Some("unlimited") => None,
+            _ => Some(concurrency.above_zero()?),
+        },
+    };
+    let plans_var = var("TENANT_PLANS");
+    let Some(names) = plans_var.text() else {
+        return Ok(PlanTable::new(vec![(IMPLICIT_PLAN.to_owned(), base)], 0));
+    };
+    let names: Vec<String> = names.split(',').map(|n| n.trim().to_owned()).collect();
+    let mut seen = std::collections::HashSet::new();
+    if !names
+        .iter()
+        .all(|n| valid_name(n) && seen.insert(n.clone()))
+    {
+        return Err(plans_var.error());
+    }
+    let mut plans = Vec::with_capacity(names.len());
+    for name in names {
+        let mut limits = base;
+        for limit in LimitName::ALL {
+            let env = format!(
+                "RATE_LIMIT_PLAN_{}_{}",
+                name.to_ascii_uppercase().replace('-', "_"),
+                limit.env_suffix()
+            );
+            let v = dynamic_var(lookup, env, limit.format());
+            if let Some(text) = v.text() {
+                let value = parse_value(limit, text).map_err(|_| v.error())?;
+                limits.set(limit, value);
+            }
+        }
+        plans.push((name, limits));
+    }
+    let default_var = var("TENANT_DEFAULT_PLAN");
+    let default = match default_var.text() {
+        None => 0,
+        Some(name) => plans.iter().position(|(n, _)| n == name).ok_or_else(|| {
+            let mut err = default_var.error();
+            err.expected = format!(
+                "one of {}",
+                plans
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            err
+        })?,
+    };
+    Ok(PlanTable::new(plans, default))
+}
+
+fn admin_token(
+    var: &impl Fn(&'static str) -> Var,
+    required: bool,
+) -> Result<Option<String>, ConfigError> {
+    let token = var("ADMIN_TOKEN");
+    match &token.value {
+        Some(t) if t.len() >= 32 && !weak_secret(t.as_bytes()) => Ok(Some(t.clone())),
+        None if !required => Ok(None),
+        _ => Err(token.error()),
+    }
 }
 
 fn store_config(var: &impl Fn(&'static str) -> Var) -> Result<StoreConfig, ConfigError> {
@@ -1537,6 +1687,91 @@ mod tests {
     }
 
     #[test]
+    fn without_tenant_plans_one_implicit_plan_has_todays_limits() {
+        let c = parse(&[
+            ("RATE_LIMIT_TENANT", "70/min"),
+            ("RATE_LIMIT_TENANT_CONCURRENCY", "unlimited"),
+        ])
+        .unwrap();
+        assert_eq!(c.plans.names().collect::<Vec<_>>(), ["default"]);
+        let limits = c.plans.limits(c.plans.default_plan());
+        assert_eq!(limits.tenant, "70/min".parse().unwrap());
+        assert_eq!(limits.read, c.limits.class_read);
+        assert_eq!(limits.write, c.limits.class_write);
+        assert_eq!(limits.concurrency, None);
+    }
+
+    #[test]
+    fn plans_take_their_limits_or_fall_back_to_the_shared_ones() {
+        let c = parse(&[
+            ("TENANT_PLANS", "free, pro,big-co"),
+            ("TENANT_DEFAULT_PLAN", "pro"),
+            ("RATE_LIMIT_PLAN_FREE_TENANT", "5/min"),
+            ("RATE_LIMIT_PLAN_PRO_TENANT", "50/min"),
+            ("RATE_LIMIT_PLAN_PRO_CONCURRENCY", "unlimited"),
+            ("RATE_LIMIT_PLAN_BIG_CO_READ", "6000/min"),
+        ])
+        .unwrap();
+        let plans = &c.plans;
+        assert_eq!(plans.names().collect::<Vec<_>>(), ["free", "pro", "big-co"]);
+        assert_eq!(plans.default_plan(), 1);
+        assert_eq!(plans.limits(0).tenant, "5/min".parse().unwrap());
+        assert_eq!(plans.limits(0).concurrency, Some(32));
+        assert_eq!(plans.limits(1).concurrency, None);
+        assert_eq!(plans.limits(2).tenant, c.limits.tenant);
+        assert_eq!(plans.limits(2).read, "6000/min".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_plans_stop_the_server_naming_the_variable_and_value() {
+        let err = parse(&[("TENANT_PLANS", "free,Pro")]).unwrap_err();
+        assert_eq!((err.var, err.value.as_str()), ("TENANT_PLANS", "free,Pro"));
+        assert!(parse(&[("TENANT_PLANS", "free,free")]).is_err());
+        // Empty is unset, as for every variable: one implicit plan.
+        let err = parse(&[
+            ("TENANT_PLANS", "free,pro"),
+            ("RATE_LIMIT_PLAN_PRO_TENANT", "lots"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            (err.var, err.value.as_str()),
+            ("RATE_LIMIT_PLAN_PRO_TENANT", "lots")
+        );
+        assert!(err.expected.contains("N/PERIOD"));
+        let err = parse(&[
+            ("TENANT_PLANS", "free"),
+            ("RATE_LIMIT_PLAN_FREE_CONCURRENCY", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "RATE_LIMIT_PLAN_FREE_CONCURRENCY");
+        let err = parse(&[
+            ("TENANT_PLANS", "free,pro"),
+            ("TENANT_DEFAULT_PLAN", "gold"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "TENANT_DEFAULT_PLAN");
+        assert_eq!(err.expected, "one of free, pro");
+    }
+
+    #[test]
+    fn the_operator_api_needs_a_strong_admin_token() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.admin_addr, c.admin_token), (None, None));
+        let err = parse(&[("ADMIN_ADDR", "127.0.0.1:9901")]).unwrap_err();
+        assert_eq!(err.var, "ADMIN_TOKEN");
+        let err = parse(&[("ADMIN_ADDR", "127.0.0.1:9901"), ("ADMIN_TOKEN", "short")]).unwrap_err();
+        assert_eq!((err.var, err.value.as_str()), ("ADMIN_TOKEN", "short"));
+        let c = parse(&[
+            ("ADMIN_ADDR", "127.0.0.1:9901"),
+            ("ADMIN_TOKEN", "0123456789abcdef0123456789abcdef"),
+        ])
+        .unwrap();
+        assert_eq!(c.admin_addr, Some("127.0.0.1:9901".parse().unwrap()));
+        let err = parse(&[("ADMIN_ADDR", "nowhere")]).unwrap_err();
+        assert_eq!(err.var, "ADMIN_ADDR");
+    }
+
+    #[test]
     fn every_default_parses_and_every_duration_takes_units() {
         // Defaults are text parsed like a set value: each must parse.
         let c = parse(&[("RATE_LIMIT_STORE", "redis")]).unwrap();
@@ -1560,7 +1795,7 @@ mod tests {
             parse(&[(v.name, "1500"), ("RATE_LIMIT_STORE", "redis")])
                 .unwrap_or_else(|e| panic!("{}: {e}", v.name));
         }
-        assert_eq!(seen, 15, "duration variables besides AUTH_TOKEN_TTL");
+        assert_eq!(seen, 16, "duration variables besides AUTH_TOKEN_TTL");
         let c = parse(&[("AUTH_TOKEN_TTL", "1h"), ("TRUST_CACHE_TTL", "1500")]).unwrap();
         assert_eq!(c.auth.token_ttl, Duration::from_secs(3600));
         assert_eq!(c.trust_cache_ttl, Duration::from_millis(1500));

@@ -34,9 +34,11 @@ pub mod db;
 pub mod error;
 pub mod limits;
 pub mod openapi;
+pub mod plans;
 pub mod routes;
 pub mod serve;
 mod server;
+pub mod shared_cache;
 pub mod state;
 pub mod trust;
 

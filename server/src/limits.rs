@@ -34,6 +34,7 @@ use tollgate::tenant::TenantPool;
 
 use crate::auth::Claims;
 use crate::config::{Config, StoreConfig};
+use crate::plans::{PlanLimits, PlanTable, TenantLimits};
 use crate::trust::{Trust, TrustTable};
 
 /// What a route is, for its limits.
@@ -43,6 +44,9 @@ pub enum Class {
     Probe,
     /// `/metrics`: never limited; moved to `METRICS_ADDR` when set.
     Admin,
+    /// The operator API: documented in `/openapi.json`, served only on
+    /// `ADMIN_ADDR` to `ADMIN_TOKEN`, never limited.
+    Operator,
     /// Anonymous routes, per client IP.
     Public,
     /// The login route: per IP, and the stricter `auth` class per IP.
@@ -71,6 +75,7 @@ pub struct Limits {
     fallback: LocalFallback,
     config: Arc<Config>,
     trust: Arc<TrustTable>,
+    plans: Arc<PlanTable>,
 }
 
 impl Limits {
@@ -92,6 +97,7 @@ impl Limits {
             store,
             fallback: LocalFallback::new(config.fallback_replicas),
             trust: Arc::new(config.limits.trust.clone()),
+            plans: Arc::new(config.plans.clone()),
             config,
         })
     }
@@ -106,14 +112,14 @@ impl Limits {
         let config = &self.config;
         let limits = &config.limits;
         let policies = match class {
-            Class::Probe | Class::Admin => return None,
+            Class::Probe | Class::Admin | Class::Operator => return None,
             Class::Public => vec![self.per_ip("ip", config.rate_limit_ip, "public")],
             Class::Login => vec![
                 self.per_ip("ip", config.rate_limit_ip, "auth"),
                 self.per_ip("auth", limits.class_auth, "auth"),
             ],
-            Class::Read => self.authenticated("read", limits.class_read),
-            Class::Write => self.authenticated("write", limits.class_write),
+            Class::Read => self.authenticated("read", |l| l.read),
+            Class::Write => self.authenticated("write", |l| l.write),
         };
         let layer = RateLimitLayer::new(self.store.clone())
             .with_failure_policy(config.failure_mode)
@@ -134,15 +140,28 @@ impl Limits {
         .with_route_class(class)
     }
 
-    /// Per tenant, per user by current trust level, and per user for the
-    /// class. Goes under authentication and the trust lookup, which put
-    /// [`Claims`] and [`Trust`] in the request.
-    fn authenticated(&self, class: &str, quota: Quota) -> Vec<Policy> {
+    /// Per tenant and per user for the class, by the tenant's plan, and per
+    /// user by current trust level. Goes under authentication and the plan
+    /// and trust lookups, which put [`Claims`], [`TenantLimits`] and
+    /// [`Trust`] in the request. A request without [`TenantLimits`] (none
+    /// in this server) gets the default plan's.
+    fn authenticated(&self, class: &str, class_quota: fn(&PlanLimits) -> Quota) -> Vec<Policy> {
+        let default = self.plans.limits(self.plans.default_plan());
+        let plan_quota = move |of: fn(&PlanLimits) -> Quota| {
+            move |parts: &Parts| {
+                parts
+                    .extensions
+                    .get::<Arc<TenantLimits>>()
+                    .map_or_else(|| of(&default), |t| of(&t.limits))
+            }
+        };
         let tenant = Policy::new(
             "tenant",
             |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.to_string()))),
-            self.config.limits.tenant,
-        );
+            default.tenant,
+        )
+        .with_quota_fn(plan_quota(|l| l.tenant));
+        let quota = class_quota(&default);
         let lowest = self.trust.quota(&self.trust.lowest()).unwrap_or(quota);
         let (key_table, quota_table) = (self.trust.clone(), self.trust.clone());
         let trust = Policy::new(
@@ -169,7 +188,8 @@ impl Limits {
             class,
             |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.sub.to_string()))),
             quota,
-        );
+        )
+        .with_quota_fn(plan_quota(class_quota));
         [tenant, trust, per_user]
             .into_iter()
             .map(|policy| policy.with_route_class(class))
@@ -182,12 +202,23 @@ impl Limits {
     pub fn concurrency(&self) -> ConcurrencyLimitLayer {
         let capacity = &self.config.capacity;
         let mut layer = ConcurrencyLimitLayer::new();
-        if let Some(max) = capacity.tenant_concurrency {
-            layer = layer.with_policy(ConcurrencyPolicy::new(
-                "tenant-concurrency",
-                |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.to_string()))),
-                max,
-            ));
+        // Per tenant, by its plan (an unlimited plan: no bound).
+        if self.plans.limits_concurrency() {
+            let default = self.plans.limits(self.plans.default_plan()).concurrency;
+            layer = layer.with_policy(
+                ConcurrencyPolicy::new(
+                    "tenant-concurrency",
+                    |parts: &Parts| claims(parts).map(|c| Some(Key::from(c.tenant.to_string()))),
+                    default.unwrap_or(u32::MAX),
+                )
+                .with_max_fn(move |parts: &Parts| {
+                    parts
+                        .extensions
+                        .get::<Arc<TenantLimits>>()
+                        .map_or(default, |t| t.limits.concurrency)
+                        .unwrap_or(u32::MAX)
+                }),
+            );
         }
         if let Some(max) = capacity.subject_concurrency {
             layer = layer.with_policy(ConcurrencyPolicy::new(

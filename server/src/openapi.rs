@@ -79,6 +79,11 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+        // The operator API's: ADMIN_TOKEN, which no tenant user holds.
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -90,7 +95,7 @@ impl Modify for BearerAuth {
     info(title = "Tollgate reference server", description = "A small multi-tenant API behind Tollgate's layers: per-IP, per-tenant, trust-level and route-class rate limits, and Postgres row-level security."),
     components(schemas(Problem)),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "users", description = "Tenant-scoped; staff only"), (name = "public"), (name = "operations", description = "Probes and metrics; never rate limited (except this document)"))
+    tags((name = "auth"), (name = "items", description = "Tenant-scoped; each request runs in a transaction of the token's tenant"), (name = "users", description = "Tenant-scoped; staff only"), (name = "public"), (name = "operations", description = "Probes and metrics; never rate limited (except this document)"), (name = "operator", description = "Tenants' plans and limit overrides, changed live across the fleet. Served only on ADMIN_ADDR (never on the public listener), to the ADMIN_TOKEN bearer credential"))
 )]
 #[derive(Debug)]
 pub struct ApiDoc;

@@ -25,7 +25,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::db::{self, DbError};
 use crate::routes::metrics::MetricsTasks;
 use crate::state::{AppState, StartError};
-use crate::{app, cleanup, routes, serve, trust};
+use crate::{app, cleanup, routes, serve, shared_cache};
 
 /// A bound, started server: its database is migrated and audited, its
 /// background tasks run; [`run`](Self::run) serves.
@@ -96,16 +96,25 @@ impl Server {
         // rather than one READY_CHECK_INTERVAL later.
         state.readiness.check_now();
         let metrics_tasks = routes::metrics::spawn(&state, state.config.metrics_addr).await?;
-        let mut others = vec![AbortOnDrop(cleanup::spawn(
+        let mut others = Vec::new();
+        if let Some(admin) = state.config.admin_addr {
+            others.push(AbortOnDrop(routes::operator::spawn(&state, admin).await?));
+        }
+        others.push(AbortOnDrop(cleanup::spawn(
             state.system_pool.clone(),
             state.config.cleanup_interval,
             state.config.item_retention,
             addr.to_string(),
-        ))];
+        )));
         if state.config.trust_broadcast {
             let options = db::direct_options(&state.config.database)?;
-            others.push(AbortOnDrop(trust::spawn_listener(
-                state.trust.clone(),
+            // One connection LISTENs for both caches.
+            others.push(AbortOnDrop(shared_cache::spawn_listener(
+                vec![
+                    Arc::new(state.trust.cache().clone()),
+                    Arc::new(state.plans.cache().clone()),
+                ],
+                state.system_pool.clone(),
                 options,
                 format!("tollgate-listener {addr}"),
             )));

@@ -13,6 +13,7 @@ use crate::auth::{self, Tokens};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::limits::Limits;
+use crate::plans::Plans;
 use crate::trust::TrustLevels;
 
 /// Why the server could not start.
@@ -66,6 +67,8 @@ pub struct AppStateInner {
     pub tokens: Tokens,
     /// Current trust levels, cached.
     pub trust: TrustLevels,
+    /// Tenants' plans and overrides, cached.
+    pub plans: Plans,
     /// `/openapi.json`, rendered once from the route declarations.
     pub openapi: OnceLock<bytes::Bytes>,
 }
@@ -114,16 +117,26 @@ impl AppState {
             }
             .logged_by_source();
         }
+        // Trust and plan lookups together leave a system connection each
+        // for a readiness check and a singleton job.
+        let lookups = Arc::new(tokio::sync::Semaphore::new(
+            (config.database.system_connections.saturating_sub(2) as usize).max(1),
+        ));
         Ok(Self(Arc::new(AppStateInner {
             limits,
             readiness: checks.start(),
             metrics,
-            // Leaves a system connection each for a readiness check and a
-            // singleton job.
             trust: TrustLevels::new(
                 system_pool.clone(),
                 config.trust_cache_ttl,
-                config.database.system_connections.saturating_sub(2) as usize,
+                lookups.clone(),
+                config.database.connection_timeout,
+            ),
+            plans: Plans::new(
+                Arc::new(config.plans.clone()),
+                system_pool.clone(),
+                config.plan_cache_ttl,
+                lookups,
                 config.database.connection_timeout,
             ),
             hashing: auth::HashGate::new(config.capacity.hash_workers, config.capacity.hash_queue),

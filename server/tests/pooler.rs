@@ -410,7 +410,7 @@ async fn three_replicas_through_one_pgbouncer() {
     // Every replica's listener proved delivery over the direct connection.
     let deadline = Instant::now() + Duration::from_secs(5);
     for server in &servers {
-        while metric(&http, server, "tollgate_trust_listener_connected").await < 1.0 {
+        while metric(&http, server, "tollgate_cache_listener_connected").await < 1.0 {
             assert!(Instant::now() < deadline, "a listener never connected");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -544,7 +544,7 @@ async fn without_a_direct_url_the_server_says_so_and_the_ttl_still_applies() {
     }
     let http = client();
     assert_eq!(
-        metric(&http, &b, "tollgate_trust_listener_connected").await,
+        metric(&http, &b, "tollgate_cache_listener_connected").await,
         0.0
     );
 

@@ -93,9 +93,9 @@ async fn a_downgrade_through_one_replica_is_enforced_by_the_other_within_a_secon
     eprintln!("B enforced the downgrade after {took:?}");
     assert!(took.is_some(), "B still applied the old level after 1 s");
     let http = client();
-    assert!(metric(&http, &fleet.b, "tollgate_trust_invalidations_total").await >= 1.0);
+    assert!(metric(&http, &fleet.b, "tollgate_cache_invalidations_total").await >= 1.0);
     assert_eq!(
-        metric(&http, &fleet.b, "tollgate_trust_listener_connected").await,
+        metric(&http, &fleet.b, "tollgate_cache_listener_connected").await,
         1.0
     );
 }
@@ -146,8 +146,8 @@ async fn the_listener_reconnects_after_its_connection_is_killed() {
     // Back within the first back-off step (1 s), then working again.
     let deadline = Instant::now() + Duration::from_secs(5);
     let http = client();
-    while metric(&http, &fleet.b, "tollgate_trust_listener_reconnects_total").await < 1.0
-        || metric(&http, &fleet.b, "tollgate_trust_listener_connected").await < 1.0
+    while metric(&http, &fleet.b, "tollgate_cache_listener_reconnects_total").await < 1.0
+        || metric(&http, &fleet.b, "tollgate_cache_listener_connected").await < 1.0
     {
         assert!(Instant::now() < deadline, "the listener did not reconnect");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -203,7 +203,7 @@ async fn simultaneous_misses_for_one_subject_query_postgres_once() {
     let trust = tollgate_server::trust::TrustLevels::new(
         pool.clone(),
         Duration::from_secs(60),
-        2,
+        std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
         Duration::from_secs(5),
     );
     let claims = tollgate_server::auth::Claims {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod items;
 pub mod metrics;
 pub mod openapi;
+pub mod operator;
 pub mod probes;
 pub mod users;
 
@@ -54,6 +55,7 @@ pub fn all() -> Vec<Route> {
         auth::routes(),
         items::routes(),
         users::routes(),
+        operator::routes(),
     ]
     .into_iter()
     .flatten()
