@@ -112,6 +112,17 @@ pub enum CliError {
     Db(#[from] DbError),
 }
 
+impl CliError {
+    /// 2 for a bad argument or setting (as clap's usage errors and a bad
+    /// configuration of the server), 1 when the database failed.
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        match self {
+            Self::Config(_) | Self::Usage(_) => std::process::ExitCode::from(2),
+            Self::Db(_) => std::process::ExitCode::FAILURE,
+        }
+    }
+}
+
 impl From<sqlx::Error> for CliError {
     fn from(err: sqlx::Error) -> Self {
         // Classified: a pooler's signature gets its hint.

@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("tollgate-server: {err}");
-                ExitCode::FAILURE
+                err.exit_code()
             }
         };
     }
