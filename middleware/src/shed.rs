@@ -49,6 +49,10 @@
 //! let res = app.clone().oneshot(req(false)).await.unwrap();
 //! assert_eq!(res.status(), 503);
 //! assert_eq!(res.headers()["retry-after"], "1");
+//! let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+//! assert!(std::str::from_utf8(&body).unwrap().contains(
+//!     r#""type":"https://iana.org/assignments/http-problem-types#temporary-reduced-capacity""#
+//! ));
 //! assert_eq!(app.clone().oneshot(req(true)).await.unwrap().status(), 200);
 //!
 //! load.store(0.5f64.to_bits(), Ordering::Relaxed);
@@ -72,6 +76,12 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
+
+/// The problem type of a shed request, from the IETF draft's registration
+/// (draft-ietf-httpapi-ratelimit-headers): the service is shedding load,
+/// not enforcing a client's quota.
+pub const TEMPORARY_REDUCED_CAPACITY: &str =
+    "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 
 use crate::body::ResponseBody;
 use crate::problem::Problem;
@@ -240,11 +250,15 @@ where
                         .collect()
                 })[index]
                 .increment(1);
-            let mut res = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Overloaded")
-                .with_detail(format!(
-                    "the server is shedding {name} traffic under load; retry shortly"
-                ))
-                .into_response();
+            let mut res = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service is temporarily running at reduced capacity",
+            )
+            .with_type(TEMPORARY_REDUCED_CAPACITY)
+            .with_detail(format!(
+                "the server is shedding {name} traffic under load; retry shortly"
+            ))
+            .into_response();
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return LoadShedFuture {

@@ -121,11 +121,18 @@ impl Limits {
             Class::Read => self.authenticated("read", |l| l.read),
             Class::Write => self.authenticated("write", |l| l.write),
         };
-        let layer = RateLimitLayer::new(self.store.clone())
+        let mut layer = RateLimitLayer::new(self.store.clone())
             .with_failure_policy(config.failure_mode)
             // One fallback for every layer: a policy on several layers is
             // counted once while the store fails, as the store counts it.
             .with_local_fallback(self.fallback.clone());
+        if class.is_authenticated() {
+            // Decisions by plan (plan names only, never a tenant).
+            let names: Vec<String> = self.plans.names().map(str::to_owned).collect();
+            layer = layer.with_metric_label("plan", names, |parts: &Parts| {
+                parts.extensions.get::<Arc<TenantLimits>>().map(|t| t.rank)
+            });
+        }
         Some(policies.into_iter().fold(layer, |layer, policy| {
             layer.with_policy(policy.shadow(config.rate_limit_shadow))
         }))

@@ -242,6 +242,7 @@ impl PlanTable {
     pub fn fallback(&self) -> Arc<TenantLimits> {
         Arc::new(TenantLimits {
             plan: self.name(self.default).clone(),
+            rank: self.default,
             limits: self.limits(self.default),
             overrides: BTreeMap::new(),
         })
@@ -276,6 +277,7 @@ impl PlanTable {
         }
         TenantLimits {
             plan: self.name(index).clone(),
+            rank: index,
             limits,
             overrides: kept,
         }
@@ -288,6 +290,8 @@ impl PlanTable {
 pub struct TenantLimits {
     /// The plan's name (metric label, `show`).
     pub plan: Arc<str>,
+    /// The plan's place in [`PlanTable`] (0: the lowest).
+    pub rank: usize,
     /// The limits in force: the plan's, with the overrides applied.
     pub limits: PlanLimits,
     /// The overrides, by limit name, as stored.

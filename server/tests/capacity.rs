@@ -557,7 +557,7 @@ async fn overload_sheds_the_lowest_trust_level_first() {
                     503 => {
                         assert_eq!(res.headers()["retry-after"], "1");
                         let body = res.text().await.unwrap();
-                        assert!(body.contains("Overloaded"), "{body}");
+                        assert!(body.contains("#temporary-reduced-capacity"), "{body}");
                         shed += 1;
                     }
                     _ => other += 1,

@@ -65,8 +65,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 pub const HTTP_SERVER_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 /// `http_server_active_requests`.
 pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
-/// `tollgate_ratelimit_decisions_total{policy,route_class,outcome}`.
+/// `tollgate_ratelimit_decisions_total{policy,route_class,outcome}`, and the
+/// layer's [metric label](crate::rate_limit::RateLimitLayer::with_metric_label)
+/// when it has one (`plan`).
 pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";
+/// `tollgate_ratelimit_near_limit_total{policy,route_class}` (and the
+/// layer's metric label): allowed requests that left at most 10 % of the
+/// policy's burst, as envoy's `near_limit`: who is about to be limited.
+pub const RATELIMIT_NEAR_LIMIT: &str = "tollgate_ratelimit_near_limit_total";
 /// `tollgate_ratelimit_store_duration_seconds`: a store's answer time.
 pub const RATELIMIT_STORE_DURATION: &str = "tollgate_ratelimit_store_duration_seconds";
 /// `tollgate_ratelimit_store_errors_total{kind}`.

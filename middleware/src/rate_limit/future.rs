@@ -63,6 +63,8 @@ struct Pending<S, St, ReqBody> {
     checks: SmallVec<[Check; 4]>,
     /// The policy of each check.
     index: SmallVec<[usize; 4]>,
+    /// The request's value of the layer's metric label.
+    label: usize,
     shared: Arc<Shared<St>>,
     /// When the store was asked, for its latency histogram.
     #[cfg(feature = "metrics")]
@@ -80,6 +82,7 @@ where
         inner: S,
         checks: SmallVec<[Check; 4]>,
         index: SmallVec<[usize; 4]>,
+        label: usize,
         shared: Arc<Shared<St>>,
     ) -> Self {
         let pending = Pending {
@@ -87,6 +90,7 @@ where
             inner,
             checks,
             index,
+            label,
             shared,
             #[cfg(feature = "metrics")]
             started: tokio::time::Instant::now(),
@@ -132,6 +136,7 @@ where
                         mut inner,
                         checks,
                         index,
+                        label,
                         shared,
                         #[cfg(feature = "metrics")]
                         started,
@@ -141,7 +146,7 @@ where
                         .metrics()
                         .store_duration
                         .record(started.elapsed().as_secs_f64());
-                    let fields = match verdict(&shared, &index, &checks, result) {
+                    let fields = match verdict(&shared, &index, &checks, label, result) {
                         Verdict::Allow(fields) => fields,
                         Verdict::Reject(res) => {
                             return Poll::Ready(Ok(res.map(ResponseBody::full)));
@@ -178,10 +183,11 @@ fn verdict<St>(
     shared: &Shared<St>,
     index: &[usize],
     checks: &[Check],
+    label: usize,
     result: Result<Decisions, StoreError>,
 ) -> Verdict {
     match result {
-        Ok(decisions) => decided(shared, index, checks, &decisions),
+        Ok(decisions) => decided(shared, index, checks, label, &decisions),
         Err(error) => {
             // Per request at debug only: the store logs its own
             // transitions (down, back) once each.
@@ -189,7 +195,7 @@ fn verdict<St>(
             #[cfg(feature = "metrics")]
             metrics::counter!(crate::metrics::RATELIMIT_STORE_ERRORS, "kind" => error.kind().as_str())
                 .increment(1);
-            fail_over(shared, index, checks, &error)
+            fail_over(shared, index, checks, label, &error)
         }
     }
 }
@@ -198,9 +204,10 @@ fn decided<St>(
     shared: &Shared<St>,
     index: &[usize],
     checks: &[Check],
+    label: usize,
     decisions: &Decisions,
 ) -> Verdict {
-    record(shared, index, checks, decisions);
+    record(shared, index, checks, label, decisions);
     let (policies, single) = (&shared.policies, shared.single_policy_field.as_ref());
     if decisions.allowed {
         Verdict::Allow(headers::fields(policies, single, index, checks, decisions))
@@ -218,6 +225,7 @@ fn fail_over<St>(
     shared: &Shared<St>,
     index: &[usize],
     checks: &[Check],
+    label: usize,
     error: &StoreError,
 ) -> Verdict {
     let mut local_index: SmallVec<[usize; 4]> = SmallVec::new();
@@ -244,14 +252,20 @@ fn fail_over<St>(
         return Verdict::Allow(None);
     }
     match shared.fallback.decide(&local_checks) {
-        Some(decisions) => decided(shared, &local_index, &local_checks, &decisions),
+        Some(decisions) => decided(shared, &local_index, &local_checks, label, &decisions),
         None => Verdict::Allow(None),
     }
 }
 
 /// Logs shadow rejections (and, with the `metrics` feature, counts every
-/// decision).
-fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions: &Decisions) {
+/// decision, and the charged ones that left at most 10 % of the burst).
+fn record<St>(
+    shared: &Shared<St>,
+    index: &[usize],
+    checks: &[Check],
+    label: usize,
+    decisions: &Decisions,
+) {
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         let outcome = match (decision.allowed, check.enforce) {
             (true, _) => 0,
@@ -263,9 +277,18 @@ fn record<St>(shared: &Shared<St>, index: &[usize], checks: &[Check], decisions:
             }
         };
         #[cfg(feature = "metrics")]
-        shared.metrics().decisions[i][outcome].increment(1);
+        {
+            let counters = &shared.metrics().decisions[i][label];
+            counters[outcome].increment(1);
+            let near = decisions.allowed
+                && decision.allowed
+                && decision.remaining * 10 <= u64::from(check.quota.burst());
+            if near {
+                counters[3].increment(1);
+            }
+        }
         #[cfg(not(feature = "metrics"))]
-        let _ = outcome;
+        let _ = (outcome, label);
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::policy::{FailurePolicy, Policy};
-use super::service::{Fallback, LocalFallback, RateLimit, Shared};
+use super::service::{Fallback, LocalFallback, MetricLabel, RateLimit, Shared};
 
 /// Applies [`RateLimit`] to a service: a store, the policies decided
 /// together, and a [`FailurePolicy`].
@@ -19,6 +19,7 @@ pub struct RateLimitLayer<St> {
     /// Shared by every service this layer makes (axum's `route_layer`
     /// makes one per route), so the local fallback counts them together.
     fallback: Arc<Fallback>,
+    label: Option<Arc<MetricLabel>>,
 }
 
 impl<St> RateLimitLayer<St> {
@@ -30,7 +31,47 @@ impl<St> RateLimitLayer<St> {
             policies: Vec::new(),
             failure: FailurePolicy::default(),
             fallback: Arc::new(Fallback::new(1)),
+            label: None,
         }
+    }
+
+    /// Labels this layer's decision metrics
+    /// ([`RATELIMIT_DECISIONS`](crate::metrics::RATELIMIT_DECISIONS),
+    /// [`RATELIMIT_NEAR_LIMIT`](crate::metrics::RATELIMIT_NEAR_LIMIT)) with
+    /// `name`, whose value for a request is `values[f(request)]` (`none`
+    /// when `f` says `None` or names no value). The values are fixed here,
+    /// so a label can never grow the series without bound: label by a
+    /// tenant's *plan*, never by the tenant.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use tollgate::rate_limit::{Global, MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// /// What an authentication layer put in the request.
+    /// #[derive(Clone)]
+    /// struct Plan(usize);
+    ///
+    /// let layer = RateLimitLayer::new(MemoryStore::new())
+    ///     .with_policy(Policy::new("tenant", Global, Quota::per_minute(100)))
+    ///     .with_metric_label("plan", ["free", "pro"], |req| {
+    ///         req.extensions.get::<Plan>().map(|plan| plan.0)
+    ///     });
+    /// # let _ = layer;
+    /// ```
+    #[must_use]
+    pub fn with_metric_label<V: Into<Arc<str>>>(
+        mut self,
+        name: &'static str,
+        values: impl IntoIterator<Item = V>,
+        f: impl Fn(&http::request::Parts) -> Option<usize> + Send + Sync + 'static,
+    ) -> Self {
+        self.label = Some(Arc::new(MetricLabel {
+            name,
+            values: values.into_iter().map(Into::into).collect(),
+            value_of: Box::new(f),
+        }));
+        self
     }
 
     /// Adds a policy, decided together with the others of this layer.
@@ -81,6 +122,7 @@ impl<S, St: Clone> Layer<S> for RateLimitLayer<St> {
                 self.policies.clone(),
                 self.failure,
                 self.fallback.clone(),
+                self.label.clone(),
             )),
         )
     }

@@ -20,8 +20,39 @@ pub(crate) struct Shared<St> {
     pub(crate) fallback: Arc<Fallback>,
     /// `RateLimit-Policy` when it is the same for every response.
     pub(crate) single_policy_field: Option<HeaderValue>,
+    /// The decision metrics' extra label, if any.
+    pub(crate) label: Option<Arc<MetricLabel>>,
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<LimitMetrics>,
+}
+
+/// See [`RateLimitLayer::with_metric_label`](super::RateLimitLayer::with_metric_label).
+pub(crate) struct MetricLabel {
+    pub(crate) name: &'static str,
+    pub(crate) values: Vec<Arc<str>>,
+    pub(crate) value_of: Box<LabelFn>,
+}
+
+/// Chooses a request's label value.
+type LabelFn = dyn Fn(&http::request::Parts) -> Option<usize> + Send + Sync;
+
+impl std::fmt::Debug for MetricLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricLabel")
+            .field("name", &self.name)
+            .field("values", &self.values)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricLabel {
+    /// The value index of `req`: one of `values`, else `values.len()`
+    /// (`none`).
+    pub(crate) fn index(&self, req: &http::request::Parts) -> usize {
+        (self.value_of)(req)
+            .filter(|&i| i < self.values.len())
+            .unwrap_or(self.values.len())
+    }
 }
 
 /// The layer's metric handles, made on first use so the hot path neither
@@ -30,8 +61,9 @@ pub(crate) struct Shared<St> {
 #[derive(Debug)]
 pub(crate) struct LimitMetrics {
     pub(crate) store_duration: metrics::Histogram,
-    /// Per policy: allowed, rejected, shadow rejected.
-    pub(crate) decisions: Vec<[metrics::Counter; 3]>,
+    /// Per policy and label value: allowed, rejected, shadow rejected,
+    /// near the limit.
+    pub(crate) decisions: Vec<Vec<[metrics::Counter; 4]>>,
 }
 
 impl<St> Shared<St> {
@@ -40,8 +72,10 @@ impl<St> Shared<St> {
         policies: Vec<Policy>,
         failure: FailurePolicy,
         fallback: Arc<Fallback>,
+        label: Option<Arc<MetricLabel>>,
     ) -> Self {
         Self {
+            label,
             store,
             single_policy_field: super::headers::single_policy_field(&policies),
             policies,
@@ -61,14 +95,40 @@ impl<St> Shared<St> {
                 .iter()
                 .map(|policy| {
                     let class = policy.route_class.clone().unwrap_or_else(|| "".into());
-                    ["allowed", "rejected", "shadow_rejected"].map(|outcome| {
-                        metrics::counter!(
-                            crate::metrics::RATELIMIT_DECISIONS,
-                            "policy" => policy.name.as_str(),
-                            "route_class" => class.clone(),
-                            "outcome" => outcome,
-                        )
-                    })
+                    let base = vec![
+                        metrics::Label::new("policy", policy.name.as_str()),
+                        metrics::Label::new("route_class", class.to_string()),
+                    ];
+                    // One set per label value, and one for `none`.
+                    let values: Vec<Option<String>> = match &self.label {
+                        None => vec![None],
+                        Some(label) => label
+                            .values
+                            .iter()
+                            .map(|v| Some(v.to_string()))
+                            .chain([Some("none".to_owned())])
+                            .collect(),
+                    };
+                    values
+                        .into_iter()
+                        .map(|value| {
+                            let mut labels = base.clone();
+                            if let (Some(label), Some(value)) = (&self.label, value) {
+                                labels.push(metrics::Label::new(label.name, value));
+                            }
+                            let decision = |outcome: &'static str| {
+                                let mut labels = labels.clone();
+                                labels.push(metrics::Label::new("outcome", outcome));
+                                metrics::counter!(crate::metrics::RATELIMIT_DECISIONS, labels)
+                            };
+                            [
+                                decision("allowed"),
+                                decision("rejected"),
+                                decision("shadow_rejected"),
+                                metrics::counter!(crate::metrics::RATELIMIT_NEAR_LIMIT, labels),
+                            ]
+                        })
+                        .collect()
                 })
                 .collect(),
         })
@@ -210,6 +270,7 @@ where
                 Err(rejection) => return ResponseFuture::rejected(rejection.into_problem()),
             }
         }
+        let label = self.shared.label.as_ref().map_or(0, |l| l.index(&parts));
         let req = Request::from_parts(parts, body);
 
         // Take the service that was driven to readiness, leave a clone.
@@ -221,7 +282,7 @@ where
             return ResponseFuture::calling(inner.call(req), None);
         }
         let check = self.shared.store.check(&checks);
-        ResponseFuture::checking(check, req, inner, checks, index, self.shared.clone())
+        ResponseFuture::checking(check, req, inner, checks, index, label, self.shared.clone())
     }
 }
 
@@ -229,6 +290,7 @@ where
 mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
+    use std::task::{Context, Poll};
     use std::time::Duration;
 
     use axum::body::Body;
@@ -309,6 +371,73 @@ mod tests {
         tokio::time::advance(Duration::from_millis(29_500)).await;
         assert_eq!(get(&app, &[]).await.0, 200);
         assert_eq!(get(&app, &[]).await.0, 429);
+    }
+
+    /// Decisions are counted by policy, outcome and the layer's label
+    /// (`plan`, from a fixed list), and allowed requests that left at most
+    /// 10 % of the burst count as near the limit.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn decisions_carry_the_metric_label_and_near_limit_is_counted() {
+        let recorder = crate::metrics::prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        let layer = RateLimitLayer::new(MemoryStore::new())
+            .with_policy(Policy::new("tenant", Global, Quota::per_minute(10)))
+            .with_metric_label("plan", ["free", "pro"], |req| {
+                match req.headers.get("x-plan")?.to_str().ok()? {
+                    "free" => Some(0),
+                    "pro" => Some(1),
+                    _ => Some(7),
+                }
+            });
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(layer);
+        let send = |plan: Option<&str>| {
+            let mut req = Request::get("/");
+            if let Some(plan) = plan {
+                req = req.header("x-plan", plan);
+            }
+            let fut = app.clone().oneshot(req.body(Body::empty()).unwrap());
+            metrics::with_local_recorder(&recorder, || {
+                let waker = std::task::Waker::noop();
+                let mut cx = Context::from_waker(waker);
+                let mut fut = std::pin::pin!(fut);
+                loop {
+                    if let Poll::Ready(res) = fut.as_mut().poll(&mut cx) {
+                        break res.unwrap().status();
+                    }
+                }
+            })
+        };
+        for _ in 0..9 {
+            send(Some("free"));
+        }
+        assert_eq!(send(Some("free")), 200);
+        assert_eq!(send(Some("free")), 429);
+        assert_eq!(send(None), 429);
+        assert_eq!(send(Some("gold")), 429);
+        let text = handle.render();
+        let line = |labels: &str| {
+            text.lines()
+                .find(|l| l.contains(labels))
+                .unwrap_or_else(|| panic!("no series with {labels} in {text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(line(r#"plan="free",outcome="allowed""#), "10");
+        assert_eq!(line(r#"plan="free",outcome="rejected""#), "1");
+        assert_eq!(line(r#"plan="none",outcome="rejected""#), "2");
+        assert_eq!(line(r#"plan="pro",outcome="allowed""#), "0");
+        // r=1 and r=0 of a burst of 10.
+        assert_eq!(
+            line(
+                r#"tollgate_ratelimit_near_limit_total{policy="tenant",route_class="",plan="free"}"#
+            ),
+            "2"
+        );
     }
 
     /// Draft -11: `r` is the quota available and `t` its effective window.
