@@ -595,9 +595,10 @@ mod tests {
             .oneshot(Request::get("/?export").body(Body::empty()).unwrap())
             .await
             .unwrap();
-        // The bucket holds 6.6 s of charges (6 s standard + 0.6 s premium); the
-        // export adds 5 × 6 s.
-        assert_eq!(res.headers()["ratelimit"], r#""plan";r=3;t=37"#);
+        // Each quota has its own bucket: the premium request was counted in
+        // its own, so the standard bucket holds 6 s, and the export adds
+        // 5 × 6 s.
+        assert_eq!(res.headers()["ratelimit"], r#""plan";r=4;t=36"#);
     }
 
     #[tokio::test]
