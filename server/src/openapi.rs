@@ -65,6 +65,17 @@ pub enum BodyErrors {
     Invalid(Problem),
 }
 
+/// Errors every operator route may answer, besides its own.
+#[derive(Debug, utoipa::IntoResponses)]
+pub enum OperatorErrors {
+    /// No credential, or another than `ADMIN_TOKEN`.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// No such tenant.
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

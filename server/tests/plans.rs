@@ -53,6 +53,17 @@ fn shared_db() -> String {
     tollgate_test_support::app_url("tollgate")
 }
 
+/// An in-process server with [`PLANS`] and the operator API on a port of
+/// its own: (server, the API's address).
+fn with_operator_api() -> (Server, String) {
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(&with(&[
+        ("ADMIN_ADDR", &admin_addr),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+    ]));
+    (server, admin_addr)
+}
+
 /// A read: (status, the `"tenant"` item of `RateLimit-Policy`).
 async fn read(http: &reqwest::Client, server: &Server, token: &str) -> (u16, String) {
     read_at(http, &server.base, token).await
@@ -192,12 +203,7 @@ async fn an_upgrade_applies_on_every_replica_within_a_second() {
 /// through the operator API, with the CLI's `show` agreeing.
 #[tokio::test]
 async fn overrides_apply_and_revert_live() {
-    let port = free_port().to_string();
-    let admin_addr = format!("127.0.0.1:{port}");
-    let server = Server::start(&with(&[
-        ("ADMIN_ADDR", &admin_addr),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-    ]));
+    let (server, admin_addr) = with_operator_api();
     let http = client();
     let (tenant, token) = tenant_on(&server, "free").await;
     assert_eq!(read(&http, &server, &token).await.1, r#""tenant";q=5;w=60"#);
@@ -259,12 +265,7 @@ async fn overrides_apply_and_revert_live() {
 /// quota. Each is refused naming what is allowed, and nothing changes.
 #[tokio::test]
 async fn bad_changes_are_refused_and_change_nothing() {
-    let port = free_port().to_string();
-    let admin_addr = format!("127.0.0.1:{port}");
-    let server = Server::start(&with(&[
-        ("ADMIN_ADDR", &admin_addr),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-    ]));
+    let (server, admin_addr) = with_operator_api();
     let http = client();
     let (tenant, _) = tenant_on(&server, "pro").await;
     let admin = |path: String| format!("http://{admin_addr}/admin/tenants/{path}");
@@ -336,12 +337,7 @@ async fn bad_changes_are_refused_and_change_nothing() {
 /// routes at all.
 #[tokio::test]
 async fn a_staff_token_cannot_change_its_tenants_plan() {
-    let port = free_port().to_string();
-    let admin_addr = format!("127.0.0.1:{port}");
-    let server = Server::start(&with(&[
-        ("ADMIN_ADDR", &admin_addr),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-    ]));
+    let (server, admin_addr) = with_operator_api();
     let http = client();
     let pool = app_pool().await;
     let (tenant, emails) = seed_tenant(&pool, &[("boss", "staff")], 0).await;

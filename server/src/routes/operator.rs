@@ -57,8 +57,7 @@ pub struct SetLimit {
     responses(
         (status = 200, description = "The tenant's plan", body = TenantPlan),
         (status = 400, description = "Not a tenant id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or another credential than ADMIN_TOKEN", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::OperatorErrors,
     ))]
 pub async fn show_plan(
     State(state): State<AppState>,
@@ -77,8 +76,7 @@ pub async fn show_plan(
     responses(
         (status = 200, description = "The tenant's plan after the change", body = TenantPlan),
         crate::openapi::BodyErrors,
-        (status = 401, description = "No or another credential than ADMIN_TOKEN", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::OperatorErrors,
     ))]
 pub async fn set_plan(
     State(state): State<AppState>,
@@ -106,8 +104,7 @@ pub async fn set_plan(
     responses(
         (status = 200, description = "The tenant's plan after the change", body = TenantPlan),
         crate::openapi::BodyErrors,
-        (status = 401, description = "No or another credential than ADMIN_TOKEN", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::OperatorErrors,
     ))]
 pub async fn set_limit(
     State(state): State<AppState>,
@@ -131,8 +128,7 @@ pub async fn set_limit(
     responses(
         (status = 200, description = "The tenant's plan after the change", body = TenantPlan),
         (status = 400, description = "Not a tenant id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or another credential than ADMIN_TOKEN", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such tenant", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::OperatorErrors,
         (status = 422, description = "Not one of the four limits", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ))]
 pub async fn clear_limit(
