@@ -81,6 +81,10 @@ ip_env="RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1"
 # requests pooled, no statement cache, LISTEN direct. Rows named
 # "… [pooler]" are compared with the direct tenant route after the table.
 pooler_env="DATABASE_URL=postgres://tollgate_app:tollgate_app@127.0.0.1:6432/tollgate DB_STATEMENT_CACHE=0 DATABASE_DIRECT_URL=$DATABASE_URL"
+# Plans configured (TENANT_PLANS, each plan's limits set; the bench tenant
+# on the default one): "… [plans]" rows are compared with the direct
+# tenant route after the table, like the pooler rows.
+plans_env="TENANT_PLANS=free,pro RATE_LIMIT_PLAN_FREE_TENANT=4000000000/s RATE_LIMIT_PLAN_PRO_TENANT=4000000000/s RATE_LIMIT_PLAN_FREE_READ=4000000000/s RATE_LIMIT_PLAN_PRO_READ=4000000000/s"
 # The same stack without the capacity layers: no concurrency policies, no
 # header/body/request deadlines (rows named "… [no capacity layers]" are
 # compared with the row of the same name after the table).
@@ -104,6 +108,7 @@ configs=(
   "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
   "tenant route, direct, no statement cache [pooler]|server|RATE_LIMIT_STORE=memory $unlimited DB_STATEMENT_CACHE=0|AUTH|/api/v1/items|"
   "tenant route through PgBouncer (transaction mode) [pooler]|server|RATE_LIMIT_STORE=memory $unlimited $pooler_env|AUTH|/api/v1/items|"
+  "tenant route, two plans configured [plans]|server|RATE_LIMIT_STORE=memory $unlimited $plans_env|AUTH|/api/v1/items|"
 )
 if [ "$LOADGEN" = oha ]; then
   configs+=(
@@ -256,7 +261,7 @@ for i in "${!configs[@]}"; do
     per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
     non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-    if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" ]]; then
+    if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" || "$name" == *" [plans]" ]]; then
         ratio="(see below)"
     elif [ "$path" = /api/v1/items ]; then
         # Database rows compare with the plain transaction, not with ping.
@@ -292,13 +297,14 @@ for i in "${!configs[@]}"; do
     done
 done
 
-# Behind a pooler: each "[pooler]" row against the direct tenant route (the
-# statement cache on, straight to Postgres) of the same run.
+# Behind a pooler, and with plans: each "[pooler]" and "[plans]" row against
+# the direct tenant route (the statement cache on, straight to Postgres, no
+# TENANT_PLANS) of the same run.
 direct= pooled=
 for i in "${!configs[@]}"; do
     IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
     if [[ -z "$direct" && "$name" == "tenant route: token, limits, RLS transaction"* ]]; then direct=$i; fi
-    if [[ "$name" == *" [pooler]" ]]; then pooled=1; fi
+    if [[ "$name" == *" [pooler]" || "$name" == *" [plans]" ]]; then pooled=1; fi
 done
 if [ -n "$direct" ] && [ -n "$pooled" ]; then
     direct_rps=$(awk -F'|' -v i="$direct" '$1 == i { print $3 }' "$tmp/results" | median)
@@ -309,10 +315,11 @@ if [ -n "$direct" ] && [ -n "$pooled" ]; then
     printf '| direct, statement cache on (the default) | %.0f | 1.00 | %.3f | 1.00 |\n' "$direct_rps" "$direct_p50"
     for i in "${!configs[@]}"; do
         IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
-        [[ "$name" == *" [pooler]" ]] || continue
+        [[ "$name" == *" [pooler]" || "$name" == *" [plans]" ]] || continue
         rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
         p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
-        printf '| %s | %.0f | %.2f | %.3f | %.2f |\n' "${name% \[pooler\]}" "$rps" \
+        label=${name% \[pooler\]}
+        printf '| %s | %.0f | %.3f | %.3f | %.3f |\n' "${label% \[plans\]}" "$rps" \
             "$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { print a / b }')" "$p50" \
             "$(awk -v a="$p50" -v b="$direct_p50" 'BEGIN { print a / b }')"
     done
