@@ -109,6 +109,14 @@ pub const RATELIMIT_LEASE_RETURNED: &str = "tollgate_ratelimit_lease_returned_un
 /// `tollgate_ratelimit_local_cache_hits_total`: requests the Redis store
 /// denied from its local over-limit cache.
 pub const RATELIMIT_LOCAL_CACHE_HITS: &str = "tollgate_ratelimit_local_cache_hits_total";
+/// `tollgate_ratelimit_memory_entries`: exact entries the memory store
+/// holds, set at each purge.
+pub const RATELIMIT_MEMORY_ENTRIES: &str = "tollgate_ratelimit_memory_entries";
+/// `tollgate_ratelimit_overflow_decisions_total`: checks of keys beyond the
+/// memory store's budget, decided in its fixed-size overflow sketch.
+pub const RATELIMIT_OVERFLOW_DECISIONS: &str = "tollgate_ratelimit_overflow_decisions_total";
+/// `tollgate_ratelimit_overflow_denials_total`: of those, the denied ones.
+pub const RATELIMIT_OVERFLOW_DENIALS: &str = "tollgate_ratelimit_overflow_denials_total";
 /// `tollgate_ready`: 1 when ready.
 pub const READY: &str = "tollgate_ready";
 /// `tollgate_draining`: 1 while draining.

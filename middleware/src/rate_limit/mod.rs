@@ -118,7 +118,7 @@ pub use store::{
 };
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use store::{DEFAULT_PURGE_INTERVAL, MemoryStore};
+pub use store::{DEFAULT_OVERFLOW_WIDTH, DEFAULT_PURGE_INTERVAL, MemoryStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{

@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
+use super::overflow::{Cells, Sketch};
 use super::{Check, Decision, Decisions, Store, StoreError};
 use crate::rate_limit::clock::{Clock, MonotonicClock, nanos};
 use crate::rate_limit::gcra::Outcome;
@@ -148,7 +149,40 @@ struct Inner<C> {
     clock: C,
     /// Whether a purge task runs already, so starting one is idempotent.
     purging: AtomicBool,
+    /// The most exact entries, and the overflow beyond them; unset: no
+    /// bound.
+    budget: OnceLock<Budget>,
 }
+
+/// How many exact entries a store may hold, and where keys beyond them are
+/// decided.
+struct Budget {
+    max: usize,
+    /// Exact entries held (counted on insert and purge).
+    entries: AtomicUsize,
+    sketch: Mutex<Sketch>,
+    /// Whether the sketch ever decided a key: from then on a new exact
+    /// entry starts from the key's state in the sketch, so no key is freed
+    /// into a fresh bucket when room appears.
+    used: AtomicBool,
+    overflow_decisions: AtomicU64,
+    overflow_denials: AtomicU64,
+}
+
+impl Budget {
+    fn full(&self) -> bool {
+        self.entries.load(Ordering::Relaxed) >= self.max
+    }
+
+    fn sketch(&self) -> MutexGuard<'_, Sketch> {
+        // Cells are raised in single statements; a panic leaves none
+        // half-written.
+        self.sketch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The default width of the overflow sketch: 65 536 cells per row, 2 MiB.
+pub const DEFAULT_OVERFLOW_WIDTH: usize = 1 << 16;
 
 // === impl MemoryStore ===
 
@@ -177,8 +211,62 @@ impl<C: Clock> MemoryStore<C> {
                 buckets: Tables::new(),
                 clock,
                 purging: AtomicBool::new(false),
+                budget: OnceLock::new(),
             }),
         }
+    }
+
+    /// Holds at most about `max_keys` exact entries (a few more when new
+    /// keys race for the last places); keys beyond them are decided in an
+    /// overflow sketch of [`DEFAULT_OVERFLOW_WIDTH`] cells per row, whose
+    /// memory is allocated now and never grows. See
+    /// [`with_overflow_width`](Self::with_overflow_width). Call before the
+    /// store is used; a second call changes nothing.
+    #[must_use]
+    pub fn with_max_keys(self, max_keys: usize) -> Self {
+        self.with_overflow_width(max_keys, DEFAULT_OVERFLOW_WIDTH)
+    }
+
+    /// [`with_max_keys`](Self::with_max_keys) with a sketch of `width`
+    /// cells per row (rounded up to a power of two, at least 64; 4 rows
+    /// of 8-byte cells).
+    ///
+    /// # The overflow
+    ///
+    /// A key that has no exact entry when the store holds `max_keys` is
+    /// decided in a count-min sketch of GCRA states with conservative
+    /// update: its state is the smallest of its four cells, and a charge
+    /// raises each of them to the new state. A cell is never lower than the state an exact
+    /// bucket would have for any key that maps to it, so the sketch never
+    /// admits more than an exact bucket would; keys that share cells may be
+    /// denied early. Nothing is evicted: a key over its limit stays over it
+    /// however many keys arrive, and when room for exact entries returns
+    /// (idle keys purged), a new entry starts from the key's state in the
+    /// sketch, not from a full bucket. Decisions in the sketch take one
+    /// lock (only keys beyond the budget, and new keys once it was used).
+    #[must_use]
+    pub fn with_overflow_width(self, max_keys: usize, width: usize) -> Self {
+        let _ = self.inner.budget.set(Budget {
+            max: max_keys,
+            entries: AtomicUsize::new(self.inner.buckets.len()),
+            sketch: Mutex::new(Sketch::new(width)),
+            used: AtomicBool::new(false),
+            overflow_decisions: AtomicU64::new(0),
+            overflow_denials: AtomicU64::new(0),
+        });
+        self
+    }
+
+    /// The overflow: (decisions made in it, of which denials, its bytes);
+    /// `None` without a budget.
+    pub fn overflow_stats(&self) -> Option<(u64, u64, usize)> {
+        self.inner.budget.get().map(|budget| {
+            (
+                budget.overflow_decisions.load(Ordering::Relaxed),
+                budget.overflow_denials.load(Ordering::Relaxed),
+                budget.sketch().bytes(),
+            )
+        })
     }
 
     /// Sweeps idle keys every `every` on a background Tokio task, which ends
@@ -200,11 +288,10 @@ impl<C: Clock> MemoryStore<C> {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 let removed = inner.purge();
-                tracing::trace!(
-                    removed,
-                    kept = inner.buckets.len(),
-                    "purged idle rate-limit keys"
-                );
+                let kept = inner.buckets.len();
+                tracing::trace!(removed, kept, "purged idle rate-limit keys");
+                #[cfg(feature = "metrics")]
+                metrics::gauge!(crate::metrics::RATELIMIT_MEMORY_ENTRIES).set(kept as f64);
             }
         });
         true
@@ -229,14 +316,35 @@ impl<C: Clock> MemoryStore<C> {
     fn decide(&self, checks: &[Check]) -> Decisions {
         let now = nanos(self.inner.clock.now());
         if let [check] = checks {
-            return self.inner.decide_one(check, now);
+            if let Some(decisions) = self.inner.decide_one(check, now) {
+                return decisions;
+            }
         }
         let tables: SmallVec<[TableRef<'_>; 4]> = checks
             .iter()
             .map(|check| self.inner.buckets.of(check.policy))
             .collect();
+        let budget = self.inner.budget.get();
+        // Beyond the budget, a key without an entry is decided in the
+        // sketch; once the sketch was used, a new entry starts from it.
+        let overflow: SmallVec<[bool; 4]> = checks
+            .iter()
+            .zip(&tables)
+            .map(|(check, table)| {
+                budget.is_some_and(|b| b.full() && !table.contains_key(&check.key))
+            })
+            .collect();
+        let mut sketch = budget
+            .filter(|b| overflow.contains(&true) || b.used.load(Ordering::Acquire))
+            .map(Budget::sketch);
+        let cells: SmallVec<[Option<Cells>; 4]> = checks
+            .iter()
+            .map(|check| sketch.as_ref().map(|s| s.cells(check.policy, &check.key)))
+            .collect();
         'decide: loop {
-            let mut seen: SmallVec<[(Option<u64>, Outcome); 4]> = SmallVec::new();
+            // Per check: the state it was decided on, whether that state
+            // is an exact entry, and the outcome.
+            let mut seen: SmallVec<[(Option<u64>, bool, Outcome); 4]> = SmallVec::new();
             let mut allowed = true;
             for (i, (check, table)) in checks.iter().zip(&tables).enumerate() {
                 // Policies of one name share buckets: a check of a bucket an
@@ -245,21 +353,33 @@ impl<C: Clock> MemoryStore<C> {
                 let earlier = checks[..i]
                     .iter()
                     .rposition(|c| c.policy == check.policy && c.key == check.key);
-                let stored = match earlier {
-                    Some(j) if seen[j].1.allowed => Some(seen[j].1.new_tat),
-                    Some(j) => seen[j].0,
-                    None => table.get(&check.key).map(|tat| tat.load(Ordering::Acquire)),
+                let in_sketch = |s: &Option<MutexGuard<'_, Sketch>>| {
+                    s.as_ref()
+                        .zip(cells[i].as_ref())
+                        .and_then(|(s, c)| s.state(c))
+                };
+                let (stored, exact) = match earlier {
+                    Some(j) if seen[j].2.allowed => (Some(seen[j].2.new_tat), !overflow[j]),
+                    Some(j) => (seen[j].0, seen[j].1),
+                    None if overflow[i] => (in_sketch(&sketch), false),
+                    None => match table.get(&check.key) {
+                        Some(tat) => (Some(tat.load(Ordering::Acquire)), true),
+                        None => (in_sketch(&sketch), false),
+                    },
                 };
                 let outcome = check.quota.gcra().evaluate(stored, now, check.cost);
                 allowed &= outcome.allowed || !check.enforce;
-                seen.push((stored, outcome));
+                seen.push((stored, exact, outcome));
+            }
+            if let Some(budget) = budget {
+                count_overflow(budget, &overflow, &seen, allowed);
             }
             if !allowed {
                 // Nothing is charged: report each bucket as it stands.
                 let each = checks
                     .iter()
                     .zip(&seen)
-                    .map(|(check, &(stored, outcome))| {
+                    .map(|(check, &(stored, _, outcome))| {
                         if outcome.allowed {
                             decision(check.quota.gcra().evaluate(stored, now, 0))
                         } else {
@@ -269,16 +389,21 @@ impl<C: Clock> MemoryStore<C> {
                     .collect();
                 return Decisions { allowed, each };
             }
-            for (i, (check, &(stored, outcome))) in checks.iter().zip(&seen).enumerate() {
-                // A denying shadow check is reported, not charged.
-                if outcome.allowed && !swap(&tables[i], &check.key, stored, outcome.new_tat) {
+            for (i, (check, &(stored, exact, outcome))) in checks.iter().zip(&seen).enumerate() {
+                // A denying shadow check is reported, not charged; the
+                // sketch is charged below, once every entry is.
+                if !outcome.allowed || overflow[i] {
+                    continue;
+                }
+                let expected = if exact { stored } else { None };
+                if !swap(&tables[i], &check.key, expected, outcome.new_tat, budget) {
                     // Raced with another request: undo (latest first, so a
                     // bucket charged twice is restored exactly) and decide
                     // again.
-                    for (j, (check, &(stored, outcome))) in
+                    for (j, (check, &(stored, _, outcome))) in
                         checks.iter().zip(&seen).enumerate().take(i).rev()
                     {
-                        if outcome.allowed {
+                        if outcome.allowed && !overflow[j] {
                             let charge = check.quota.gcra().charge(check.cost);
                             undo(&tables[j], &check.key, stored, outcome.new_tat, charge);
                         }
@@ -286,7 +411,17 @@ impl<C: Clock> MemoryStore<C> {
                     continue 'decide;
                 }
             }
-            let each = seen.iter().map(|&(_, outcome)| decision(outcome)).collect();
+            if let Some(sketch) = sketch.as_mut() {
+                for (i, &(_, _, outcome)) in seen.iter().enumerate() {
+                    if let (true, true, Some(cells)) = (overflow[i], outcome.allowed, &cells[i]) {
+                        sketch.raise(cells, outcome.new_tat);
+                    }
+                }
+            }
+            let each = seen
+                .iter()
+                .map(|&(_, _, outcome)| decision(outcome))
+                .collect();
             return Decisions { allowed, each };
         }
     }
@@ -294,8 +429,10 @@ impl<C: Clock> MemoryStore<C> {
 
 impl<C> Inner<C> {
     /// One check: one lookup, then compare-and-swap on the bucket while
-    /// holding it, as governor does.
-    fn decide_one(&self, check: &Check, now: u64) -> Decisions {
+    /// holding it, as governor does. `None`: a new key of a store whose
+    /// budget is full or whose sketch was used (the general path decides
+    /// it).
+    fn decide_one(&self, check: &Check, now: u64) -> Option<Decisions> {
         let gcra = check.quota.gcra();
         let table = self.buckets.of(check.policy);
         if let Some(tat) = table.get(&check.key) {
@@ -303,7 +440,7 @@ impl<C> Inner<C> {
             loop {
                 let outcome = gcra.evaluate(Some(stored), now, check.cost);
                 if !outcome.allowed {
-                    return single(outcome, !check.enforce);
+                    return Some(single(outcome, !check.enforce));
                 }
                 match tat.compare_exchange_weak(
                     stored,
@@ -311,22 +448,62 @@ impl<C> Inner<C> {
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
-                    Ok(_) => return single(outcome, true),
+                    Ok(_) => return Some(single(outcome, true)),
                     Err(current) => stored = current,
                 }
             }
         }
+        let budget = self.budget.get();
+        if budget.is_some_and(|b| b.full() || b.used.load(Ordering::Acquire)) {
+            return None;
+        }
         let outcome = gcra.evaluate(None, now, check.cost);
-        if outcome.allowed && !swap(&table, &check.key, None, outcome.new_tat) {
+        if outcome.allowed && !swap(&table, &check.key, None, outcome.new_tat, budget) {
             // Another request created the bucket first: decide against it.
             return self.decide_one(check, now);
         }
-        single(outcome, outcome.allowed || !check.enforce)
+        Some(single(outcome, outcome.allowed || !check.enforce))
     }
 }
 
-/// Stores `new` if the bucket still holds `expected`.
-fn swap(table: &Table, key: &Key, expected: Option<u64>, new: u64) -> bool {
+/// Counts a batch's decisions made in the overflow sketch (and marks the
+/// sketch used).
+fn count_overflow(
+    budget: &Budget,
+    overflow: &[bool],
+    seen: &[(Option<u64>, bool, Outcome)],
+    allowed: bool,
+) {
+    let mut decided = 0;
+    let mut denied = 0;
+    for (_, &(_, _, outcome)) in overflow.iter().zip(seen).filter(|(o, _)| **o) {
+        decided += 1;
+        denied += u64::from(!outcome.allowed || !allowed);
+    }
+    if decided == 0 {
+        return;
+    }
+    budget.used.store(true, Ordering::Release);
+    budget
+        .overflow_decisions
+        .fetch_add(decided, Ordering::Relaxed);
+    budget.overflow_denials.fetch_add(denied, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!(crate::metrics::RATELIMIT_OVERFLOW_DECISIONS).increment(decided);
+        metrics::counter!(crate::metrics::RATELIMIT_OVERFLOW_DENIALS).increment(denied);
+    }
+}
+
+/// Stores `new` if the bucket still holds `expected` (`None`: the bucket
+/// does not exist yet; its creation is counted in `budget`).
+fn swap(
+    table: &Table,
+    key: &Key,
+    expected: Option<u64>,
+    new: u64,
+    budget: Option<&Budget>,
+) -> bool {
     match expected {
         Some(expected) => table.get(key).is_some_and(|tat| {
             tat.compare_exchange(expected, new, Ordering::AcqRel, Ordering::Acquire)
@@ -335,6 +512,9 @@ fn swap(table: &Table, key: &Key, expected: Option<u64>, new: u64) -> bool {
         None => match table.entry(key.clone()) {
             dashmap::Entry::Vacant(slot) => {
                 slot.insert(AtomicU64::new(new));
+                if let Some(budget) = budget {
+                    budget.entries.fetch_add(1, Ordering::Relaxed);
+                }
                 true
             }
             dashmap::Entry::Occupied(_) => false,
@@ -370,6 +550,9 @@ impl<C: Clock> Inner<C> {
             }
             removed += before.saturating_sub(after);
         });
+        if let Some(budget) = self.budget.get() {
+            budget.entries.fetch_sub(removed, Ordering::Relaxed);
+        }
         removed
     }
 }
@@ -569,6 +752,98 @@ mod tests {
         // The tenant bucket was charged exactly for the allowed requests.
         let d = decide(&store, &[b]);
         assert_eq!(d.each[0].remaining, 150 - 100 - 1);
+    }
+
+    /// Replays what a bounded store admitted, key by key, into an exact
+    /// unbounded one: every request must be allowed there too, or the
+    /// bounded store admitted more than an exact bucket would.
+    fn assert_conformant(admitted: &[(u64, Check)]) {
+        let clock = ManualClock::new();
+        let exact = MemoryStore::with_clock(clock.clone());
+        let mut at = 0;
+        for (t, check) in admitted {
+            clock.advance(Duration::from_nanos(t - at));
+            at = *t;
+            let d = exact.decide(std::slice::from_ref(check));
+            assert!(
+                d.allowed,
+                "admitted beyond an exact bucket: {check:?} at {t} ns"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_over_its_limit_stays_over_it_when_room_returns() {
+        let clock = ManualClock::new();
+        let store = MemoryStore::with_clock(clock.clone()).with_overflow_width(4, 64);
+        // Four short-lived keys fill the budget.
+        for k in 0..4 {
+            let c = check("ip", &format!("short{k}"), Quota::per_second(1), 1);
+            assert!(decide(&store, &[c]).allowed);
+        }
+        assert_eq!(store.len(), 4);
+        // A spraying client's key lands in the sketch and exhausts it.
+        let slow = check("ip", "sprayer", Quota::per_hour(10), 1);
+        let admitted = (0..20)
+            .filter(|_| decide(&store, std::slice::from_ref(&slow)).allowed)
+            .count();
+        assert_eq!(admitted, 10, "the sketch admitted more than the burst");
+        assert_eq!(store.len(), 4, "the overflow made an exact entry");
+        // The short keys go idle and are purged: room for exact entries.
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(store.purge(), 4);
+        // The sprayer gets an entry now, starting from its sketch state.
+        assert!(!decide(&store, std::slice::from_ref(&slow)).allowed);
+        assert_eq!(store.len(), 0, "a denied key needs no entry");
+        let (decisions, denials, bytes) = store.overflow_stats().unwrap();
+        assert_eq!((decisions, denials, bytes), (20, 10, 4 * 64 * 8));
+    }
+
+    proptest! {
+        /// Random keys, costs, quotas and time steps on a store with room
+        /// for 3 exact entries and a sketch of 64 cells per row (collisions
+        /// forced): whatever it admits, an exact bucket admits too.
+        #[test]
+        fn the_overflow_never_admits_more_than_an_exact_bucket(
+            steps in proptest::collection::vec(
+                (0u16..300, 1u32..4, 0u64..50, any::<bool>(), any::<bool>()),
+                1..400,
+            ),
+        ) {
+            let clock = ManualClock::new();
+            let store = MemoryStore::with_clock(clock.clone()).with_overflow_width(3, 64);
+            let quotas = [Quota::per_second(5).with_burst(3), Quota::per_minute(20)];
+            let mut now = 0u64;
+            let mut admitted = Vec::new();
+            for (key, cost, step_ms, slow, pair) in steps {
+                clock.advance(Duration::from_millis(step_ms));
+                now += step_ms * 1_000_000;
+                let quota = quotas[usize::from(slow)];
+                let mut checks = vec![check("ip", &key.to_string(), quota, cost)];
+                if pair {
+                    // Two policies decided together, the second on a key of
+                    // its own.
+                    checks.push(check("user", &(key / 7).to_string(), quotas[0], 1));
+                }
+                let d = decide(&store, &checks);
+                if d.allowed {
+                    admitted.extend(checks.into_iter().map(|c| (now, c)));
+                }
+                if step_ms % 7 == 0 {
+                    store.purge();
+                }
+            }
+            // Replayed policy by policy and key by key, in time order.
+            let mut by_key: std::collections::BTreeMap<String, Vec<(u64, Check)>> =
+                Default::default();
+            for (t, c) in admitted {
+                by_key.entry(format!("{}/{}", c.policy, c.key)).or_default().push((t, c));
+            }
+            for requests in by_key.values() {
+                assert_conformant(requests);
+            }
+            prop_assert!(store.len() <= 3 + 1, "{} exact entries", store.len());
+        }
     }
 
     proptest! {

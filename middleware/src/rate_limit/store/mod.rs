@@ -9,6 +9,8 @@
 mod either;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "memory")]
+mod overflow;
 #[cfg(feature = "redis")]
 mod redis;
 
@@ -23,7 +25,7 @@ pub use either::{EitherFuture, EitherStore};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use memory::{DEFAULT_PURGE_INTERVAL, MemoryStore};
+pub use memory::{DEFAULT_OVERFLOW_WIDTH, DEFAULT_PURGE_INTERVAL, MemoryStore};
 
 use std::fmt;
 use std::future::Future;
