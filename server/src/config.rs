@@ -42,6 +42,9 @@ pub struct Config {
     /// `RATE_LIMIT_FALLBACK_REPLICAS`: quotas are divided by this while a
     /// replica decides alone, so the fleet as a whole stays near its quota.
     pub fallback_replicas: u32,
+    /// `RATE_LIMIT_MEMORY_MAX_KEYS`: the in-process store's budget of
+    /// exact entries (the local fallback's too).
+    pub memory_max_keys: usize,
     /// `METRICS_ADDR`: when set, `/metrics` is served only there (an admin
     /// address that need not face the internet), not on `LISTEN_ADDR`.
     pub metrics_addr: Option<SocketAddr>,
@@ -397,6 +400,12 @@ pub const VARIABLES: &[Variable] = &[
         Text("memory"),
         "memory or redis",
         "where limits are counted: memory (each replica alone) or redis (one count for the fleet)",
+    ),
+    var(
+        "RATE_LIMIT_MEMORY_MAX_KEYS",
+        Text("1000000"),
+        WHOLE_ABOVE_ZERO,
+        "exact keys the in-process store (and the local fallback) holds, about 66 MiB at 69 B each; keys beyond them are decided in a fixed 2 MiB overflow sketch that never admits more than an exact bucket",
     ),
     var(
         "RATE_LIMIT_FAILURE_MODE",
@@ -871,6 +880,7 @@ impl Config {
                 .transpose()?,
             failure_mode: var("RATE_LIMIT_FAILURE_MODE").parse()?,
             fallback_replicas: var("RATE_LIMIT_FALLBACK_REPLICAS").above_zero()?,
+            memory_max_keys: var("RATE_LIMIT_MEMORY_MAX_KEYS").above_zero()?,
             log_format: match var("LOG_FORMAT").text() {
                 Some("text") => LogFormat::Text,
                 Some("json") => LogFormat::Json,

@@ -83,7 +83,9 @@ impl Limits {
     /// that is down at start-up is the failure policy's to handle.
     pub fn new(config: Arc<Config>) -> Result<Self, StoreError> {
         let store = match &config.store {
-            StoreConfig::Memory => EitherStore::Left(MemoryStore::new()),
+            StoreConfig::Memory => {
+                EitherStore::Left(MemoryStore::new().with_max_keys(config.memory_max_keys))
+            }
             StoreConfig::Redis {
                 target,
                 config: redis,
@@ -95,7 +97,8 @@ impl Limits {
         };
         Ok(Self {
             store,
-            fallback: LocalFallback::new(config.fallback_replicas),
+            fallback: LocalFallback::new(config.fallback_replicas)
+                .with_max_keys(config.memory_max_keys),
             trust: Arc::new(config.limits.trust.clone()),
             plans: Arc::new(config.plans.clone()),
             config,

@@ -170,6 +170,17 @@ impl LocalFallback {
     pub fn new(replicas: u32) -> Self {
         Self(Arc::new(Fallback::new(replicas)))
     }
+
+    /// Bounds the local store's exact entries, as
+    /// [`MemoryStore::with_max_keys`](super::MemoryStore::with_max_keys)
+    /// does (keys beyond them are decided in its fixed-size overflow).
+    #[must_use]
+    pub fn with_max_keys(self, max_keys: usize) -> Self {
+        Self(Arc::new(Fallback {
+            max_keys: Some(max_keys),
+            ..Fallback::new(self.0.replicas)
+        }))
+    }
 }
 
 /// The local store of [`FailurePolicy::Local`], made on first use.
@@ -177,6 +188,9 @@ impl LocalFallback {
 pub(crate) struct Fallback {
     /// Quotas are divided by this while deciding locally.
     pub(crate) replicas: u32,
+    /// The local store's budget of exact entries
+    /// ([`MemoryStore::with_max_keys`](super::MemoryStore::with_max_keys)).
+    max_keys: Option<usize>,
     #[cfg(feature = "memory")]
     store: std::sync::OnceLock<super::MemoryStore>,
 }
@@ -185,6 +199,7 @@ impl Fallback {
     pub(crate) fn new(replicas: u32) -> Self {
         Self {
             replicas: replicas.max(1),
+            max_keys: None,
             #[cfg(feature = "memory")]
             store: std::sync::OnceLock::new(),
         }
@@ -195,7 +210,10 @@ impl Fallback {
     pub(crate) fn decide(&self, checks: &[Check]) -> Option<super::Decisions> {
         #[cfg(feature = "memory")]
         {
-            let store = self.store.get_or_init(super::MemoryStore::new);
+            let store = self.store.get_or_init(|| match self.max_keys {
+                Some(max) => super::MemoryStore::new().with_max_keys(max),
+                None => super::MemoryStore::new(),
+            });
             // The memory store's future is always ready.
             store.check(checks).into_inner().ok()
         }
