@@ -117,6 +117,11 @@ impl Tables {
 /// when the last clone of the store is dropped), so memory follows the
 /// number of keys active within one quota window, not every key ever seen.
 ///
+/// That number is the client's to choose (a new address per request): bound
+/// it with [`with_max_keys`](Self::with_max_keys). Keys beyond the budget
+/// are decided in a fixed-size overflow that never admits more than an
+/// exact bucket would.
+///
 /// # Example
 ///
 /// ```
