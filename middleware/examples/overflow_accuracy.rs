@@ -25,7 +25,9 @@ fn check(n: u32, quota: Quota, cost: u32) -> Check {
 fn main() {
     // A login-like quota: a key is kept for minutes.
     let quota = Quota::per_hour(10).with_burst(10);
-    println!("| sketch width (cells per row) | sketch memory | exhausted keys in it | false denials of fresh keys |");
+    println!(
+        "| sketch width (cells per row) | sketch memory | exhausted keys in it | false denials of fresh keys |"
+    );
     println!("|---|---|---|---|");
     for width in [4_096usize, 16_384, 65_536, 262_144] {
         for exhausted in [10_000u32, 100_000, 1_000_000] {
