@@ -295,9 +295,8 @@ async fn every_mode_stays_within_its_documented_bound() {
     }
 
     println!(
-        "\n{} s per mode, {OFFERED_PER_SECOND} req/s offered round-robin over {REPLICAS} replicas \
-         (one replica for the first row), one key, quota {QUOTA}:\n",
-        secs
+        "\n{secs} s per mode, {OFFERED_PER_SECOND} req/s offered round-robin over {REPLICAS} replicas \
+         (one replica for the first row), one key, quota {QUOTA} (the lease row: burst 60):\n"
     );
     println!(
         "| mode | offered | ideal (exact GCRA) | admitted | largest over-admission | early denials | 503 | documented bound |"
