@@ -64,6 +64,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("governor_keyed", |b| {
         b.iter(|| gov.check_key(black_box(&ip(1))).is_ok())
     });
+    // With a budget (the server's default), never reached here: what the
+    // bound costs a key that has its entry.
+    let bounded = MemoryStore::new().with_max_keys(1_000_000);
+    group.bench_function("tollgate_memory_bounded", |b| {
+        b.iter(|| decide(&bounded, black_box(std::slice::from_ref(&hot))))
+    });
     let tenant = check(PolicyName::new("tenant"), ip(2), quota);
     let pair = [hot.clone(), tenant];
     group.bench_function("tollgate_memory_two_policies", |b| {
@@ -79,6 +85,25 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % KEYS;
             decide(&store, &[check(policy, ip(i), quota)])
+        })
+    });
+    // The same 1 M keys under a budget that holds them all (the server's
+    // default), and under one a tenth their number: most keys are then
+    // decided in the overflow sketch.
+    let bounded = MemoryStore::new().with_max_keys(KEYS as usize);
+    let mut i = 0u32;
+    group.bench_function("tollgate_memory_bounded", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            decide(&bounded, &[check(policy, ip(i), quota)])
+        })
+    });
+    let overflowing = MemoryStore::new().with_max_keys(KEYS as usize / 10);
+    let mut i = 0u32;
+    group.bench_function("tollgate_memory_overflowing", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            decide(&overflowing, &[check(policy, ip(i), quota)])
         })
     });
     let gov = governor::DefaultKeyedRateLimiter::<IpAddr>::keyed(gov_quota);
