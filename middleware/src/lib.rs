@@ -62,11 +62,15 @@
 //! # Ordering
 //!
 //! Layers read what layers above them put into request extensions, so the
-//! recommended [`ServiceBuilder`](https://docs.rs/tower/latest/tower/struct.ServiceBuilder.html)
-//! order, outermost first, is: client IP → request id → trace → metrics →
-//! rate limit → tenant. Putting metrics above the limiter means 429s are
-//! counted; putting the limiter above the tenant transaction means a
-//! rejected request never touches the database.
+//! recommended order, outermost first, is: client IP → request id → trace
+//! → metrics → your authentication → `tenant::TenantLayer`
+//! → rate limit → handler (the README's "Stacking the layers in your own
+//! axum app" uses the same). Metrics above the limiter count the 429s. The
+//! tenant layer above the limiter validates the tenant (400 for a malformed
+//! id) and puts the `tenant::TenantId` in the request
+//! before a per-tenant key is built from it, and costs the rejected request
+//! nothing: the transaction begins only when the handler asks for it, so a
+//! request the limiter rejects never touches the database.
 //!
 //! # Feature flags
 //!

@@ -6,9 +6,28 @@
 //!
 //! let problem = Problem::new(http::StatusCode::BAD_REQUEST, "Invalid tenant")
 //!     .with_detail("the tenant id is not a UUID");
-//! let res = problem.into_response();
+//! let res = problem.into_http_response();
 //! assert_eq!(res.status(), 400);
 //! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! ```
+//!
+//! It is an axum response too, so your own middleware and handlers can
+//! answer with one:
+//!
+//! ```
+//! use axum::{extract::Request, middleware::Next, response::{IntoResponse, Response}};
+//! use tollgate::problem::Problem;
+//!
+//! async fn require_api_key(req: Request, next: Next) -> Response {
+//!     if req.headers().contains_key("x-api-key") {
+//!         next.run(req).await
+//!     } else {
+//!         Problem::new(http::StatusCode::UNAUTHORIZED, "Unauthorized")
+//!             .with_detail("send an x-api-key header")
+//!             .into_response()
+//!     }
+//! }
+//! # let _ = axum::middleware::from_fn::<_, (Request,)>(require_api_key);
 //! ```
 
 use bytes::Bytes;
@@ -78,12 +97,20 @@ impl Problem {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    /// Renders the problem as a response with a body of [`Bytes`].
-    pub fn into_response(self) -> Response<Bytes> {
+    /// Renders the problem as a response with a body of [`Bytes`] (for
+    /// tower services with their own body type; in axum, use
+    /// [`IntoResponse`](axum::response::IntoResponse)).
+    pub fn into_http_response(self) -> Response<Bytes> {
         let mut res = Response::new(self.to_bytes());
         *res.status_mut() = self.status();
         res.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         res
+    }
+}
+
+impl axum::response::IntoResponse for Problem {
+    fn into_response(self) -> axum::response::Response {
+        self.into_http_response().map(axum::body::Body::from)
     }
 }

@@ -258,7 +258,7 @@ where
             .with_detail(format!(
                 "the server is shedding {name} traffic under load; retry shortly"
             ))
-            .into_response();
+            .into_http_response();
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return LoadShedFuture {

@@ -89,7 +89,7 @@ fn close_connection<B>(res: &mut Response<B>) {
 }
 
 fn problem_response<B>(problem: Problem) -> Response<ResponseBody<B>> {
-    let mut res = problem.into_response().map(ResponseBody::full);
+    let mut res = problem.into_http_response().map(ResponseBody::full);
     close_connection(&mut res);
     res
 }

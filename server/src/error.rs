@@ -87,7 +87,7 @@ impl IntoResponse for AppError {
             Self::Tenant(err) => return err.into_response(),
         };
         let status = problem.status();
-        let mut res = problem.into_response().map(axum::body::Body::from);
+        let mut res = problem.into_http_response().map(axum::body::Body::from);
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

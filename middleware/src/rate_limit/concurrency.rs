@@ -328,7 +328,9 @@ where
                 }
                 Ok(None) => {}
                 Err(rejection) => {
-                    return ConcurrencyFuture::rejected(rejection.into_problem().into_response());
+                    return ConcurrencyFuture::rejected(
+                        rejection.into_problem().into_http_response(),
+                    );
                 }
             }
         }
@@ -375,7 +377,7 @@ impl<S> ConcurrencyLimit<S> {
         .with_type(QUOTA_EXCEEDED)
         .with_detail("too many requests in flight; retry in 1 s")
         .with_extension("violated-policies", violated)
-        .into_response();
+        .into_http_response();
         let headers = res.headers_mut();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         // Policy names are HTTP-safe tokens; a value that is not is left out.

@@ -112,7 +112,7 @@ where
     pub(crate) fn rejected(problem: Problem) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(problem.into_response()),
+                response: Some(problem.into_http_response()),
             },
         }
     }
@@ -236,7 +236,7 @@ fn fail_over<St>(
                 tracing::debug!(%error, policy = %check.policy, "failing closed");
                 let res = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")
                     .with_detail("the rate limiter cannot decide right now; retry shortly")
-                    .into_response();
+                    .into_http_response();
                 return Verdict::Reject(res);
             }
             FailurePolicy::Local => {

@@ -176,7 +176,7 @@ pub(crate) fn rejection(
     .with_type(QUOTA_EXCEEDED)
     .with_detail(format!("retry in {retry_after} s"))
     .with_extension("violated-policies", violated)
-    .into_response();
+    .into_http_response();
     let headers = res.headers_mut();
     headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
     if let Some(fields) = fields(policies, single, index, checks, decisions) {

@@ -398,6 +398,6 @@ async fn probe(tx: &mut Transaction<'static, Postgres>) -> Result<(), sqlx::Erro
 
 fn problem_response<B>(problem: Problem) -> Response<ResponseBody<B>> {
     problem
-        .into_response()
+        .into_http_response()
         .map(|bytes: Bytes| ResponseBody::full(bytes))
 }

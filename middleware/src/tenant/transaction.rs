@@ -156,7 +156,7 @@ impl axum::response::IntoResponse for TenantError {
             tracing::error!(error = %self, "tenant transaction failed");
         }
         let busy = problem.status() == StatusCode::SERVICE_UNAVAILABLE;
-        let mut res = problem.into_response().map(axum::body::Body::from);
+        let mut res = problem.into_http_response().map(axum::body::Body::from);
         if busy {
             res.headers_mut().insert(
                 http::header::RETRY_AFTER,
