@@ -8,12 +8,12 @@ CARGO ?= cargo
 run: export MIGRATION_DATABASE_URL ?= postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate
 run: export TOLLGATE_ENV ?= development
 
-.PHONY: run test services test-services fmt lint docs unit bench cluster readme-config
+.PHONY: run test services test-services fmt lint docs unit package bench cluster readme-config
 
 run: services
 	$(CARGO) run --release -p tollgate-server
 
-test: test-services fmt lint docs unit
+test: test-services fmt lint docs package unit
 
 services:
 	bash scripts/services.sh
@@ -33,6 +33,12 @@ docs:
 
 unit:
 	$(CARGO) test --workspace --all-features
+
+# The library as crates.io would get it: packaged and built from the
+# package (verification), with no warning (metadata, license files).
+package:
+	@out=$$($(CARGO) package -p tollgate --allow-dirty 2>&1); echo "$$out"; \
+		! echo "$$out" | grep -q '^warning'
 
 # Criterion (ns per check, tollgate vs governor), memory per key, and the
 # load harness (every server configuration against bare axum, with oha;
