@@ -189,6 +189,12 @@ impl ReadinessBuilder {
             report,
             timeout: self.timeout,
         });
+        // Every gauge exists from the start, not from its first change.
+        #[cfg(feature = "metrics")]
+        {
+            metrics::gauge!(crate::metrics::READY).set(0.0);
+            metrics::gauge!(crate::metrics::DRAINING).set(0.0);
+        }
         let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(run_checks(
             Arc::downgrade(&inner),
@@ -274,8 +280,9 @@ async fn run_checks(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>, interval
             if !inner.checks[i].logged {
                 continue;
             }
-            if was.is_some_and(|was| was != CheckStatus::Fail) && report.status == CheckStatus::Fail
-            {
+            // Failing since the first round counts as starting to fail:
+            // its error is logged once, like any other.
+            if was != Some(CheckStatus::Fail) && report.status == CheckStatus::Fail {
                 tracing::warn!(check = %report.name, error = ?report.last_error, "readiness check failing");
             } else if was == Some(CheckStatus::Fail) && report.status == CheckStatus::Pass {
                 tracing::info!(check = %report.name, "readiness check passing again");
@@ -567,6 +574,29 @@ mod tests {
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains("readiness check failing check=db"), "{text}");
         assert!(!text.contains("check=store"), "{text}");
+    }
+
+    /// A check that fails from its very first round is logged, once.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_check_failing_from_the_first_round_is_logged_once() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        let r = Readiness::builder()
+            .check("db", || async { Err::<(), _>("connection refused".to_owned()) })
+            .interval(Duration::from_secs(1))
+            .start();
+        r.wait_first_round().await;
+        next_round(&r).await;
+        next_round(&r).await;
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("readiness check failing check=db").count(), 1, "{text}");
+        assert!(text.contains("connection refused"), "{text}");
     }
 
     #[tokio::test(start_paused = true)]
