@@ -588,14 +588,20 @@ mod tests {
                 .finish(),
         );
         let r = Readiness::builder()
-            .check("db", || async { Err::<(), _>("connection refused".to_owned()) })
+            .check("db", || async {
+                Err::<(), _>("connection refused".to_owned())
+            })
             .interval(Duration::from_secs(1))
             .start();
         r.wait_first_round().await;
         next_round(&r).await;
         next_round(&r).await;
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.matches("readiness check failing check=db").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("readiness check failing check=db").count(),
+            1,
+            "{text}"
+        );
         assert!(text.contains("connection refused"), "{text}");
     }
 

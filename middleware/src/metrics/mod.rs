@@ -65,7 +65,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 pub const HTTP_SERVER_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 /// `http_server_active_requests`.
 pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
-/// `tollgate_ratelimit_decisions_total{policy,route_class,outcome}`, and the
+/// `tollgate_ratelimit_decisions_total{policy,route_class,outcome}`
+/// (`route_class` only when the policy has one; `outcome` one of `allowed`:
+/// allowed and charged, `rejected`, `shadow_rejected`, `uncharged`: this
+/// policy allowed but another rejected the request, so nothing was
+/// charged), and the
 /// layer's [metric label](crate::rate_limit::RateLimitLayer::with_metric_label)
 /// when it has one (`plan`).
 pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";

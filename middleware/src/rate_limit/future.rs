@@ -268,6 +268,9 @@ fn record<St>(
 ) {
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         let outcome = match (decision.allowed, check.enforce) {
+            // Allowed by this policy, but another rejected the request:
+            // nothing was charged.
+            (true, _) if !decisions.allowed => 4,
             (true, _) => 0,
             (false, true) => 1,
             (false, false) => {

@@ -62,8 +62,8 @@ impl MetricLabel {
 pub(crate) struct LimitMetrics {
     pub(crate) store_duration: metrics::Histogram,
     /// Per policy and label value: allowed, rejected, shadow rejected,
-    /// near the limit.
-    pub(crate) decisions: Vec<Vec<[metrics::Counter; 4]>>,
+    /// near the limit, uncharged.
+    pub(crate) decisions: Vec<Vec<[metrics::Counter; 5]>>,
 }
 
 impl<St> Shared<St> {
@@ -94,11 +94,11 @@ impl<St> Shared<St> {
                 .policies
                 .iter()
                 .map(|policy| {
-                    let class = policy.route_class.clone().unwrap_or_else(|| "".into());
-                    let base = vec![
-                        metrics::Label::new("policy", policy.name.as_str()),
-                        metrics::Label::new("route_class", class.to_string()),
-                    ];
+                    let mut base = vec![metrics::Label::new("policy", policy.name.as_str())];
+                    // No label rather than an empty one when no class is set.
+                    if let Some(class) = &policy.route_class {
+                        base.push(metrics::Label::new("route_class", class.to_string()));
+                    }
                     // One set per label value, and one for `none`.
                     let values: Vec<Option<String>> = match &self.label {
                         None => vec![None],
@@ -125,7 +125,11 @@ impl<St> Shared<St> {
                                 decision("allowed"),
                                 decision("rejected"),
                                 decision("shadow_rejected"),
-                                metrics::counter!(crate::metrics::RATELIMIT_NEAR_LIMIT, labels),
+                                metrics::counter!(
+                                    crate::metrics::RATELIMIT_NEAR_LIMIT,
+                                    labels.clone()
+                                ),
+                                decision("uncharged"),
                             ]
                         })
                         .collect()
@@ -451,11 +455,54 @@ mod tests {
         assert_eq!(line(r#"plan="pro",outcome="allowed""#), "0");
         // r=1 and r=0 of a burst of 10.
         assert_eq!(
-            line(
-                r#"tollgate_ratelimit_near_limit_total{policy="tenant",route_class="",plan="free"}"#
-            ),
+            line(r#"tollgate_ratelimit_near_limit_total{policy="tenant",plan="free"}"#),
             "2"
         );
+    }
+
+    /// A policy that allowed a request another policy rejected counts it
+    /// as `uncharged`, not `allowed`: nothing was charged.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn a_request_rejected_by_a_sibling_is_uncharged_not_allowed() {
+        let recorder = crate::metrics::prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        let layer = RateLimitLayer::new(MemoryStore::new())
+            .with_policy(Policy::new("wide", Global, Quota::per_minute(100)))
+            .with_policy(
+                Policy::new("narrow", Global, Quota::per_minute(1)).with_route_class("reads"),
+            );
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(layer);
+        for _ in 0..3 {
+            let fut = app
+                .clone()
+                .oneshot(Request::get("/").body(Body::empty()).unwrap());
+            metrics::with_local_recorder(&recorder, || {
+                let waker = std::task::Waker::noop();
+                let mut cx = Context::from_waker(waker);
+                let mut fut = std::pin::pin!(fut);
+                while fut.as_mut().poll(&mut cx).is_pending() {}
+            });
+        }
+        let text = handle.render();
+        for (series, value) in [
+            (r#"{policy="wide",outcome="allowed"}"#, "1"),
+            (r#"{policy="wide",outcome="uncharged"}"#, "2"),
+            (
+                r#"{policy="narrow",route_class="reads",outcome="allowed"}"#,
+                "1",
+            ),
+            (
+                r#"{policy="narrow",route_class="reads",outcome="rejected"}"#,
+                "2",
+            ),
+        ] {
+            let line = format!("tollgate_ratelimit_decisions_total{series} {value}");
+            assert!(text.contains(&line), "no {line} in {text}");
+        }
+        assert!(!text.contains(r#"="""#), "an empty label value: {text}");
     }
 
     /// Draft -11: `r` is the quota available and `t` its effective window.
