@@ -75,9 +75,14 @@
 //! # Feature flags
 //!
 //! - `memory` (default): [`MemoryStore`](rate_limit::MemoryStore), the
-//!   in-process GCRA store.
-//! - `metrics`: decision counters through the [`metrics`](https://docs.rs/metrics) facade.
-//! - `postgres`: the `tenant` module, on sqlx.
+//!   in-process GCRA store (also the local fallback of a remote store).
+//! - `redis`: `RedisStore`, fleet-wide limits in Redis (one server or a
+//!   Redis Cluster), with leases for hot keys; implies `memory`.
+//! - `metrics`: request metrics ([`HttpMetricsLayer`](crate::metrics::HttpMetricsLayer)),
+//!   the limiter's, stores' and readiness's metrics through the
+//!   [`metrics`](https://docs.rs/metrics) facade, and the Prometheus
+//!   exporter (`metrics::MetricsExporter`).
+//! - `postgres`: the `tenant` and `singleton` modules, on sqlx.
 //! - `full`: everything.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]

@@ -57,6 +57,8 @@
 
 mod http;
 
+pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
+
 pub use self::http::{HttpMetrics, HttpMetricsLayer, ResponseFuture};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -172,11 +174,100 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// A Prometheus exporter builder with [`LATENCY_BUCKETS`] for every
 /// histogram (the default would be summaries, which cannot be aggregated
-/// across replicas). Install it with `install_recorder()`, serve
-/// `handle.render()` on `/metrics`, and call `handle.run_upkeep()`
-/// periodically so memory stays flat when scrapes are rare.
+/// across replicas). [`MetricsExporter::install`] installs it and keeps it;
+/// by hand: `install_recorder()`, serve `handle.render()` on `/metrics`,
+/// and call `handle.run_upkeep()` periodically so memory stays flat when
+/// scrapes are rare.
 pub fn prometheus_builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
         .expect("the buckets are not empty")
+}
+
+/// How often [`MetricsExporter`] runs the exporter's upkeep.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process's Prometheus exporter, installed and kept: what a service
+/// needs to serve `/metrics` without depending on
+/// `metrics-exporter-prometheus` itself.
+///
+/// [`install`](Self::install) installs [`prometheus_builder`]'s recorder as
+/// the global one (every Tollgate layer and your own `metrics::counter!`
+/// record into it) and runs its upkeep every [`UPKEEP_INTERVAL`] on a Tokio
+/// task, so histogram memory stays flat when scrapes are rare;
+/// [`router`](Self::router) serves `GET /metrics` in the text format, to
+/// merge into your router or to serve on an address of its own.
+///
+/// ```rust,standalone_crate
+/// use axum::{Router, routing::get};
+/// use tollgate::metrics::{HttpMetricsLayer, MetricsExporter};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let exporter = MetricsExporter::install().expect("the first recorder of this process");
+/// let app = Router::new()
+///     .route("/items", get(|| async { "[]" }))
+///     .layer(HttpMetricsLayer::new())
+///     .merge(exporter.router());
+///
+/// let get = |path| http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+/// app.clone().oneshot(get("/items")).await.unwrap();
+/// let res = app.oneshot(get("/metrics")).await.unwrap();
+/// assert_eq!(res.status(), 200);
+/// let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+/// assert!(std::str::from_utf8(&body).unwrap().contains(r#"http_route="/items""#));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MetricsExporter {
+    handle: PrometheusHandle,
+}
+
+impl MetricsExporter {
+    /// Installs the recorder and starts its upkeep. Call once per process,
+    /// within a Tokio runtime; fails when a recorder is installed already.
+    pub fn install() -> Result<Self, BuildError> {
+        let handle = prometheus_builder().install_recorder()?;
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        Ok(Self { handle })
+    }
+
+    /// The exporter's handle.
+    pub fn handle(&self) -> &PrometheusHandle {
+        &self.handle
+    }
+
+    /// Every metric, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// `GET /metrics`, answered with [`render`](Self::render) as
+    /// `text/plain; version=0.0.4`.
+    pub fn router<S: Clone + Send + Sync + 'static>(&self) -> axum::Router<S> {
+        let handle = self.handle.clone();
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = handle.render();
+                async move {
+                    (
+                        [(
+                            ::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+    }
 }

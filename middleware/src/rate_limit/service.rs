@@ -194,6 +194,7 @@ pub(crate) struct Fallback {
     pub(crate) replicas: u32,
     /// The local store's budget of exact entries
     /// ([`MemoryStore::with_max_keys`](super::MemoryStore::with_max_keys)).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     max_keys: Option<usize>,
     #[cfg(feature = "memory")]
     store: std::sync::OnceLock<super::MemoryStore>,
