@@ -40,7 +40,11 @@ fn documented_metrics() -> BTreeSet<String> {
         .split("\n## Metrics")
         .nth(1)
         .expect("a Metrics section")
-        .split("\n#")
+        // Up to the next heading (a `#` line inside a code block is not one).
+        .split("\n## ")
+        .next()
+        .unwrap()
+        .split("\n### ")
         .next()
         .unwrap();
     table
