@@ -94,6 +94,7 @@ configs=(
   "memory store|server|RATE_LIMIT_STORE=memory $ip_env|XFF|/api/v1/ping|"
   "defaults (access log at INFO)|server|RATE_LIMIT_STORE=memory $ip_env RUST_LOG=info|XFF|/api/v1/ping|"
   "memory store [no capacity layers]|server|RATE_LIMIT_STORE=memory $ip_env $no_capacity|XFF|/api/v1/ping|"
+  "memory store, no key budget|server|RATE_LIMIT_STORE=memory $ip_env RATE_LIMIT_MEMORY_MAX_KEYS=4000000000|XFF|/api/v1/ping|"
   "redis store (batched)|server|RATE_LIMIT_STORE=redis $ip_env|XFF|/api/v1/ping|"
   "redis naive (1 EVALSHA/request)|server|RATE_LIMIT_STORE=redis $ip_env RATE_LIMIT_REDIS_MAX_BATCH=1 RATE_LIMIT_REDIS_MAX_IN_FLIGHT=100000 RATE_LIMIT_REDIS_LOCAL_CACHE=false|XFF|/api/v1/ping|"
   "redis cluster, 3 masters (exact, batched)|server|RATE_LIMIT_STORE=redis RATE_LIMIT_REDIS_CLUSTER=CLUSTER $ip_env|XFF|/api/v1/ping|"
