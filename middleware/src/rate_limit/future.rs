@@ -213,7 +213,12 @@ fn decided<St>(
         Verdict::Allow(headers::fields(policies, single, index, checks, decisions))
     } else {
         Verdict::Reject(headers::rejection(
-            policies, single, index, checks, decisions,
+            policies,
+            single,
+            index,
+            checks,
+            decisions,
+            shared.on_reject.as_deref(),
         ))
     }
 }

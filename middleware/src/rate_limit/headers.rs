@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::RETRY_AFTER};
 
-use super::policy::Policy;
+use super::policy::{Policy, PolicyName};
 use super::quota::Quota;
 use super::store::{Check, Decisions};
 use crate::problem::Problem;
@@ -153,30 +153,84 @@ pub(crate) fn append(headers: &mut HeaderMap, (policy, limit): (HeaderValue, Hea
     headers.append(RATELIMIT.clone(), limit);
 }
 
-/// The 429 for a denied batch.
+/// A request the limiter refused, as a [rejection
+/// hook](super::RateLimitLayer::with_rejection) sees it.
+#[derive(Debug)]
+pub struct Rejection {
+    retry_after: u64,
+    violated: Vec<PolicyName>,
+    problem: Problem,
+}
+
+impl Rejection {
+    /// Whole seconds until the request would be allowed (`Retry-After`).
+    pub fn retry_after(&self) -> u64 {
+        self.retry_after
+    }
+
+    /// The policies that denied it.
+    pub fn violated_policies(&self) -> &[PolicyName] {
+        &self.violated
+    }
+
+    /// The `quota-exceeded` problem the layer answers with by default.
+    pub fn problem(&self) -> &Problem {
+        &self.problem
+    }
+}
+
+/// A rejection hook.
+pub(crate) type RejectFn = dyn Fn(&Rejection) -> http::Response<bytes::Bytes> + Send + Sync;
+
+/// A [`RejectFn`] that can be printed.
+pub(crate) struct RejectHook(pub(crate) Box<RejectFn>);
+
+impl std::fmt::Debug for RejectHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RejectHook")
+    }
+}
+
+/// The 429 for a denied batch: the hook's response when there is one, the
+/// `quota-exceeded` problem otherwise; `Retry-After` and the two fields are
+/// set on either.
 pub(crate) fn rejection(
     policies: &[Policy],
     single: Option<&HeaderValue>,
     index: &[usize],
     checks: &[Check],
     decisions: &Decisions,
+    hook: Option<&RejectHook>,
 ) -> http::Response<bytes::Bytes> {
     let mut violated = Vec::new();
     let mut retry_after = 1;
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         if check.enforce && !decision.allowed {
-            violated.push(serde_json::Value::from(policies[i].name().as_str()));
+            violated.push(policies[i].name());
             retry_after = retry_after.max(effective_window(decision));
         }
     }
-    let mut res = Problem::new(
+    let problem = Problem::new(
         StatusCode::TOO_MANY_REQUESTS,
         "Request cannot be satisfied as assigned quota has been exceeded",
     )
     .with_type(QUOTA_EXCEEDED)
     .with_detail(format!("retry in {retry_after} s"))
-    .with_extension("violated-policies", violated)
-    .into_http_response();
+    .with_extension(
+        "violated-policies",
+        violated
+            .iter()
+            .map(|p| serde_json::Value::from(p.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let mut res = match hook {
+        Some(hook) => (hook.0)(&Rejection {
+            retry_after,
+            violated,
+            problem,
+        }),
+        None => problem.into_http_response(),
+    };
     let headers = res.headers_mut();
     headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
     if let Some(fields) = fields(policies, single, index, checks, decisions) {

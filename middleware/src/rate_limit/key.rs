@@ -123,6 +123,11 @@ impl KeyRejection {
         Self(Problem::new(StatusCode::UNAUTHORIZED, "Unauthorized").with_detail(detail))
     }
 
+    /// The problem the request is answered with.
+    pub fn problem(&self) -> &Problem {
+        &self.0
+    }
+
     pub(crate) fn into_problem(self) -> Problem {
         self.0
     }
@@ -166,6 +171,63 @@ pub struct Global;
 impl KeyExtractor for Global {
     fn extract(&self, _: &Parts) -> Result<Option<Key>, KeyRejection> {
         Ok(Some(Key::global()))
+    }
+}
+
+/// Keys by a value your own middleware put in the request extensions (the
+/// claims of a verified token, an API key's account): `f` turns it into the
+/// key. A request without one is answered `401` with a problem body: it
+/// did not go through your authentication.
+///
+/// ```
+/// use tollgate::rate_limit::{ByExtension, Key, KeyExtractor};
+///
+/// #[derive(Clone)]
+/// struct Claims { tenant: String }
+///
+/// let by_tenant = ByExtension::new(|claims: &Claims| Key::from(claims.tenant.as_str()));
+/// let (mut parts, _) = http::Request::get("/").body(()).unwrap().into_parts();
+/// assert_eq!(by_tenant.extract(&parts).unwrap_err().problem().status(), 401);
+/// parts.extensions.insert(Claims { tenant: "acme".into() });
+/// assert_eq!(by_tenant.extract(&parts).unwrap(), Some(Key::from("acme")));
+/// ```
+pub struct ByExtension<T, F> {
+    key_of: F,
+    _extension: std::marker::PhantomData<fn(&T)>,
+}
+
+impl<T, F> ByExtension<T, F>
+where
+    T: Send + Sync + 'static,
+    F: Fn(&T) -> Key + Send + Sync + 'static,
+{
+    /// Keys by `key_of` the request's `T`.
+    pub fn new(key_of: F) -> Self {
+        Self {
+            key_of,
+            _extension: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T, F> fmt::Debug for ByExtension<T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ByExtension")
+            .field("extension", &std::any::type_name::<T>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, F> KeyExtractor for ByExtension<T, F>
+where
+    T: Send + Sync + 'static,
+    F: Fn(&T) -> Key + Send + Sync + 'static,
+{
+    fn extract(&self, req: &Parts) -> Result<Option<Key>, KeyRejection> {
+        req.extensions
+            .get::<T>()
+            .map(|value| Some((self.key_of)(value)))
+            .ok_or_else(|| KeyRejection::unauthorized("this route needs credentials"))
     }
 }
 

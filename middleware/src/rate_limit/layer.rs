@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use super::headers::{RejectHook, Rejection};
 use super::policy::{FailurePolicy, Policy};
 use super::service::{Fallback, LocalFallback, MetricLabel, RateLimit, Shared};
 
@@ -11,7 +12,7 @@ use super::service::{Fallback, LocalFallback, MetricLabel, RateLimit, Shared};
 /// together, and a [`FailurePolicy`].
 ///
 /// See the [module docs](crate::rate_limit) for an example.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RateLimitLayer<St> {
     store: St,
     policies: Vec<Policy>,
@@ -20,6 +21,19 @@ pub struct RateLimitLayer<St> {
     /// makes one per route), so the local fallback counts them together.
     fallback: Arc<Fallback>,
     label: Option<Arc<MetricLabel>>,
+    on_reject: Option<Arc<RejectHook>>,
+}
+
+impl<St: std::fmt::Debug> std::fmt::Debug for RateLimitLayer<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("store", &self.store)
+            .field("policies", &self.policies)
+            .field("failure", &self.failure)
+            .field("label", &self.label)
+            .field("custom_rejection", &self.on_reject.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<St> RateLimitLayer<St> {
@@ -32,7 +46,52 @@ impl<St> RateLimitLayer<St> {
             failure: FailurePolicy::default(),
             fallback: Arc::new(Fallback::new(1)),
             label: None,
+            on_reject: None,
         }
+    }
+
+    /// Answers refused requests with `hook`'s response instead of the
+    /// `quota-exceeded` problem (a legacy error format, a page for
+    /// browsers). The layer still sets `Retry-After` and the `RateLimit`
+    /// fields on it; the hook sees the wait, the violated policies and the
+    /// default problem.
+    ///
+    /// ```
+    /// use tollgate::rate_limit::{Global, MemoryStore, Policy, Quota, RateLimitLayer};
+    /// use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = RateLimitLayer::new(MemoryStore::new())
+    ///     .with_policy(Policy::new("route", Global, Quota::per_minute(1)))
+    ///     .with_rejection(|rejection| {
+    ///         let body = format!(r#"{{"error":"slow down","retry_in":{}}}"#, rejection.retry_after());
+    ///         http::Response::builder()
+    ///             .status(429)
+    ///             .header("content-type", "application/json")
+    ///             .body(bytes::Bytes::from(body))
+    ///             .unwrap()
+    ///     });
+    /// let app = axum::Router::new()
+    ///     .route("/", axum::routing::get(|| async { "ok" }))
+    ///     .layer(layer);
+    /// let get = || http::Request::get("/").body(axum::body::Body::empty()).unwrap();
+    /// app.clone().oneshot(get()).await.unwrap();
+    /// let res = app.oneshot(get()).await.unwrap();
+    /// assert_eq!(res.status(), 429);
+    /// assert_eq!(res.headers()["retry-after"], "60");
+    /// assert_eq!(res.headers()["ratelimit"], r#""route";r=0;t=60"#);
+    /// let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+    /// assert_eq!(&body[..], br#"{"error":"slow down","retry_in":60}"#);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_rejection(
+        mut self,
+        hook: impl Fn(&Rejection) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_reject = Some(Arc::new(RejectHook(Box::new(hook))));
+        self
     }
 
     /// Labels this layer's decision metrics
@@ -123,6 +182,7 @@ impl<S, St: Clone> Layer<S> for RateLimitLayer<St> {
                 self.failure,
                 self.fallback.clone(),
                 self.label.clone(),
+                self.on_reject.clone(),
             )),
         )
     }

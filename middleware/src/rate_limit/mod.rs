@@ -107,8 +107,8 @@ pub use concurrency::{
     ConcurrencyFuture, ConcurrencyLimit, ConcurrencyLimitLayer, ConcurrencyPolicy, SlotBody,
 };
 pub use future::ResponseFuture;
-pub use headers::QUOTA_EXCEEDED;
-pub use key::{ByClientIp, Global, Key, KeyExtractor, KeyRejection};
+pub use headers::{QUOTA_EXCEEDED, Rejection};
+pub use key::{ByClientIp, ByExtension, Global, Key, KeyExtractor, KeyRejection};
 pub use layer::RateLimitLayer;
 pub use policy::{FailurePolicy, ParseFailurePolicyError, Policy, PolicyName};
 pub use quota::{ParseQuotaError, QUOTA_FORMAT, Quota};

@@ -138,6 +138,29 @@ impl Policy {
         }
     }
 
+    /// A policy whose quota is chosen per request by `quota_of` (a tenant's
+    /// plan, a trust level), with no fixed quota to give: the same as
+    /// [`new`](Self::new) followed by [`with_quota_fn`](Self::with_quota_fn).
+    /// Every quota then counts in a bucket of its own (see below).
+    ///
+    /// ```
+    /// use tollgate::rate_limit::{Global, Policy, Quota};
+    ///
+    /// let plan = Policy::per_request("tenant", Global, |req: &http::request::Parts| {
+    ///     if req.headers.contains_key("x-pro") { Quota::per_minute(500) } else { Quota::per_minute(50) }
+    /// });
+    /// # let _ = plan;
+    /// ```
+    pub fn per_request(
+        name: &str,
+        extractor: impl KeyExtractor,
+        quota_of: impl Fn(&Parts) -> Quota + Send + Sync + 'static,
+    ) -> Self {
+        // Never applied: every request's quota comes from `quota_of`.
+        let unused = Quota::new(u32::MAX, std::time::Duration::from_nanos(1));
+        Self::new(name, extractor, unused).with_quota_fn(quota_of)
+    }
+
     /// Chooses the quota per request (a trust level, a route class, a plan).
     /// The quota given to [`new`](Self::new) is then only a fallback for
     /// documentation.

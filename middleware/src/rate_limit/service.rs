@@ -22,6 +22,8 @@ pub(crate) struct Shared<St> {
     pub(crate) single_policy_field: Option<HeaderValue>,
     /// The decision metrics' extra label, if any.
     pub(crate) label: Option<Arc<MetricLabel>>,
+    /// Builds the 429 instead of the default problem.
+    pub(crate) on_reject: Option<Arc<super::headers::RejectHook>>,
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<LimitMetrics>,
 }
@@ -73,9 +75,11 @@ impl<St> Shared<St> {
         failure: FailurePolicy,
         fallback: Arc<Fallback>,
         label: Option<Arc<MetricLabel>>,
+        on_reject: Option<Arc<super::headers::RejectHook>>,
     ) -> Self {
         Self {
             label,
+            on_reject,
             store,
             single_policy_field: super::headers::single_policy_field(&policies),
             policies,

@@ -24,7 +24,10 @@ use crate::problem::Problem;
 /// status is below 400 and rolled back otherwise.
 ///
 /// A request without a tenant gets 401 and one with an invalid tenant 400,
-/// both as problem details, before the handler runs. The transaction is
+/// both as problem details, before the handler runs. The resolved
+/// [`TenantId`] is put in the request extensions, so layers inside this
+/// one (a per-tenant rate limit: `ByExtension::new(|t: &TenantId| …)`) and
+/// handlers (`Extension<TenantId>`) read the tenant it validated. The transaction is
 /// begun lazily, when a handler extracts [`Tx`](super::Tx): routes that do
 /// not touch the database cost nothing, and a handler that reads its body
 /// first holds no connection while the client sends it. Connections come
