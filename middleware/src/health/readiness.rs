@@ -346,6 +346,58 @@ impl Readiness {
         }
     }
 
+    /// The shutdown future for `axum::serve(..).with_graceful_shutdown(..)`
+    /// that drains first: waits for `signal`, marks the process draining
+    /// (`/ready` answers 503), keeps serving — the listener still accepts —
+    /// for `delay`, so the load balancer sees the 503 and stops sending new
+    /// connections, then resolves; axum then stops accepting and lets
+    /// requests in flight finish. `with_graceful_shutdown(signal)` alone
+    /// would close the listener the moment the signal arrives, while the
+    /// load balancer still sends traffic.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::health::Readiness;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() {
+    /// let readiness = Readiness::builder().check("db", || async { Ok(()) }).start();
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// let addr = listener.local_addr().unwrap();
+    /// let app = readiness.router::<()>();
+    /// // In a real server: `tokio::signal::ctrl_c()` or SIGTERM.
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let signal = async { stopped.await.ok(); };
+    /// let server = tokio::spawn(
+    ///     axum::serve(listener, app)
+    ///         .with_graceful_shutdown(readiness.drain_after(signal, Duration::from_millis(300)))
+    ///         .into_future(),
+    /// );
+    /// readiness.wait_first_round().await;
+    /// stop.send(()).unwrap();
+    /// tokio::time::sleep(Duration::from_millis(50)).await;
+    /// // Draining: still accepting, and /ready says 503.
+    /// let ready = tokio::net::TcpStream::connect(addr).await;
+    /// assert!(ready.is_ok(), "closed before the drain delay");
+    /// assert!(readiness.is_draining());
+    /// server.await.unwrap().unwrap();
+    /// // After the delay the listener is closed.
+    /// assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    /// # }
+    /// ```
+    pub fn drain_after(
+        &self,
+        signal: impl Future<Output = ()> + Send + 'static,
+        delay: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let readiness = self.clone();
+        async move {
+            signal.await;
+            readiness.drain();
+            tokio::time::sleep(delay).await;
+        }
+    }
+
     /// Whether [`drain`](Self::drain) was called.
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
