@@ -140,7 +140,7 @@ fn app(pool: PgPool) -> Router {
 }
 
 fn uuid_of(s: &str) -> uuid::Uuid {
-    s.parse::<TenantId>().unwrap().as_uuid()
+    s.parse::<TenantId>().unwrap().as_uuid().unwrap()
 }
 
 fn req(method: &str, path: &str, tenant: &str, body: &str) -> Request<Body> {
@@ -627,4 +627,58 @@ async fn after_commit_runs_even_when_the_caller_is_dropped_during_commit() {
         .await
         .unwrap();
     assert_eq!(notes, 1, "the note did not commit");
+}
+
+/// Tenants whose ids are slugs or integers: a `text` column and a policy
+/// comparing with the setting as text. Isolation holds, and an id outside
+/// the character set never reaches Postgres.
+#[tokio::test]
+async fn text_tenant_ids_isolate_on_a_text_column() {
+    let schema = "
+        CREATE TABLE notes (
+            id bigserial PRIMARY KEY,
+            tenant_id text NOT NULL DEFAULT nullif(current_setting('app.tenant_id', true), ''),
+            body text NOT NULL);
+        ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE notes FORCE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_isolation ON notes
+            USING (tenant_id = nullif(current_setting('app.tenant_id', true), ''))
+            WITH CHECK (tenant_id = nullif(current_setting('app.tenant_id', true), ''));
+        GRANT SELECT, INSERT ON notes TO tollgate_app;
+        GRANT USAGE ON SEQUENCE notes_id_seq TO tollgate_app;";
+    let db = TestDb::create("tenant_text_ids", schema).await;
+    let app = Router::new()
+        .route(
+            "/notes",
+            get(|mut tx: Tx| async move {
+                let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM notes ORDER BY id")
+                    .fetch_all(tx.conn().await?)
+                    .await?;
+                Ok::<_, TenantError>(Json(bodies))
+            })
+            .post(|mut tx: Tx, body: String| async move {
+                insert(&mut tx, &body).await?;
+                Ok::<_, TenantError>(StatusCode::CREATED)
+            }),
+        )
+        .layer(TenantLayer::new(
+            pool(&db, 2).await,
+            FromHeader::new(http::HeaderName::from_static("x-tenant-id")).allow_text_ids(),
+        ));
+    for (tenant, body) in [("acme-corp", "a1"), ("4711", "n1"), ("acme-corp", "a2")] {
+        let (status, _) = call(&app, req("POST", "/notes", tenant, body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{tenant}");
+    }
+    assert_eq!(
+        call(&app, req("GET", "/notes", "acme-corp", "")).await,
+        (StatusCode::OK, r#"["a1","a2"]"#.to_owned())
+    );
+    assert_eq!(
+        call(&app, req("GET", "/notes", "4711", "")).await,
+        (StatusCode::OK, r#"["n1"]"#.to_owned())
+    );
+    // Quotes, spaces: refused before any query.
+    let (status, body) = call(&app, req("GET", "/notes", "acme', 'x", "")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    db.drop_now().await;
 }

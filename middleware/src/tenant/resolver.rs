@@ -11,43 +11,126 @@ use uuid::Uuid;
 
 use crate::problem::Problem;
 
-/// A validated tenant id: a UUID, so it is safe to hand to Postgres and to
-/// use as a rate-limit key.
+/// A validated tenant id: a UUID, or a text id of a documented character
+/// set, so it is safe to hand to Postgres (it is written into the
+/// transaction's `set_config`) and to use as a rate-limit key.
+///
+/// Text ids are 1 to [`TenantId::MAX_TEXT_LEN`] characters of `A-Z a-z 0-9`
+/// and `_ - . :` (slugs like `acme-corp`, integers like `4711`, prefixed
+/// ids like `org:42`); no quote, backslash, space, NUL or other control
+/// character can get in. A string in UUID form is always the UUID (and is
+/// normalised to lower-case hyphenated). Parsing (`str::parse`) accepts
+/// UUIDs only, as before; text ids are opt-in ([`TenantId::text`],
+/// [`TenantId::parse_any`], the resolvers' `allow_text_ids`), so a service
+/// whose policies cast the setting to `uuid` never gets one.
+///
+/// ```
+/// use tollgate::tenant::TenantId;
+///
+/// let slug = TenantId::parse_any("acme-corp").unwrap();
+/// assert_eq!(slug.to_string(), "acme-corp");
+/// assert_eq!(slug.as_uuid(), None);
+/// let id = TenantId::parse_any("0B9E3D4C-7C0E-4A55-9D8E-3F0A1B2C3D4E").unwrap();
+/// assert_eq!(id.to_string(), "0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e");
+/// assert!(id.as_uuid().is_some());
+/// assert!(TenantId::parse_any("acme corp").is_err());
+/// assert!(TenantId::parse_any("it's").is_err());
+/// assert!(TenantId::parse_any("").is_err());
+/// assert!("acme-corp".parse::<TenantId>().is_err(), "parse: UUIDs only");
+/// ```
+///
+/// The row-level security policy compares with the setting as its column
+/// is typed: `tenant_id = nullif(current_setting('app.tenant_id', true),
+/// '')::uuid` for a `uuid` column, `tenant_id = nullif(current_setting(
+/// 'app.tenant_id', true), '')` for a `text` one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TenantId(Uuid);
+pub struct TenantId(Repr);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Repr {
+    Uuid(Uuid),
+    /// Checked ASCII, `len` bytes used: kept inline so the id stays `Copy`.
+    Text {
+        len: u8,
+        bytes: [u8; TenantId::MAX_TEXT_LEN],
+    },
+}
 
 impl TenantId {
+    /// The longest text id.
+    pub const MAX_TEXT_LEN: usize = 63;
+
     /// The tenant with this UUID.
     pub const fn new(id: Uuid) -> Self {
-        Self(id)
+        Self(Repr::Uuid(id))
     }
 
-    /// The UUID.
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
+    /// The tenant with this text id, if it is 1 to [`MAX_TEXT_LEN`](Self::MAX_TEXT_LEN)
+    /// characters of `A-Z a-z 0-9 _ - . :`.
+    pub fn text(id: &str) -> Result<Self, TenantRejection> {
+        let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+        if id.is_empty() || id.len() > Self::MAX_TEXT_LEN || !id.bytes().all(|b| allowed(&b)) {
+            return Err(TenantRejection::Invalid(format!(
+                "the tenant id {id:?} is neither a UUID nor 1 to {} characters of A-Z a-z 0-9 _ - . :",
+                Self::MAX_TEXT_LEN
+            )));
+        }
+        let mut bytes = [0; Self::MAX_TEXT_LEN];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        Ok(Self(Repr::Text {
+            len: id.len() as u8,
+            bytes,
+        }))
+    }
+
+    /// A UUID when `id` is in UUID form, else a [text id](Self::text):
+    /// for services whose tenants are slugs or numbers (resolvers:
+    /// [`FromHeader::allow_text_ids`], [`FromSubdomain::allow_text_ids`]).
+    pub fn parse_any(id: &str) -> Result<Self, TenantRejection> {
+        match Uuid::try_parse(id) {
+            Ok(id) => Ok(Self::new(id)),
+            Err(_) => Self::text(id),
+        }
+    }
+
+    /// The UUID, for a UUID tenant.
+    pub fn as_uuid(&self) -> Option<Uuid> {
+        match self.0 {
+            Repr::Uuid(id) => Some(id),
+            Repr::Text { .. } => None,
+        }
     }
 }
 
 impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Hyphenated lower-case hex: only `[0-9a-f-]`.
-        self.0.as_hyphenated().fmt(f)
+        match &self.0 {
+            // Hyphenated lower-case hex: only `[0-9a-f-]`.
+            Repr::Uuid(id) => id.as_hyphenated().fmt(f),
+            // Checked on the way in: ASCII of the documented set.
+            Repr::Text { len, bytes } => {
+                f.write_str(std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default())
+            }
+        }
     }
 }
 
 impl FromStr for TenantId {
     type Err = TenantRejection;
 
+    /// A UUID only: a service whose tenants are UUIDs (and whose policies
+    /// cast the setting to `uuid`) never sees a text id. See
+    /// [`TenantId::parse_any`].
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::try_parse(s)
-            .map(Self)
+            .map(Self::new)
             .map_err(|_| TenantRejection::Invalid(format!("the tenant id {s:?} is not a UUID")))
     }
 }
 
 impl From<Uuid> for TenantId {
     fn from(id: Uuid) -> Self {
-        Self(id)
+        Self::new(id)
     }
 }
 
@@ -147,12 +230,23 @@ impl<C: TenantClaims> TenantResolver for FromClaims<C> {
 #[derive(Debug, Clone)]
 pub struct FromHeader {
     name: HeaderName,
+    text_ids: bool,
 }
 
 impl FromHeader {
-    /// Reads the header `name`.
+    /// Reads the header `name`: a UUID.
     pub fn new(name: HeaderName) -> Self {
-        Self { name }
+        Self {
+            name,
+            text_ids: false,
+        }
+    }
+
+    /// Accepts text ids too ([`TenantId::parse_any`]).
+    #[must_use]
+    pub fn allow_text_ids(mut self) -> Self {
+        self.text_ids = true;
+        self
     }
 }
 
@@ -162,11 +256,15 @@ impl TenantResolver for FromHeader {
             .headers
             .get(&self.name)
             .ok_or(TenantRejection::Missing)?;
-        value
+        let value = value
             .to_str()
             .map_err(|_| TenantRejection::Invalid(format!("{} is not text", self.name)))?
-            .trim()
-            .parse()
+            .trim();
+        if self.text_ids {
+            TenantId::parse_any(value)
+        } else {
+            value.parse()
+        }
     }
 }
 
@@ -176,6 +274,7 @@ impl TenantResolver for FromHeader {
 pub struct FromSubdomain {
     /// `.api.example.com`, lower case, with its leading dot.
     suffix: String,
+    text_ids: bool,
 }
 
 impl FromSubdomain {
@@ -183,7 +282,15 @@ impl FromSubdomain {
     pub fn new(base_domain: &str) -> Self {
         Self {
             suffix: format!(".{}", base_domain.trim_matches('.').to_ascii_lowercase()),
+            text_ids: false,
         }
+    }
+
+    /// Accepts text ids too (`acme.api.example.com`; [`TenantId::parse_any`]).
+    #[must_use]
+    pub fn allow_text_ids(mut self) -> Self {
+        self.text_ids = true;
+        self
     }
 }
 
@@ -207,7 +314,11 @@ impl TenantResolver for FromSubdomain {
                 &self.suffix[1..]
             )));
         }
-        label.parse()
+        if self.text_ids {
+            TenantId::parse_any(label)
+        } else {
+            label.parse()
+        }
     }
 }
 
