@@ -29,9 +29,9 @@ use tollgate::health::{Readiness, ReadinessBuilder};
 use tollgate::metrics::{HttpMetricsLayer, MetricsExporter};
 use tollgate::problem::Problem;
 use tollgate::rate_limit::{
-    ByClientIp, ByExtension, ConcurrencyLimitLayer, ConcurrencyPolicy, EitherStore, FailurePolicy,
-    Key, LocalFallback, MemoryStore, Policy, Quota, RateLimitLayer, RedisStore, RedisTarget,
-    StoreError,
+    ByClientIp, ByExtension, ConcurrencyPolicy, EitherStore, FailurePolicy, Key,
+    KeyedConcurrencyLimitLayer, LocalFallback, MemoryStore, Policy, Quota, RateLimitLayer,
+    RedisStore, RedisTarget, StoreError,
 };
 use tollgate::tenant::{
     FromClaims, TenantClaims, TenantError, TenantId, TenantLayer, TenantRejection, Tx,
@@ -193,7 +193,7 @@ pub(crate) fn app(
         ))
         .with_failure_policy(FailurePolicy::Local)
         .with_local_fallback(fallback);
-    let concurrency = ConcurrencyLimitLayer::new().with_policy(
+    let concurrency = KeyedConcurrencyLimitLayer::new().with_policy(
         ConcurrencyPolicy::new(
             "tenant-concurrency",
             ByExtension::new(|c: &Claims| Key::from(c.tenant.to_string())),

@@ -20,7 +20,7 @@
 //! - [`shed`]: priority load shedding under overload.
 //!
 //! Capacity, not only rate: besides rate policies, [`rate_limit`] has
-//! keyed concurrency limits ([`ConcurrencyLimitLayer`](rate_limit::ConcurrencyLimitLayer)),
+//! keyed concurrency limits ([`KeyedConcurrencyLimitLayer`](rate_limit::KeyedConcurrencyLimitLayer)),
 //! and `tenant` a pool shared fairly between tenants (`TenantPool`), so no
 //! client holds a shared resource for as long as it likes.
 //!

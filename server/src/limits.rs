@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use http::request::Parts;
 use tollgate::rate_limit::{
-    ByClientIp, ConcurrencyLimitLayer, ConcurrencyPolicy, EitherStore, Key, KeyRejection,
+    ByClientIp, ConcurrencyPolicy, EitherStore, Key, KeyRejection, KeyedConcurrencyLimitLayer,
     LocalFallback, MemoryStore, Policy, Quota, RateLimitLayer, RedisStore, Store, StoreError,
 };
 use tollgate::shed::LoadShedLayer;
@@ -209,9 +209,9 @@ impl Limits {
     /// Requests in flight per tenant and per user
     /// (`RATE_LIMIT_TENANT_CONCURRENCY`, `RATE_LIMIT_SUBJECT_CONCURRENCY`),
     /// one layer shared by every authenticated route.
-    pub fn concurrency(&self) -> ConcurrencyLimitLayer {
+    pub fn concurrency(&self) -> KeyedConcurrencyLimitLayer {
         let capacity = &self.config.capacity;
-        let mut layer = ConcurrencyLimitLayer::new();
+        let mut layer = KeyedConcurrencyLimitLayer::new();
         // Per tenant, by its plan (an unlimited plan: no bound).
         if self.plans.limits_concurrency() {
             let default = self.plans.limits(self.plans.default_plan()).concurrency;

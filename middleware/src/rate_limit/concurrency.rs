@@ -1,4 +1,4 @@
-//! [`ConcurrencyLimitLayer`]: at most N requests in flight per key.
+//! [`KeyedConcurrencyLimitLayer`]: at most N requests in flight per key.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -104,7 +104,7 @@ impl ConcurrencyPolicy {
 /// ```
 /// use std::time::Duration;
 /// use axum::{Router, routing::get};
-/// use tollgate::rate_limit::{ConcurrencyLimitLayer, ConcurrencyPolicy, Key};
+/// use tollgate::rate_limit::{KeyedConcurrencyLimitLayer, ConcurrencyPolicy, Key};
 /// use tower::{Service, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -114,7 +114,7 @@ impl ConcurrencyPolicy {
 /// };
 /// let app = Router::new()
 ///     .route("/", get(|| async { "ok" }))
-///     .layer(ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
+///     .layer(KeyedConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
 ///         "tenant-concurrency",
 ///         per_tenant,
 ///         1,
@@ -146,7 +146,7 @@ impl ConcurrencyPolicy {
 /// charged a rate quota, and below authentication, so subject and tenant
 /// keys come from verified claims.
 #[derive(Debug, Clone, Default)]
-pub struct ConcurrencyLimitLayer {
+pub struct KeyedConcurrencyLimitLayer {
     shared: Arc<Shared>,
 }
 
@@ -166,7 +166,7 @@ struct PolicyMetrics {
     rejected: metrics::Counter,
 }
 
-impl ConcurrencyLimitLayer {
+impl KeyedConcurrencyLimitLayer {
     /// A layer with no policy yet (it lets everything through).
     pub fn new() -> Self {
         Self::default()
@@ -204,11 +204,11 @@ impl ConcurrencyLimitLayer {
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
+impl<S> Layer<S> for KeyedConcurrencyLimitLayer {
+    type Service = KeyedConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimit {
+        KeyedConcurrencyLimit {
             inner,
             shared: self.shared.clone(),
         }
@@ -293,18 +293,18 @@ impl Drop for Slots {
     }
 }
 
-/// The service of [`ConcurrencyLimitLayer`].
+/// The service of [`KeyedConcurrencyLimitLayer`].
 #[derive(Debug, Clone)]
-pub struct ConcurrencyLimit<S> {
+pub struct KeyedConcurrencyLimit<S> {
     inner: S,
     shared: Arc<Shared>,
 }
 
-impl<S> ConcurrencyLimit<S> {
+impl<S> KeyedConcurrencyLimit<S> {
     define_inner_service_accessors!();
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ConcurrencyLimit<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for KeyedConcurrencyLimit<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
@@ -351,7 +351,7 @@ where
     }
 }
 
-impl<S> ConcurrencyLimit<S> {
+impl<S> KeyedConcurrencyLimit<S> {
     /// The 429 for the policies in `full`, with the maximum each applied.
     fn rejection(&self, full: &[(usize, u32)]) -> Response<Bytes> {
         let mut violated = Vec::new();
@@ -392,7 +392,7 @@ impl<S> ConcurrencyLimit<S> {
 }
 
 pin_project! {
-    /// The response future of [`ConcurrencyLimit`].
+    /// The response future of [`KeyedConcurrencyLimit`].
     pub struct ConcurrencyFuture<F> {
         #[pin]
         state: State<F>,
@@ -513,8 +513,8 @@ mod tests {
     }
 
     /// One request in flight per `x-tenant`.
-    fn one_per_tenant() -> ConcurrencyLimitLayer {
-        ConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
+    fn one_per_tenant() -> KeyedConcurrencyLimitLayer {
+        KeyedConcurrencyLimitLayer::new().with_policy(ConcurrencyPolicy::new(
             "tenant",
             by_header("x-tenant"),
             1,
@@ -533,7 +533,7 @@ mod tests {
     /// one it carries, and the 429 reports it.
     #[tokio::test]
     async fn per_request_maximum() {
-        let layer = ConcurrencyLimitLayer::new().with_policy(
+        let layer = KeyedConcurrencyLimitLayer::new().with_policy(
             ConcurrencyPolicy::new("tenant", by_header("x-tenant"), 1).with_max_fn(|req| {
                 req.headers
                     .get("x-max")
@@ -576,7 +576,7 @@ mod tests {
 
     #[tokio::test]
     async fn all_or_nothing_and_released_when_the_body_ends() {
-        let layer = ConcurrencyLimitLayer::new()
+        let layer = KeyedConcurrencyLimitLayer::new()
             .with_policy(ConcurrencyPolicy::new("tenant", by_header("x-tenant"), 2))
             .with_policy(ConcurrencyPolicy::new("subject", by_header("x-user"), 1));
         let app = axum::Router::new()

@@ -68,9 +68,11 @@
 //!
 //! # Concurrency
 //!
-//! A rate does not bound what requests *hold*. [`ConcurrencyLimitLayer`]
+//! A rate does not bound what requests *hold*. [`KeyedConcurrencyLimitLayer`]
 //! bounds requests in flight per key (tenant, subject, client IP), answered
 //! 429 with `qu="concurrent-requests"`; put it above the rate limiter.
+//! (Unlike `tower::limit::ConcurrencyLimitLayer`, which bounds a whole
+//! service and makes callers wait, it counts per key and refuses at once.)
 //!
 //! # Compared with other crates
 //!
@@ -104,8 +106,18 @@ pub use crate::body::ResponseBody;
 pub use clock::MonotonicClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use concurrency::{
-    ConcurrencyFuture, ConcurrencyLimit, ConcurrencyLimitLayer, ConcurrencyPolicy, SlotBody,
+    ConcurrencyFuture, ConcurrencyPolicy, KeyedConcurrencyLimit, KeyedConcurrencyLimitLayer,
+    SlotBody,
 };
+
+/// The former name of [`KeyedConcurrencyLimitLayer`] (it clashed with
+/// `tower::limit::ConcurrencyLimitLayer`, which limits a whole service).
+#[deprecated(since = "0.1.0", note = "renamed KeyedConcurrencyLimitLayer")]
+pub type ConcurrencyLimitLayer = KeyedConcurrencyLimitLayer;
+
+/// The former name of [`KeyedConcurrencyLimit`].
+#[deprecated(since = "0.1.0", note = "renamed KeyedConcurrencyLimit")]
+pub type ConcurrencyLimit<S> = KeyedConcurrencyLimit<S>;
 pub use future::ResponseFuture;
 pub use headers::{QUOTA_EXCEEDED, Rejection};
 pub use key::{ByClientIp, ByExtension, Global, Key, KeyExtractor, KeyRejection};
