@@ -19,20 +19,6 @@ use tollgate::client_ip::TrustedProxies;
 use tollgate::metrics::MetricsExporter;
 use tollgate_test_support::TestDb;
 
-/// Captured log lines.
-#[derive(Clone, Default)]
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// One HTTP/1.1 request over a fresh connection: (status, headers and body).
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -59,14 +45,7 @@ fn count(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_users_own_stack_behaves_as_documented() {
-    let logs = Lines::default();
-    let writer = logs.clone();
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish(),
-    );
+    let logs = tollgate_test_support::LogCapture::start();
     let db = TestDb::create("own_stack", "SELECT 1").await;
     let owner = sqlx::PgPool::connect(&db.owner_url()).await.unwrap();
     own_stack::schema(&owner).await.unwrap();
@@ -117,7 +96,7 @@ async fn a_users_own_stack_behaves_as_documented() {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert_eq!(
         text.matches("readiness check failing check=cache").count(),
         1,

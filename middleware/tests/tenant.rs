@@ -46,6 +46,14 @@ async fn insert(tx: &mut Tx, body: &str) -> Result<(), TenantError> {
 }
 
 fn app(pool: PgPool) -> Router {
+    app_with(
+        pool,
+        FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
+    )
+}
+
+/// [`app`] with tenants resolved by `resolver`.
+fn app_with(pool: PgPool, resolver: FromHeader) -> Router {
     Router::new()
         .route(
             "/notes",
@@ -133,10 +141,7 @@ fn app(pool: PgPool) -> Router {
                 Ok::<_, TenantError>(StatusCode::OK)
             }),
         )
-        .layer(TenantLayer::new(
-            pool,
-            FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
-        ))
+        .layer(TenantLayer::new(pool, resolver))
 }
 
 fn uuid_of(s: &str) -> uuid::Uuid {
@@ -647,24 +652,10 @@ async fn text_tenant_ids_isolate_on_a_text_column() {
         GRANT SELECT, INSERT ON notes TO tollgate_app;
         GRANT USAGE ON SEQUENCE notes_id_seq TO tollgate_app;";
     let db = TestDb::create("tenant_text_ids", schema).await;
-    let app = Router::new()
-        .route(
-            "/notes",
-            get(|mut tx: Tx| async move {
-                let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM notes ORDER BY id")
-                    .fetch_all(tx.conn().await?)
-                    .await?;
-                Ok::<_, TenantError>(Json(bodies))
-            })
-            .post(|mut tx: Tx, body: String| async move {
-                insert(&mut tx, &body).await?;
-                Ok::<_, TenantError>(StatusCode::CREATED)
-            }),
-        )
-        .layer(TenantLayer::new(
-            pool(&db, 2).await,
-            FromHeader::new(http::HeaderName::from_static("x-tenant-id")).allow_text_ids(),
-        ));
+    let app = app_with(
+        pool(&db, 2).await,
+        FromHeader::new(http::HeaderName::from_static("x-tenant-id")).allow_text_ids(),
+    );
     for (tenant, body) in [("acme-corp", "a1"), ("4711", "n1"), ("acme-corp", "a2")] {
         let (status, _) = call(&app, req("POST", "/notes", tenant, body)).await;
         assert_eq!(status, StatusCode::CREATED, "{tenant}");

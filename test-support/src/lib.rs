@@ -375,3 +375,61 @@ impl TestDb {
         }
     }
 }
+
+/// The log lines written on this thread while it lives (a
+/// current-thread runtime's spawned tasks included).
+pub struct LogCapture {
+    lines: Lines,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for LogCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogCapture").finish_non_exhaustive()
+    }
+}
+
+impl LogCapture {
+    /// Starts capturing, at the subscriber's default level (INFO).
+    pub fn start() -> Self {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        Self {
+            lines,
+            _guard: guard,
+        }
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        let bytes = self
+            .lines
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}

@@ -585,30 +585,9 @@ mod tests {
         assert!(r.is_ready());
     }
 
-    /// Log lines written while `f` runs on this thread.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_check_logged_by_its_source_is_not_logged_again() {
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let _guard = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .finish(),
-        );
+        let logs = tollgate_test_support::LogCapture::start();
         let (db_up, db) = switch();
         let (store_up, store) = switch();
         let r = Readiness::builder()
@@ -623,7 +602,7 @@ mod tests {
         next_round(&r).await;
         next_round(&r).await;
         assert_eq!(r.report().checks["store"][0].status, CheckStatus::Fail);
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text();
         assert!(text.contains("readiness check failing check=db"), "{text}");
         assert!(!text.contains("check=store"), "{text}");
     }
@@ -631,14 +610,7 @@ mod tests {
     /// A check that fails from its very first round is logged, once.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_check_failing_from_the_first_round_is_logged_once() {
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let _guard = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .finish(),
-        );
+        let logs = tollgate_test_support::LogCapture::start();
         let r = Readiness::builder()
             .check("db", || async {
                 Err::<(), _>("connection refused".to_owned())
@@ -648,7 +620,7 @@ mod tests {
         r.wait_first_round().await;
         next_round(&r).await;
         next_round(&r).await;
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text();
         assert_eq!(
             text.matches("readiness check failing check=db").count(),
             1,
