@@ -66,9 +66,11 @@ struct Pending<S, St, ReqBody> {
     /// The request's value of the layer's metric label.
     label: usize,
     shared: Arc<Shared<St>>,
-    /// When the store was asked, for its latency histogram.
+    /// When the store was first found waiting, for its latency histogram;
+    /// `None` while it has answered at once (an in-process store: no clock
+    /// read per request).
     #[cfg(feature = "metrics")]
-    started: tokio::time::Instant,
+    started: Option<tokio::time::Instant>,
 }
 
 impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
@@ -93,7 +95,7 @@ where
             label,
             shared,
             #[cfg(feature = "metrics")]
-            started: tokio::time::Instant::now(),
+            started: None,
         };
         Self {
             state: State::Checking {
@@ -130,7 +132,18 @@ where
         loop {
             match state.as_mut().project() {
                 StateProj::Checking { check, pending } => {
-                    let result = ready!(check.poll(cx));
+                    let result = match check.poll(cx) {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => {
+                            #[cfg(feature = "metrics")]
+                            if let Some(pending) = pending.as_mut() {
+                                pending
+                                    .started
+                                    .get_or_insert_with(tokio::time::Instant::now);
+                            }
+                            return Poll::Pending;
+                        }
+                    };
                     let Pending {
                         req,
                         mut inner,
@@ -145,7 +158,7 @@ where
                     shared
                         .metrics()
                         .store_duration
-                        .record(started.elapsed().as_secs_f64());
+                        .record(started.map_or(0.0, |at| at.elapsed().as_secs_f64()));
                     let fields = match verdict(&shared, &index, &checks, label, result) {
                         Verdict::Allow(fields) => fields,
                         Verdict::Reject(res) => {

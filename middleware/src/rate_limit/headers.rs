@@ -30,17 +30,27 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// How items of the two fields are written (draft -11, section 3 and 4).
 pub(crate) mod syntax {
-    use std::fmt::Write as _;
+    /// Appends `n` in decimal, without `fmt` (this runs on every response).
+    fn number(line: &mut String, n: u64) {
+        line.push_str(itoa::Buffer::new().format(n));
+    }
 
     /// `RateLimit-Policy` item of a quota: `"name";q=<quota>;w=<window s>`.
     pub(crate) fn policy_item(line: &mut String, sf_name: &str, quota: u64, window: u64) {
-        let _ = write!(line, "{sf_name};q={quota};w={window}");
+        line.push_str(sf_name);
+        line.push_str(";q=");
+        number(line, quota);
+        line.push_str(";w=");
+        number(line, window);
     }
 
     /// `RateLimit-Policy` item of a quota counted in requests in flight,
     /// which has no window: `"name";q=<max>;qu="concurrent-requests"`.
     pub(crate) fn concurrency_policy_item(line: &mut String, sf_name: &str, max: u64) {
-        let _ = write!(line, r#"{sf_name};q={max};qu="concurrent-requests""#);
+        line.push_str(sf_name);
+        line.push_str(";q=");
+        number(line, max);
+        line.push_str(r#";qu="concurrent-requests""#);
     }
 
     /// `RateLimit` item: `"name";r=<available>;t=<effective window s>`,
@@ -51,9 +61,12 @@ pub(crate) mod syntax {
         available: u64,
         window: Option<u64>,
     ) {
-        let _ = write!(line, "{sf_name};r={available}");
+        line.push_str(sf_name);
+        line.push_str(";r=");
+        number(line, available);
         if let Some(t) = window {
-            let _ = write!(line, ";t={t}");
+            line.push_str(";t=");
+            number(line, t);
         }
     }
 
@@ -115,8 +128,9 @@ pub(crate) fn fields(
         ([i], [check]) => policies[*i].fixed_quota() == Some(check.quota),
         _ => false,
     });
+    // One allocation each: an item is a name and two short numbers.
     let mut policy_line = String::new();
-    let mut limit_line = String::new();
+    let mut limit_line = String::with_capacity(32 * index.len());
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         if !check.enforce {
             continue;
