@@ -187,6 +187,20 @@ pub fn prometheus_builder() -> PrometheusBuilder {
 /// How often [`MetricsExporter`] runs the exporter's upkeep.
 pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Runs `handle`'s upkeep every [`UPKEEP_INTERVAL`] on a Tokio task (until
+/// the task is aborted), so histogram memory stays flat when scrapes are
+/// rare. [`MetricsExporter::install`] starts one; call it yourself when you
+/// install the recorder by hand.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
 /// The process's Prometheus exporter, installed and kept: what a service
 /// needs to serve `/metrics` without depending on
 /// `metrics-exporter-prometheus` itself.
@@ -229,14 +243,8 @@ impl MetricsExporter {
     /// within a Tokio runtime; fails when a recorder is installed already.
     pub fn install() -> Result<Self, BuildError> {
         let handle = prometheus_builder().install_recorder()?;
-        let upkeep = handle.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-            loop {
-                tick.tick().await;
-                upkeep.run_upkeep();
-            }
-        });
+        // For the life of the process, like the recorder.
+        drop(spawn_upkeep(handle.clone()));
         Ok(Self { handle })
     }
 

@@ -400,6 +400,24 @@ mod tests {
         assert_eq!(get(&app, &[]).await.0, 429);
     }
 
+    /// Polls `fut` to completion with `recorder` as the metrics recorder
+    /// (it is only set while polling; the memory store never waits).
+    #[cfg(feature = "metrics")]
+    fn recorded<F: std::future::Future>(
+        recorder: &metrics_exporter_prometheus::PrometheusRecorder,
+        fut: F,
+    ) -> F::Output {
+        metrics::with_local_recorder(recorder, || {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut fut = std::pin::pin!(fut);
+            loop {
+                if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                    break out;
+                }
+            }
+        })
+    }
+
     /// Decisions are counted by policy, outcome and the layer's label
     /// (`plan`, from a fixed list), and allowed requests that left at most
     /// 10 % of the burst count as near the limit.
@@ -426,16 +444,7 @@ mod tests {
                 req = req.header("x-plan", plan);
             }
             let fut = app.clone().oneshot(req.body(Body::empty()).unwrap());
-            metrics::with_local_recorder(&recorder, || {
-                let waker = std::task::Waker::noop();
-                let mut cx = Context::from_waker(waker);
-                let mut fut = std::pin::pin!(fut);
-                loop {
-                    if let Poll::Ready(res) = fut.as_mut().poll(&mut cx) {
-                        break res.unwrap().status();
-                    }
-                }
-            })
+            recorded(&recorder, fut).unwrap().status()
         };
         for _ in 0..9 {
             send(Some("free"));
@@ -484,12 +493,7 @@ mod tests {
             let fut = app
                 .clone()
                 .oneshot(Request::get("/").body(Body::empty()).unwrap());
-            metrics::with_local_recorder(&recorder, || {
-                let waker = std::task::Waker::noop();
-                let mut cx = Context::from_waker(waker);
-                let mut fut = std::pin::pin!(fut);
-                while fut.as_mut().poll(&mut cx).is_pending() {}
-            });
+            recorded(&recorder, fut).unwrap();
         }
         let text = handle.render();
         for (series, value) in [

@@ -81,13 +81,7 @@ pub async fn spawn(state: &AppState, admin: Option<SocketAddr>) -> std::io::Resu
         "git_sha" => option_env!("TOLLGATE_GIT_SHA").unwrap_or("unknown"),
     )
     .set(1.0);
-    tasks.0.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            handle.run_upkeep();
-        }
-    }));
+    tasks.0.push(tollgate::metrics::spawn_upkeep(handle));
     if let Some(addr) = admin {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(metrics_on = %listener.local_addr()?, "metrics listening");
