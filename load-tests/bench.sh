@@ -179,6 +179,16 @@ evalsha_calls() {
     echo "$total"
 }
 
+# CPU time in clock ticks (utime + stime): of one process, and of every
+# Postgres process (the backends serving the row's pool live through it).
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pg_ticks() {
+    local total=0 pid
+    for pid in $(pgrep -u postgres || true); do total=$(( total + $(ticks "$pid") )); done
+    echo "$total"
+}
+hz=$(getconf CLK_TCK)
+
 # load CONNECTIONS RATE URL [ARGS...]: runs the load generator on its core
 # and prints "req/s p50-ms p99-ms requests non-2xx".
 load() {
@@ -224,19 +234,22 @@ for round in $(seq "$ROUNDS"); do
             curl -s -o /dev/null "http://127.0.0.1:$PORT/api/v1/ping" && break
             sleep 0.05
         done
-        before=$(evalsha_calls)
+        before=$(evalsha_calls); cpu_before=$(ticks "$server_pid"); pg_before=$(pg_ticks)
         connections=$CONNECTIONS
         args=()
         if [ "$path" = /api/v1/items ]; then connections=$TENANT_CONNECTIONS; fi
         if [ "$extra" = AUTH ]; then args=(-H "authorization: Bearer $TOKEN"); fi
         if [ "$extra" = XFF ] && [ "$LOADGEN" = wrk ]; then args=(-s load-tests/xff.lua); fi
         read -r rps p50 p99 total non2xx < <(load "$connections" "$rate" "http://127.0.0.1:$PORT$path" "${args[@]}")
-        after=$(evalsha_calls)
+        after=$(evalsha_calls); cpu_after=$(ticks "$server_pid"); pg_after=$(pg_ticks)
         kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
         calls=$(( after - before ))
-        echo "$i|$round|$rps|$p50|$p99|$calls|$total|$non2xx" >>"$tmp/results"
-        printf 'round %s %-40s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  evalsha %s\n' \
-            "$round" "$name" "$rps" "$p50" "$p99" "$calls" >&2
+        # CPU microseconds per request, of the server and of Postgres.
+        cpu=$(awk -v t=$(( cpu_after - cpu_before )) -v n="$total" -v hz="$hz" 'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
+        pg_cpu=$(awk -v t=$(( pg_after - pg_before )) -v n="$total" -v hz="$hz" 'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
+        echo "$i|$round|$rps|$p50|$p99|$calls|$total|$non2xx|$cpu|$pg_cpu" >>"$tmp/results"
+        printf 'round %s %-40s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  evalsha %s  cpu µs/req %s + pg %s\n' \
+            "$round" "$name" "$rps" "$p50" "$p99" "$calls" "$cpu" "$pg_cpu" >&2
     done
 done
 
@@ -251,8 +264,8 @@ else
 fi
 echo "$(date -u +%Y-%m-%d), $(nproc) cores, server on CPU $server_cpu, load on CPU $load_cpu, $tool; database rows c$TENANT_CONNECTIONS; median of $ROUNDS interleaved rounds (\`LOADGEN=$LOADGEN bash load-tests/bench.sh\`):"
 echo
-echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | Redis script calls per request | non-2xx |"
-echo "|---|---|---|---|---|---|---|"
+echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | server CPU µs/request | Postgres CPU µs/request | Redis script calls per request | non-2xx |"
+echo "|---|---|---|---|---|---|---|---|---|"
 plain=
 for i in "${!configs[@]}"; do
     IFS="|" read -r name _ _ _ path _ <<<"${configs[$i]}"
@@ -261,6 +274,8 @@ for i in "${!configs[@]}"; do
     p99=$(awk -F'|' -v i="$i" '$1 == i { print $5 }' "$tmp/results" | median)
     per=$(awk -F'|' -v i="$i" '$1 == i { if ($7 > 0) print $6 / $7; else print 0 }' "$tmp/results" | median)
     non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
+    cpu=$(awk -F'|' -v i="$i" '$1 == i { print $9 }' "$tmp/results" | median)
+    pg_cpu=$(awk -F'|' -v i="$i" '$1 == i { print $10 }' "$tmp/results" | median)
     ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
     if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" || "$name" == *" [plans]" ]]; then
         ratio="(see below)"
@@ -274,7 +289,7 @@ for i in "${!configs[@]}"; do
             plain=
         fi
     fi
-    printf '| %s | %.0f | %s | %.3f | %.3f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$per" "$non2xx"
+    printf '| %s | %.0f | %s | %.3f | %.3f | %.1f | %.1f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$cpu" "$pg_cpu" "$per" "$non2xx"
 done
 
 # The capacity layers' cost: each "[no capacity layers]" row against the

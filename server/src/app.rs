@@ -89,31 +89,37 @@ pub fn app(
             open = open.routes(handler);
         }
     }
-    let authenticated = authenticated
-        .route_layer(TenantLayer::new(
-            state.tenant_pool.clone(),
-            FromClaims::<Claims>::new(),
-        ))
-        .route_layer(limits.shed(state.tenant_pool.clone()))
-        // The level in the token may be stale: limits and shedding use the
-        // current one.
-        .route_layer(axum::middleware::from_fn_with_state(
-            CurrentTrust {
-                levels: state.trust.clone(),
-                table: limits.trust().clone(),
-            },
-            trust::current_trust,
-        ))
-        .route_layer(limits.concurrency())
-        // The tenant's plan sets its concurrency and quotas.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.plans.clone(),
-            plans::current_plan,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.tokens.clone(),
-            auth::require_auth,
-        ));
+    // One `route_layer` for the whole authenticated stack: each
+    // `route_layer` call boxes the route again, and axum clones every box
+    // and boxes every future per request.
+    let authenticated = authenticated.route_layer(
+        ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(
+                state.tokens.clone(),
+                auth::require_auth,
+            ))
+            // The tenant's plan sets its concurrency and quotas.
+            .layer(axum::middleware::from_fn_with_state(
+                state.plans.clone(),
+                plans::current_plan,
+            ))
+            .layer(limits.concurrency())
+            // The level in the token may be stale: limits and shedding use
+            // the current one.
+            .layer(axum::middleware::from_fn_with_state(
+                CurrentTrust {
+                    levels: state.trust.clone(),
+                    table: limits.trust().clone(),
+                },
+                trust::current_trust,
+            ))
+            .layer(limits.shed(state.tenant_pool.clone()))
+            .layer(TenantLayer::new(
+                state.tenant_pool.clone(),
+                FromClaims::<Claims>::new(),
+            ))
+            .map_response(axum::response::IntoResponse::into_response),
+    );
     let (router, mut doc) = open.merge(authenticated).split_for_parts();
     doc.paths.paths.extend(elsewhere.paths);
     let _ = state

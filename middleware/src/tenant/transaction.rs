@@ -40,12 +40,11 @@ impl Access {
 /// - `BEGIN` and `set_config` go in one simple-query message: one round
 ///   trip instead of two. Interpolating is safe because a [`TenantId`] is a
 ///   parsed UUID and prints only `[0-9a-f-]`.
-/// - The acquire and `BEGIN` run in a spawned task. If the caller is
-///   dropped (the client went away) while `BEGIN` is on the wire, the task
-///   still finishes and drops a whole `Transaction`, which rolls back
-///   before its connection is reused. Without it a connection could go
-///   back to the pool inside an open transaction that still holds the
-///   tenant (sqlx issue 4393).
+/// - Cancel-safe: if the caller is dropped (the client went away) while
+///   `BEGIN` is on the wire, sqlx (0.9.1 and later) has already queued the
+///   `ROLLBACK` that ends it before the connection is reused, so no
+///   connection goes back to the pool inside a transaction that still
+///   holds the tenant (sqlx issue 4393). No task is spawned for it.
 ///
 /// Dropping the returned transaction without committing rolls it back.
 ///
@@ -67,15 +66,11 @@ pub async fn begin(
     tenant: TenantId,
     access: Access,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let pool = pool.clone();
     // Safe to interpolate: see above.
     let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     #[cfg(feature = "metrics")]
     let started = tokio::time::Instant::now();
-    let task = tokio::spawn(async move { pool.begin_with(sql).await });
-    let result = task
-        .await
-        .unwrap_or_else(|join| Err(sqlx::Error::Protocol(format!("begin task: {join}"))));
+    let result = pool.begin_with(sql).await;
     #[cfg(feature = "metrics")]
     {
         metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION)
