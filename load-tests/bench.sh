@@ -72,6 +72,8 @@ load_cpu=$(( cores > 1 ? 1 : 0 ))
 # "defaults" row keeps the default log level, one line per request to
 # stdout (here a file), as users run it. Quotas are raised in both so the
 # limiter allows.
+# The "… alone" rows put one layer on the bare app (examples/baseline.rs,
+# STACK=…): ours, and a peer's for the same job beside it.
 # name | binary | env | XFF (many client addresses, wrk only) or AUTH (the
 # tenant user's token) | path | fixed rate (req/s; empty: as fast as possible)
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
@@ -91,6 +93,10 @@ plans_env="TENANT_PLANS=free,pro RATE_LIMIT_PLAN_FREE_TENANT=4000000000/s RATE_L
 no_capacity="RATE_LIMIT_TENANT_CONCURRENCY=unlimited RATE_LIMIT_SUBJECT_CONCURRENCY=unlimited HTTP_HEADER_READ_TIMEOUT=off HTTP_BODY_READ_TIMEOUT=off HTTP_REQUEST_TIMEOUT=off"
 configs=(
   "bare axum|baseline|||/api/v1/ping|"
+  "Tollgate rate-limit layer alone (client IP + per-IP policy, headers)|baseline|STACK=ratelimit|XFF|/api/v1/ping|"
+  "tower_governor alone (per IP, headers)|baseline|STACK=governor|XFF|/api/v1/ping|"
+  "Tollgate metrics layer alone|baseline|STACK=metrics||/api/v1/ping|"
+  "axum-prometheus alone|baseline|STACK=prometheus||/api/v1/ping|"
   "memory store|server|RATE_LIMIT_STORE=memory $ip_env|XFF|/api/v1/ping|"
   "defaults (access log at INFO)|server|RATE_LIMIT_STORE=memory $ip_env RUST_LOG=info|XFF|/api/v1/ping|"
   "memory store [no capacity layers]|server|RATE_LIMIT_STORE=memory $ip_env $no_capacity|XFF|/api/v1/ping|"

@@ -8,6 +8,10 @@
 //!   does not filter), on a pool sized like the server's. Set
 //!   `DATABASE_URL` (the owner's URL) and `TENANT_ID`.
 //!
+//! `STACK` puts one layer alone on the app (`support/stacks.rs`): Tollgate's
+//! rate limit or metrics layer, or a peer's (tower_governor,
+//! axum-prometheus), so the harness compares them on the same bare app.
+//!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
 use axum::extract::State;
@@ -17,6 +21,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use tollgate_server::routes::items::{Item, ItemPage};
 use uuid::Uuid;
+
+#[path = "support/stacks.rs"]
+mod stacks;
 
 #[derive(Clone)]
 struct Plain {
@@ -79,8 +86,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .route("/api/v1/items", get(items))
         .with_state(plain);
+    let stack = std::env::var("STACK").unwrap_or_else(|_| "bare".to_owned());
+    let app = stacks::layered(app, &stack);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening addr={}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    if stack == "bare" {
+        axum::serve(listener, app).await?;
+    } else {
+        // The peer's address, for the limiters' keys.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await?;
+    }
     Ok(())
 }

@@ -41,7 +41,9 @@ pin_project! {
         Checking {
             #[pin]
             check: St::Future,
-            pending: Option<Pending<S, St, ReqBody>>,
+            // Boxed: only a store that waits needs it, and inline it would
+            // make every response future larger to move.
+            pending: Option<Box<Pending<S, St, ReqBody>>>,
         },
         /// Allowed (or failed open): waiting for the inner service.
         Calling {
@@ -100,7 +102,7 @@ where
         Self {
             state: State::Checking {
                 check,
-                pending: Some(pending),
+                pending: Some(Box::new(pending)),
             },
         }
     }
@@ -112,9 +114,13 @@ where
     }
 
     pub(crate) fn rejected(problem: Problem) -> Self {
+        Self::answered(problem.into_http_response())
+    }
+
+    pub(crate) fn answered(response: Response<Bytes>) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(problem.into_http_response()),
+                response: Some(response),
             },
         }
     }
@@ -153,7 +159,7 @@ where
                         shared,
                         #[cfg(feature = "metrics")]
                         started,
-                    } = pending.take().expect("polled after completion");
+                    } = *pending.take().expect("polled after completion");
                     #[cfg(feature = "metrics")]
                     shared
                         .metrics()
@@ -185,14 +191,14 @@ where
 }
 
 /// What to do with a request once the store has answered.
-enum Verdict {
+pub(crate) enum Verdict {
     /// Call the inner service, then add these header fields.
     Allow(Option<(HeaderValue, HeaderValue)>),
     /// Answer with this response.
     Reject(Response<Bytes>),
 }
 
-fn verdict<St>(
+pub(crate) fn verdict<St>(
     shared: &Shared<St>,
     index: &[usize],
     checks: &[Check],

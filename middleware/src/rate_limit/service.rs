@@ -308,6 +308,15 @@ where
         if checks.is_empty() {
             return ResponseFuture::calling(inner.call(req), None);
         }
+        // A store that answers at once is decided here: no state to keep.
+        if let Some(result) = self.shared.store.check_now(&checks) {
+            return match super::future::verdict(&self.shared, &index, &checks, label, result) {
+                super::future::Verdict::Allow(fields) => {
+                    ResponseFuture::calling(inner.call(req), fields)
+                }
+                super::future::Verdict::Reject(res) => ResponseFuture::answered(res),
+            };
+        }
         let check = self.shared.store.check(&checks);
         ResponseFuture::checking(check, req, inner, checks, index, label, self.shared.clone())
     }

@@ -89,6 +89,15 @@ pub trait Store: Send + Sync + 'static {
     /// Decides `checks` all-or-nothing.
     fn check(&self, checks: &[Check]) -> Self::Future;
 
+    /// Decides `checks` as [`check`](Store::check) does, when the store can
+    /// answer without waiting (an in-process store); `None` otherwise, and
+    /// then the caller awaits [`check`](Store::check). The layer tries this
+    /// first, so a store that answers at once costs no future per request.
+    fn check_now(&self, checks: &[Check]) -> Option<Result<Decisions, StoreError>> {
+        let _ = checks;
+        None
+    }
+
     /// Whether the store is in use: `false` while it is known to be down
     /// (a remote store's circuit breaker is open) and checks go to the
     /// failure policy. The one source of a store's health: readiness
@@ -103,6 +112,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn check(&self, checks: &[Check]) -> Self::Future {
         (**self).check(checks)
+    }
+
+    fn check_now(&self, checks: &[Check]) -> Option<Result<Decisions, StoreError>> {
+        (**self).check_now(checks)
     }
 
     fn is_available(&self) -> bool {
