@@ -562,3 +562,44 @@ async fn without_a_direct_url_the_server_says_so_and_the_ttl_still_applies() {
     eprintln!("without a direct connection, B and C applied the change after {took:?} (TTL 1.5 s)");
     assert!(took.is_some(), "the TTL did not bound staleness");
 }
+
+/// The request pool skips the ping on acquire for a connection used within
+/// `TEST_IDLE_AFTER` (sqlx pings each one as it comes back), but still
+/// tests one idle longer: a backend that died while idle is replaced, not
+/// handed to a request that then fails.
+#[tokio::test]
+async fn a_connection_that_died_while_idle_is_replaced_before_use() {
+    let db = TestDb::create("pool_idle_test", "").await;
+    let url = db.app_url();
+    let config = tollgate_server::config::DatabaseConfig::from_lookup(|name| match name {
+        "DATABASE_URL" => Some(url.clone()),
+        "DB_MAX_CONNECTIONS" => Some("1".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let pool = tollgate_server::db::pool(&config).unwrap();
+    let pid = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+    };
+    let first = pid(pool.clone()).await.unwrap();
+    // Used moments ago: handed out again as it is, the same backend.
+    assert_eq!(pid(pool.clone()).await.unwrap(), first);
+
+    // The same role may end its own backends.
+    let owner = PgPool::connect(&db.app_url()).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(&owner)
+        .await
+        .unwrap();
+    tokio::time::sleep(tollgate_server::db::TEST_IDLE_AFTER + Duration::from_millis(200)).await;
+    let second = pid(pool.clone())
+        .await
+        .expect("a dead idle connection reached a request");
+    assert_ne!(second, first);
+    pool.close().await;
+    owner.close().await;
+    db.drop_now().await;
+}
