@@ -14,8 +14,8 @@ cargo build --release -q -p tollgate-server --example instructions
 bin=target/release/examples/instructions
 irefs() { valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 | awk '/I *refs:/ { gsub(",", "", $4); print $4 }'; }
 # Hash seeds and addresses differ between runs (a few hundred instructions
-# of noise per request): each count is the median of ROUNDS runs.
-ROUNDS=${ROUNDS:-3}
+# of noise per request): each count is the median of ROUNDS runs (5).
+ROUNDS=${ROUNDS:-5}
 echo "| stack | instructions per request | over bare |"
 echo "|---|---|---|"
 bare=
