@@ -47,6 +47,7 @@ bench: services
 	$(CARGO) bench -p tollgate --all-features --bench rate_limit
 	$(CARGO) run --release -p tollgate --example memory_footprint
 	bash load-tests/bench.sh
+	bash load-tests/instructions.sh
 
 # The docker-compose topology as local processes (three replicas, Caddy,
 # Prometheus); `server/tests/lb_cluster.rs` tests the same topology.
