@@ -7,7 +7,7 @@ use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, Verdict, verdict};
 use super::policy::{FailurePolicy, Policy};
 use super::store::{Check, Store};
 
@@ -310,11 +310,9 @@ where
         }
         // A store that answers at once is decided here: no state to keep.
         if let Some(result) = self.shared.store.check_now(&checks) {
-            return match super::future::verdict(&self.shared, &index, &checks, label, result) {
-                super::future::Verdict::Allow(fields) => {
-                    ResponseFuture::calling(inner.call(req), fields)
-                }
-                super::future::Verdict::Reject(res) => ResponseFuture::answered(res),
+            return match verdict(&self.shared, &index, &checks, label, result) {
+                Verdict::Allow(fields) => ResponseFuture::calling(inner.call(req), fields),
+                Verdict::Reject(res) => ResponseFuture::answered(res),
             };
         }
         let check = self.shared.store.check(&checks);
