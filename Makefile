@@ -3,6 +3,11 @@
 
 CARGO ?= cargo
 
+# CI builds once from a clean clone: incremental state would only take disk.
+ifdef CI
+export CARGO_INCREMENTAL = 0
+endif
+
 # `make run` defaults: the roles scripts/services.sh creates, development
 # mode (a per-process token secret unless AUTH_SECRET is set).
 run: export MIGRATION_DATABASE_URL ?= postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate
