@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
 # Instructions per request of each stack, a measure that does not move
-# with the machine: cachegrind's instruction count for N and 3N in-process
-# requests (server/examples/instructions.rs, current-thread runtime), difference
-# over 2N. Needs valgrind (Debian's package).
+# with the machine: callgrind's instruction count for N and 3N in-process
+# requests (server/examples/instructions.rs, current-thread runtime),
+# difference over 2N. Only the request path is counted: the instructions
+# run while `main`'s future is polled (--toggle-collect), not the
+# recorders' upkeep thread, the access log's writer thread or start-up.
+# Needs valgrind (Debian's package).
 #
 #   bash load-tests/instructions.sh            # N = 3000
 #   N=10000 ROUNDS=5 bash load-tests/instructions.sh
+#
+# Stacks: bare axum; one layer alone on it, ours and a peer's
+# (support/stacks.rs); and `server`, the whole server's app with the
+# defaults the load harness's "defaults" row runs (access log at INFO,
+# memory store, the client's address in X-Forwarded-For from a trusted
+# loopback peer), on `/api/v1/ping`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
+ROUNDS=${ROUNDS:-3}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
 cargo build --release -q -p tollgate-server --example instructions
 bin=target/release/examples/instructions
-irefs() { valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 | awk '/I *refs:/ { gsub(",", "", $4); print $4 }'; }
-# Hash seeds and addresses differ between runs (a few hundred instructions
-# of noise per request): each count is the median of ROUNDS runs (5).
-ROUNDS=${ROUNDS:-5}
+# The server stack's configuration; its pools connect lazily and the
+# ping route never uses them.
+export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
+export TOLLGATE_ENV=development RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+irefs() {
+    valgrind --tool=callgrind --toggle-collect='instructions::main::{{closure}}' \
+        --callgrind-out-file="$out" "$bin" "$1" "$2" >/dev/null 2>&1
+    callgrind_annotate "$out" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
+}
+# Hash seeds differ between runs (a few instructions per request): each
+# count is the median of ROUNDS runs.
 echo "| stack | instructions per request | over bare |"
 echo "|---|---|---|"
 bare=
-for stack in bare ratelimit governor metrics prometheus; do
+for stack in bare ratelimit governor metrics prometheus server; do
     per=$(for _ in $(seq "$ROUNDS"); do
         one=$(irefs "$stack" "$N"); three=$(irefs "$stack" $((3 * N)))
         echo $(( (three - one) / (2 * N) ))
@@ -28,4 +47,4 @@ for stack in bare ratelimit governor metrics prometheus; do
     echo "| $stack | $per | +$(( per - bare )) |"
 done
 echo
-echo "$(date -u +%F), N=$N and 3N requests, median of $ROUNDS, cachegrind I refs, current-thread runtime"
+echo "$(date -u +%F), N=$N and 3N requests, median of $ROUNDS, callgrind, request path only, current-thread runtime"

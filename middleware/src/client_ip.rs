@@ -55,7 +55,7 @@ use std::task::{Context, Poll};
 
 use axum::extract::ConnectInfo;
 use axum::extract::connect_info::MockConnectInfo;
-use http::{HeaderMap, Request, header::FORWARDED};
+use http::{HeaderMap, HeaderName, Request, header::FORWARDED};
 use ipnet::IpNet;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -168,7 +168,7 @@ impl TrustedProxies {
         let mut client = peer;
         match self.header {
             ForwardedHeader::XForwardedFor => {
-                for hop in rev_list(headers, "x-forwarded-for") {
+                for hop in rev_list(headers, &X_FORWARDED_FOR) {
                     match hop.and_then(parse_node) {
                         Some(ip) if self.is_trusted(ip) => client = ip,
                         Some(ip) => return ip,
@@ -180,7 +180,7 @@ impl TrustedProxies {
                 }
             }
             ForwardedHeader::Forwarded => {
-                for element in rev_list(headers, FORWARDED.as_str()) {
+                for element in rev_list(headers, &FORWARDED) {
                     match element.and_then(forwarded_for).and_then(parse_node) {
                         Some(ip) if self.is_trusted(ip) => client = ip,
                         Some(ip) => return ip,
@@ -226,13 +226,20 @@ impl fmt::Display for TrustedProxies {
 /// The comma-separated entries of every `name` header line, last first;
 /// `None` for an entry that is not UTF-8 (the line's other entries stay
 /// readable).
-fn rev_list<'a>(headers: &'a HeaderMap, name: &str) -> impl Iterator<Item = Option<&'a str>> {
-    let lines: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
-    lines.into_iter().rev().flat_map(|line| {
-        line.rsplit(|b| *b == b',')
+fn rev_list<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = Option<&'a str>> {
+    // A `HeaderName`, not a `&str`: no name parsing per request.
+    headers.get_all(name).iter().rev().flat_map(|line| {
+        line.as_bytes()
+            .rsplit(|b| *b == b',')
             .map(|entry| std::str::from_utf8(entry).ok().map(str::trim))
     })
 }
+
+/// `X-Forwarded-For` (not among `http`'s standard names).
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The client of a request whose forwarding header could not be read
 /// where an address was needed: `0.0.0.0`, one key for all such requests,

@@ -34,12 +34,12 @@ pub const BODY_LIMIT: usize = 128 * 1024;
 
 /// The server as one service (tests drive it with `oneshot`).
 ///
-/// Request-wide layers, outermost first: request id → access log →
+/// Request-wide layers, outermost first: metrics → request id → access log →
 /// request deadline → client IP → body deadline → body limit →
 /// `Connection: close` while draining. They wrap the router as one service
 /// instead of being added with `Router::layer`, which would box and clone
-/// the whole stack for every route on every request; only the metrics
-/// layer sits in the router, because it labels by the matched route.
+/// the whole stack for every route on every request (the metrics layer
+/// matches the route templates itself for the same reason).
 ///
 /// Each route gets its class's rate-limit layer ([`Limits::layer`](crate::limits::Limits::layer)).
 /// Authenticated routes share, outermost first: authentication → the
@@ -121,6 +121,10 @@ pub fn app(
             .map_response(axum::response::IntoResponse::into_response),
     );
     let (router, mut doc) = open.merge(authenticated).split_for_parts();
+    // Labels by the templates served here, matched outside the router.
+    let metrics = HttpMetricsLayer::new()
+        .with_routes(doc.paths.paths.keys())
+        .expect("route templates axum accepted");
     doc.paths.paths.extend(elsewhere.paths);
     let _ = state
         .openapi
@@ -130,15 +134,13 @@ pub fn app(
     let proxies = config.trusted_proxies.clone();
     let http = config.http;
     let access_log = config.access_log;
-    let router: Router = router
-        .fallback(routes::not_found)
-        // Inside the router (so it sees the matched route), outside the
-        // limiter (so 429s are counted).
-        .layer(HttpMetricsLayer::new())
-        .with_state(state);
+    let router: Router = router.fallback(routes::not_found).with_state(state);
     ServiceBuilder::new()
         // axum::serve wants axum's body type.
         .map_response(|res: http::Response<_>| res.map(Body::new))
+        // Outside the router (it matches the templates itself), so every
+        // answer is counted: 404s, 429s, a deadline's 503.
+        .layer(metrics)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(AccessLogLayer::new(access_log))
         .layer(PropagateRequestIdLayer::x_request_id())

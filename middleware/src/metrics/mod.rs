@@ -53,13 +53,16 @@
 //! # Ordering
 //!
 //! Add the layer with `Router::layer`, so it sees the matched route, and
-//! outside the rate limiter, so 429s are counted.
+//! outside the rate limiter, so 429s are counted. Or give it the route
+//! templates ([`HttpMetricsLayer::with_routes`]) and wrap the whole app
+//! from outside: cheaper per request, and the layers around the router are
+//! timed and counted too.
 
 mod http;
 
 pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
 
-pub use self::http::{HttpMetrics, HttpMetricsLayer, ResponseFuture};
+pub use self::http::{HttpMetrics, HttpMetricsLayer, ResponseFuture, RouteError};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 

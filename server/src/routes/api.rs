@@ -1,5 +1,7 @@
 //! Public API routes, under the per-IP limit.
 
+use std::net::IpAddr;
+
 use axum::{Extension, Json};
 use serde::Serialize;
 use tollgate::client_ip::ClientIp;
@@ -19,7 +21,9 @@ pub struct Pong {
     /// Always true.
     pub pong: bool,
     /// The client address as the server sees it (after trusted proxies).
-    pub client_ip: Option<String>,
+    // Serialized by serde straight into the body (no `fmt`, no String).
+    #[schema(value_type = Option<String>)]
+    pub client_ip: Option<IpAddr>,
 }
 
 /// Answers without touching a database: for probing limits and load.
@@ -31,7 +35,7 @@ pub struct Pong {
     )
 )]
 pub async fn ping(client: Option<Extension<ClientIp>>) -> Json<Pong> {
-    let client_ip = client.map(|Extension(ClientIp(ip))| ip.to_string());
+    let client_ip = client.map(|Extension(ClientIp(ip))| ip);
     Json(Pong {
         pong: true,
         client_ip,
