@@ -14,7 +14,9 @@ use tollgate::metrics::HttpMetricsLayer;
 use tollgate::tenant::{FromClaims, TenantLayer};
 use tollgate::timeout::{BodyTimeoutLayer, RequestTimeoutLayer};
 use tower::{Service, ServiceBuilder};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::access_log::AccessLogLayer;
@@ -141,7 +143,7 @@ pub fn app(
         // Outside the router (it matches the templates itself), so every
         // answer is counted: 404s, 429s, a deadline's 503.
         .layer(metrics)
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(MakeUuid))
         .layer(AccessLogLayer::new(access_log))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(RequestTimeoutLayer::optional(http.request_timeout))
@@ -151,6 +153,19 @@ pub fn app(
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .map_response(move |res| close_when_draining(&readiness, res))
         .service(router)
+}
+
+/// A random UUID per request, as tower-http's `MakeRequestUuid`, written
+/// into a stack buffer instead of through `fmt` and a `String`.
+#[derive(Debug, Clone, Copy)]
+struct MakeUuid;
+
+impl MakeRequestId for MakeUuid {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let mut text = uuid::Uuid::encode_buffer();
+        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        http::HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
 }
 
 /// While draining, asks clients to close their connection after this

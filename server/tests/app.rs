@@ -45,10 +45,15 @@ async fn json(res: Response<Body>) -> serde_json::Value {
 #[tokio::test]
 async fn liveness_is_never_limited() {
     let app = app(&[("RATE_LIMIT_IP", "1/min")], LOOPBACK);
+    let mut request_ids = std::collections::HashSet::new();
     for path in ["/health", "/healthz"].iter().cycle().take(10) {
         let res = app.clone().oneshot(get(path)).await.unwrap();
         assert_eq!(res.status(), 200);
-        assert!(res.headers().contains_key("x-request-id"));
+        // A new random UUID each, in its usual lower-case hyphenated form.
+        let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let uuid = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!((uuid.get_version_num(), uuid.to_string()), (4, id.clone()));
+        assert!(request_ids.insert(id), "request id repeated");
         assert!(!res.headers().contains_key("ratelimit"));
         assert_eq!(json(res).await["status"], "pass");
     }
