@@ -11,10 +11,15 @@
 #   N=10000 ROUNDS=5 bash load-tests/instructions.sh
 #
 # Stacks: bare axum; one layer alone on it, ours and a peer's
-# (support/stacks.rs); and `server`, the whole server's app with the
-# defaults the load harness's "defaults" row runs (access log at INFO,
-# memory store, the client's address in X-Forwarded-For from a trusted
-# loopback peer), on `/api/v1/ping`.
+# (support/stacks.rs); `server`, the whole server's app with the defaults
+# the load harness's "defaults" row runs (access log at INFO, memory
+# store, the client's address in X-Forwarded-For from a trusted loopback
+# peer), on `/api/v1/ping`; and `tenant`, the same app's tenant route
+# (`GET /api/v1/items`, 20 rows, against the real database, which must be
+# migrated: `scripts/services.sh`) for a tenant it seeds, with quotas
+# raised as in the harness. Opening database connections is not counted
+# (it happens once per connection, at a time that varies): N is 1000 for
+# the tenant route, which also counts sqlx, rustls and serde_json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
@@ -26,10 +31,14 @@ bin=target/release/examples/instructions
 # ping route never uses them.
 export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
 export TOLLGATE_ENV=development RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1
+export RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s
+# Cache refreshes and readiness rounds come with time, not with requests.
+export TRUST_CACHE_TTL=1h PLAN_CACHE_TTL=1h READY_CHECK_INTERVAL=1h
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 irefs() {
     valgrind --tool=callgrind --toggle-collect='instructions::main::{{closure}}' \
+        --toggle-collect='sqlx_core::pool::inner::PoolInner<DB>::connect::{{closure}}' \
         --callgrind-out-file="$out" "$bin" "$1" "$2" >/dev/null 2>&1
     callgrind_annotate "$out" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
 }
@@ -38,13 +47,15 @@ irefs() {
 echo "| stack | instructions per request | over bare |"
 echo "|---|---|---|"
 bare=
-for stack in bare ratelimit governor metrics prometheus server; do
+for stack in bare ratelimit governor metrics prometheus server tenant; do
+    n=$N
+    [ "$stack" = tenant ] && n=$(( N < 1000 ? N : 1000 ))
     per=$(for _ in $(seq "$ROUNDS"); do
-        one=$(irefs "$stack" "$N"); three=$(irefs "$stack" $((3 * N)))
-        echo $(( (three - one) / (2 * N) ))
+        one=$(irefs "$stack" "$n"); three=$(irefs "$stack" $((3 * n)))
+        echo $(( (three - one) / (2 * n) ))
     done | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
     [ -z "$bare" ] && bare=$per
     echo "| $stack | $per | +$(( per - bare )) |"
 done
 echo
-echo "$(date -u +%F), N=$N and 3N requests, median of $ROUNDS, callgrind, request path only, current-thread runtime"
+echo "$(date -u +%F), N=$N and 3N requests (tenant: N=$(( N < 1000 ? N : 1000 ))), median of $ROUNDS, callgrind, request path only, current-thread runtime"

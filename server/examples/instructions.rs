@@ -7,11 +7,14 @@
 //!
 //! `cargo run --release -p tollgate-server --example instructions -- STACK N`
 //! with STACK one of `bare`, `ratelimit`, `governor`, `metrics`,
-//! `prometheus`, or `server`: `GET /api/v1/ping` through
+//! `prometheus`; `server`: `GET /api/v1/ping` through
 //! `tollgate_server::app` as `Config::from_env` sets it up (the metrics
 //! recorder installed, access lines formatted into the binary's sink when
 //! `RUST_LOG` enables them), the client's address in `X-Forwarded-For`
-//! from a trusted loopback peer as behind a load balancer.
+//! from a trusted loopback peer as behind a load balancer; or `tenant`:
+//! the same app's `GET /api/v1/items` for a tenant it seeds (token, plan,
+//! concurrency, trust, shedding, limits, the RLS transaction against the
+//! real database).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +25,7 @@ use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::routing::get;
 use http::Request;
+use tollgate_server::AppState;
 use tower::{Service, ServiceExt};
 
 #[path = "support/stacks.rs"]
@@ -35,7 +39,7 @@ fn main() {
     // while (a varying number of instructions): before the measured part,
     // which `instructions.sh` limits to `main`'s future.
     let _ = quanta::Instant::now();
-    let metrics = (stack == "server").then(|| {
+    let metrics = (stack == "server" || stack == "tenant").then(|| {
         tollgate::metrics::prometheus_builder()
             .install_recorder()
             .expect("the only recorder")
@@ -47,28 +51,45 @@ fn main() {
     runtime.block_on(async {
         if let Some(metrics) = metrics {
             let _sink = server_logging();
-            let app = server_app(metrics);
+            let state = server_state(metrics);
             let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 4000)));
-            drive(app, n, "/api/v1/ping", peer, Some("192.0.2.1")).await;
+            if stack == "tenant" {
+                let token = seed_tenant(&state).await;
+                let app = tollgate_server::app(state);
+                drive(
+                    app,
+                    n,
+                    "/api/v1/items",
+                    peer,
+                    Some("192.0.2.1"),
+                    Some(token),
+                )
+                .await;
+            } else {
+                let app = tollgate_server::app(state);
+                drive(app, n, "/api/v1/ping", peer, Some("192.0.2.1"), None).await;
+            }
         } else {
             let router = Router::new().route("/ping", get(|| async { "pong" }));
             let app = stacks::layered(router, &stack);
             let peer = ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000)));
             // As `axum::serve` does per connection: handlers become routes once.
             let app = app.with_state(()).into_service::<Body>();
-            drive(app, n, "/ping", peer, None).await;
+            drive(app, n, "/ping", peer, None, None).await;
         }
     });
 }
 
 /// `n` requests for `path`, one after another, as from one keep-alive
-/// connection from `peer`, with `forwarded_for` in `X-Forwarded-For`.
+/// connection from `peer`, with `forwarded_for` in `X-Forwarded-For` and
+/// `token` as the bearer token.
 async fn drive<S>(
     mut app: S,
     n: u64,
     path: &str,
     peer: ConnectInfo<SocketAddr>,
     forwarded_for: Option<&'static str>,
+    token: Option<http::HeaderValue>,
 ) where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
@@ -79,20 +100,56 @@ async fn drive<S>(
                 .insert("x-forwarded-for", http::HeaderValue::from_static(client));
         }
         // As `into_make_service_with_connect_info` does per request.
+        if let Some(token) = &token {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, token.clone());
+        }
         req.extensions_mut().insert(peer);
         let res = app.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(res.status(), 200, "{:?}", res.into_body());
     }
 }
 
-/// The server's app with its defaults from the environment (the database
-/// is not touched by `/api/v1/ping`; its pools connect lazily).
-fn server_app(
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-) -> impl Service<Request<Body>, Response = Response, Error = Infallible, Future: Send> {
+/// The server's state with its defaults from the environment (its pools
+/// connect lazily: `/api/v1/ping` never touches the database).
+fn server_state(metrics: metrics_exporter_prometheus::PrometheusHandle) -> AppState {
     let config = tollgate_server::config::Config::from_env().expect("a valid configuration");
-    let state = tollgate_server::state::AppState::new(config, Some(metrics)).expect("the state");
-    tollgate_server::app(state)
+    AppState::new(config, Some(metrics)).expect("the state")
+}
+
+/// A new tenant with one user (trust level `staff`) and twenty items, as
+/// the load harness seeds its own (the database migrated, as `scripts/services.sh` leaves it);
+/// returns the user's bearer token.
+async fn seed_tenant(state: &AppState) -> http::HeaderValue {
+    use tollgate::tenant::{Access, TenantId, begin};
+    let tenant = uuid::Uuid::new_v4();
+    let mut tx = begin(&state.pool, TenantId::new(tenant), Access::ReadWrite)
+        .await
+        .expect("a tenant transaction (is the database migrated?)");
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'instructions')")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await
+        .expect("a tenant");
+    let (user,): (uuid::Uuid,) = sqlx::query_as(
+        "INSERT INTO users (tenant_id, email, password_hash, trust_level) \
+         VALUES ($1, $2, 'unused', 'staff') RETURNING id",
+    )
+    .bind(tenant)
+    .bind(format!("instructions-{tenant}@example.com"))
+    .fetch_one(&mut *tx)
+    .await
+    .expect("a user");
+    for n in 0..20 {
+        sqlx::query("INSERT INTO items (name) VALUES ($1)")
+            .bind(format!("item {n}"))
+            .execute(&mut *tx)
+            .await
+            .expect("an item");
+    }
+    tx.commit().await.expect("committed");
+    let token = state.tokens.issue(user, tenant, "staff");
+    http::HeaderValue::try_from(format!("Bearer {token}")).expect("a header value")
 }
 
 /// As the binary sets up logging: `RUST_LOG` (default `info`) decides
