@@ -56,7 +56,7 @@ impl HttpMetricsLayer {
     /// use tollgate::metrics::HttpMetricsLayer;
     /// use tower::Layer;
     ///
-    /// let router = Router::new().route("/items/{id}", get(|| async { "item" }));
+    /// let router: Router = Router::new().route("/items/{id}", get(|| async { "item" }));
     /// let app = HttpMetricsLayer::new()
     ///     .with_routes(["/items/{id}"])
     ///     .expect("axum's syntax")
