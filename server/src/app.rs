@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tollgate::client_ip::SetClientIpLayer;
 use tollgate::health::Readiness;
 use tollgate::metrics::HttpMetricsLayer;
@@ -120,7 +120,7 @@ pub fn app(
                 state.tenant_pool.clone(),
                 FromClaims::<Claims>::new(),
             ))
-            .map_response(axum::response::IntoResponse::into_response),
+            .map_response(IntoResponse::into_response),
     );
     let (router, mut doc) = open.merge(authenticated).split_for_parts();
     // Labels by the templates served here, matched outside the router.
@@ -151,7 +151,7 @@ pub fn app(
         .layer(BodyTimeoutLayer::optional(http.body_read_timeout))
         .map_request(|req: Request<_>| req.map(Body::new))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .map_response(move |res| close_when_draining(&readiness, res))
+        .map_response(move |res| close_when_draining(&readiness, problem_for_bare_405(res)))
         .service(router)
 }
 
@@ -166,6 +166,27 @@ impl MakeRequestId for MakeUuid {
         let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
         http::HeaderValue::from_str(text).ok().map(RequestId::new)
     }
+}
+
+/// axum answers a path it knows with a method it has no route for by an
+/// empty 405 (with `Allow`): give it the problem body every other error
+/// has, keeping `Allow`.
+fn problem_for_bare_405(res: Response) -> Response {
+    use http::header::{ALLOW, CONTENT_TYPE};
+    if res.status() != http::StatusCode::METHOD_NOT_ALLOWED
+        || res.headers().contains_key(CONTENT_TYPE)
+    {
+        return res;
+    }
+    let allow = res.headers().get(ALLOW).cloned();
+    let mut problem =
+        tollgate::problem::Problem::new(http::StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            .with_detail("this path does not take this method; see the Allow header")
+            .into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(ALLOW, allow);
+    }
+    problem
 }
 
 /// While draining, asks clients to close their connection after this

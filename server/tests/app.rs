@@ -60,6 +60,22 @@ async fn liveness_is_never_limited() {
 }
 
 #[tokio::test]
+async fn a_method_a_path_does_not_take_gets_a_problem_and_allow() {
+    let app = app(&[], LOOPBACK);
+    let req = Request::delete("/api/v1/ping").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 405);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(
+        res.headers()["allow"].to_str().unwrap().contains("GET"),
+        "{:?}",
+        res.headers()
+    );
+    assert!(res.headers().contains_key("x-request-id"));
+    assert_eq!(json(res).await["status"], 405);
+}
+
+#[tokio::test]
 async fn ping_answers_until_the_quota_is_spent_then_429() {
     let app = app(&[("RATE_LIMIT_IP", "3/min")], LOOPBACK);
     for remaining in [2, 1, 0] {
