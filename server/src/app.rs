@@ -170,7 +170,9 @@ impl MakeRequestId for MakeUuid {
 
 /// axum answers a path it knows with a method it has no route for by an
 /// empty 405 (with `Allow`): give it the problem body every other error
-/// has, keeping `Allow`.
+/// has, keeping `Allow`. Here rather than as each route's method fallback:
+/// routes sharing a path are merged, and axum refuses to merge two
+/// method routers that both have a fallback.
 fn problem_for_bare_405(res: Response) -> Response {
     use http::header::{ALLOW, CONTENT_TYPE};
     if res.status() != http::StatusCode::METHOD_NOT_ALLOWED
