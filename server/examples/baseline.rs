@@ -14,57 +14,15 @@
 //!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
-use axum::extract::State;
-use axum::http::StatusCode;
 use axum::{Json, Router, routing::get};
 use serde_json::json;
-use sqlx::PgPool;
-use tollgate_server::routes::items::{Item, ItemPage};
-use uuid::Uuid;
 
+#[path = "support/plain.rs"]
+mod plain;
 #[path = "support/stacks.rs"]
 mod stacks;
 
-#[derive(Clone)]
-struct Plain {
-    pool: PgPool,
-    tenant: Uuid,
-}
-
-async fn items(State(plain): State<Option<Plain>>) -> Result<Json<ItemPage>, StatusCode> {
-    let plain = plain.ok_or(StatusCode::NOT_FOUND)?;
-    let fail = |_| StatusCode::INTERNAL_SERVER_ERROR;
-    let mut tx = plain
-        .pool
-        .begin_with("BEGIN READ ONLY")
-        .await
-        .map_err(fail)?;
-    // The server's list query for a first page of 20, with the tenant as
-    // a parameter instead of row-level security.
-    let after: Option<Uuid> = None;
-    let mut items: Vec<Item> = sqlx::query_as(
-        "SELECT id, name, body, created_at, updated_at FROM items
-          WHERE tenant_id = $3 AND deleted_at IS NULL
-            AND ($2::uuid IS NULL
-                 OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
-          ORDER BY created_at, id
-          LIMIT $1",
-    )
-    .bind(21_i64)
-    .bind(after)
-    .bind(plain.tenant)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(fail)?;
-    tx.commit().await.map_err(fail)?;
-    let next = if items.len() > 20 {
-        items.truncate(20);
-        items.last().map(|i| i.id)
-    } else {
-        None
-    };
-    Ok(Json(ItemPage { items, next }))
-}
+use plain::{Plain, items};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,7 +14,10 @@
 //! from a trusted loopback peer as behind a load balancer; or `tenant`:
 //! the same app's `GET /api/v1/items` for a tenant it seeds (token, plan,
 //! concurrency, trust, shedding, limits, the RLS transaction against the
-//! real database).
+//! real database); or `plain`: the tenant route's reference, the same
+//! query and response in a plain transaction on bare axum
+//! (`support/plain.rs`, as the load harness's baseline serves it) as the
+//! owner (`MIGRATION_DATABASE_URL`), for a tenant it seeds.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +31,8 @@ use http::Request;
 use tollgate_server::AppState;
 use tower::{Service, ServiceExt};
 
+#[path = "support/plain.rs"]
+mod plain;
 #[path = "support/stacks.rs"]
 mod stacks;
 
@@ -49,12 +54,26 @@ fn main() {
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        if let Some(metrics) = metrics {
+        if stack == "plain" {
+            let (tenant, _) = seed_tenant(&server_state(None)).await;
+            let url = std::env::var("MIGRATION_DATABASE_URL").expect("the owner's URL");
+            // Sized as the baseline's pool.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(20)
+                .connect(&url)
+                .await
+                .expect("the owner's pool");
+            let app = Router::new()
+                .route("/api/v1/items", get(plain::items))
+                .with_state(Some(plain::Plain { pool, tenant }));
+            let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 4000)));
+            drive(app, n, "/api/v1/items", peer, None, None).await;
+        } else if let Some(metrics) = metrics {
             let _sink = server_logging();
-            let state = server_state(metrics);
+            let state = server_state(Some(metrics));
             let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 4000)));
             if stack == "tenant" {
-                let token = seed_tenant(&state).await;
+                let (_, token) = seed_tenant(&state).await;
                 let app = tollgate_server::app(state);
                 drive(
                     app,
@@ -112,15 +131,15 @@ async fn drive<S>(
 
 /// The server's state with its defaults from the environment (its pools
 /// connect lazily: `/api/v1/ping` never touches the database).
-fn server_state(metrics: metrics_exporter_prometheus::PrometheusHandle) -> AppState {
+fn server_state(metrics: Option<metrics_exporter_prometheus::PrometheusHandle>) -> AppState {
     let config = tollgate_server::config::Config::from_env().expect("a valid configuration");
-    AppState::new(config, Some(metrics)).expect("the state")
+    AppState::new(config, metrics).expect("the state")
 }
 
 /// A new tenant with one user (trust level `staff`) and twenty items, as
 /// the load harness seeds its own (the database migrated, as `scripts/services.sh` leaves it);
-/// returns the user's bearer token.
-async fn seed_tenant(state: &AppState) -> http::HeaderValue {
+/// returns the tenant and the user's bearer token.
+async fn seed_tenant(state: &AppState) -> (uuid::Uuid, http::HeaderValue) {
     use tollgate::tenant::{Access, TenantId, begin};
     let tenant = uuid::Uuid::new_v4();
     let mut tx = begin(&state.pool, TenantId::new(tenant), Access::ReadWrite)
@@ -149,7 +168,8 @@ async fn seed_tenant(state: &AppState) -> http::HeaderValue {
     }
     tx.commit().await.expect("committed");
     let token = state.tokens.issue(user, tenant, "staff");
-    http::HeaderValue::try_from(format!("Bearer {token}")).expect("a header value")
+    let token = http::HeaderValue::try_from(format!("Bearer {token}")).expect("a header value");
+    (tenant, token)
 }
 
 /// As the binary sets up logging: `RUST_LOG` (default `info`) decides

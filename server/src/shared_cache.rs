@@ -173,8 +173,11 @@ where
             .entry(flight_key.clone())
             .or_default()
             .clone();
+        // The lookup is boxed: made only on a miss, and inline its sqlx
+        // future (the pool's connect path, about 13 KB) would make every
+        // hit's future that large to create and move.
         let result = flight
-            .get_or_init(|| async {
+            .get_or_init(|| Box::pin(async {
                 inner.queries.fetch_add(1, Ordering::Relaxed);
                 let bounded = async {
                     let _permit = inner
@@ -188,7 +191,7 @@ where
                     .await
                     .unwrap_or(Err(sqlx::Error::PoolTimedOut))
                     .map_err(|e| e.to_string())
-            })
+            }))
             .await
             .clone();
         {

@@ -70,7 +70,11 @@ pub async fn begin(
     let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     #[cfg(feature = "metrics")]
     let started = tokio::time::Instant::now();
-    let result = pool.begin_with(sql).await;
+    // Boxed: sqlx's `acquire` future holds the whole connect path (TLS
+    // included), about 13 KB, which would otherwise be inline in every
+    // future that awaits this one (handlers, extractors) and be copied
+    // each time one of them is moved or boxed.
+    let result = Box::pin(pool.begin_with(sql)).await;
     #[cfg(feature = "metrics")]
     {
         metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION)
