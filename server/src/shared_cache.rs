@@ -93,6 +93,10 @@ struct Inner<K, V> {
     inflight: Flights<K, V>,
     /// Lookups that reached Postgres.
     queries: AtomicU64,
+    /// The hit counter, registered on first use: a hit is on every
+    /// request's path, where registering (hashing the name and label and
+    /// searching the recorder's registry) cost more than the lookup.
+    hits: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl<K, V> std::fmt::Debug for SharedCache<K, V> {
@@ -146,6 +150,7 @@ where
                 timeout,
                 inflight: Mutex::default(),
                 queries: AtomicU64::new(0),
+                hits: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -161,7 +166,10 @@ where
     {
         let inner = &*self.inner;
         if let Some(value) = inner.cache.get(key) {
-            metrics::counter!(CACHE_HITS, "cache" => inner.name).increment(1);
+            let hits = inner
+                .hits
+                .get_or_init(|| metrics::counter!(CACHE_HITS, "cache" => inner.name));
+            hits.increment(1);
             return Ok(Some(value));
         }
         metrics::counter!(CACHE_MISSES, "cache" => inner.name).increment(1);
@@ -177,21 +185,23 @@ where
         // future (the pool's connect path, about 13 KB) would make every
         // hit's future that large to create and move.
         let result = flight
-            .get_or_init(|| Box::pin(async {
-                inner.queries.fetch_add(1, Ordering::Relaxed);
-                let bounded = async {
-                    let _permit = inner
-                        .lookups
-                        .acquire()
+            .get_or_init(|| {
+                Box::pin(async {
+                    inner.queries.fetch_add(1, Ordering::Relaxed);
+                    let bounded = async {
+                        let _permit = inner
+                            .lookups
+                            .acquire()
+                            .await
+                            .map_err(|_| sqlx::Error::PoolClosed)?;
+                        load().await
+                    };
+                    tokio::time::timeout(inner.timeout, bounded)
                         .await
-                        .map_err(|_| sqlx::Error::PoolClosed)?;
-                    load().await
-                };
-                tokio::time::timeout(inner.timeout, bounded)
-                    .await
-                    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-                    .map_err(|e| e.to_string())
-            }))
+                        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                        .map_err(|e| e.to_string())
+                })
+            })
             .await
             .clone();
         {

@@ -128,6 +128,15 @@ async fn each_tenant_gets_its_plans_quota() {
     }
     let (status, policy) = read(&http, &server, &pro).await;
     assert_eq!((status, policy.as_str()), (429, r#""tenant";q=50;w=60"#));
+    // Each tenant's plan was looked up once; the other reads were hits.
+    let hits = metric_with(
+        &http,
+        &server,
+        "tollgate_cache_hits_total",
+        r#"cache="plan""#,
+    )
+    .await;
+    assert!(hits >= 55.0, "{hits} plan cache hits counted");
 }
 
 /// Three replicas on Redis, clients reading on each: `tenant set-plan`

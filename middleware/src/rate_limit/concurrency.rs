@@ -1,6 +1,7 @@
 //! [`KeyedConcurrencyLimitLayer`]: at most N requests in flight per key.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -242,18 +243,25 @@ impl Shared {
         keys: SmallVec<[(usize, Key); 2]>,
         maxes: &[u32],
     ) -> Result<Slots, SmallVec<[(usize, u32); 2]>> {
+        // One map lookup per key on the way in and one on the way out
+        // (each hashes the key): take each slot that has room, then give
+        // them back if any was full.
         let mut map = self.lock();
-        let full: SmallVec<[(usize, u32); 2]> = keys
-            .iter()
-            .zip(maxes)
-            .filter(|(slot, max)| map.get(*slot).is_some_and(|n| n >= *max))
-            .map(|((i, _), max)| (*i, *max))
-            .collect();
-        if !full.is_empty() {
-            return Err(full);
+        let mut full: SmallVec<[(usize, u32); 2]> = SmallVec::new();
+        for (slot, &max) in keys.iter().zip(maxes) {
+            let n = map.entry(slot.clone()).or_insert(0);
+            if *n < max {
+                *n += 1;
+            } else {
+                full.push((slot.0, max));
+            }
         }
-        for key in &keys {
-            *map.entry(key.clone()).or_insert(0) += 1;
+        if !full.is_empty() {
+            for slot in &keys {
+                let taken = !full.iter().any(|(i, _)| *i == slot.0);
+                give_back(&mut map, slot, taken);
+            }
+            return Err(full);
         }
         drop(map);
         #[cfg(feature = "metrics")]
@@ -267,6 +275,18 @@ impl Shared {
     }
 }
 
+/// Gives back `slot` (if `taken`), removing its key at zero.
+fn give_back(map: &mut HashMap<(usize, Key), u32>, slot: &(usize, Key), taken: bool) {
+    if let Entry::Occupied(mut n) = map.entry(slot.clone()) {
+        if taken {
+            *n.get_mut() -= 1;
+        }
+        if *n.get() == 0 {
+            n.remove();
+        }
+    }
+}
+
 /// Slots held by one request; given back on drop.
 #[derive(Debug)]
 struct Slots {
@@ -277,13 +297,8 @@ struct Slots {
 impl Drop for Slots {
     fn drop(&mut self) {
         let mut map = self.shared.lock();
-        for key in &self.keys {
-            if let Some(n) = map.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(key);
-                }
-            }
+        for slot in &self.keys {
+            give_back(&mut map, slot, true);
         }
         drop(map);
         #[cfg(feature = "metrics")]

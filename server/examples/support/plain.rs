@@ -19,7 +19,9 @@ pub(crate) struct Plain {
 }
 
 /// `GET /api/v1/items` in a plain transaction.
-pub(crate) async fn items(State(plain): State<Option<Plain>>) -> Result<Json<ItemPage>, StatusCode> {
+pub(crate) async fn items(
+    State(plain): State<Option<Plain>>,
+) -> Result<Json<ItemPage>, StatusCode> {
     let plain = plain.ok_or(StatusCode::NOT_FOUND)?;
     let fail = |_| StatusCode::INTERNAL_SERVER_ERROR;
     let mut tx = plain
