@@ -103,7 +103,8 @@ async fn tenant_on(server: &Server, plan: &str) -> (uuid::Uuid, String) {
 
 #[tokio::test]
 async fn each_tenant_gets_its_plans_quota() {
-    let server = Server::start(&with(&[]));
+    // A process: its `/metrics` has the recorder's series.
+    let server = Server::process(&with(&[]));
     let http = client();
     let (_, free) = tenant_on(&server, "free").await;
     let (_, pro) = tenant_on(&server, "pro").await;
