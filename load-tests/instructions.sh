@@ -17,9 +17,12 @@
 # peer), on `/api/v1/ping`; and `tenant`, the same app's tenant route
 # (`GET /api/v1/items`, 20 rows, against the real database, which must be
 # migrated: `scripts/services.sh`) for a tenant it seeds, with quotas
-# raised as in the harness. Opening database connections is not counted
-# (it happens once per connection, at a time that varies): N is 1000 for
-# the tenant route, which also counts sqlx, rustls and serde_json.
+# raised as in the harness; and `plain`, its reference, the same query and
+# response in a plain transaction on bare axum as the load harness's
+# baseline serves it (as the owner, `MIGRATION_DATABASE_URL`). Opening
+# database connections is not counted (it happens once per connection, at
+# a time that varies): N is 1000 for these two, which also count sqlx,
+# rustls and serde_json, and the tenant route is compared with `plain`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
@@ -30,6 +33,7 @@ bin=target/release/examples/instructions
 # The server stack's configuration; its pools connect lazily and the
 # ping route never uses them.
 export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
+export MIGRATION_DATABASE_URL=${MIGRATION_DATABASE_URL:-postgres://tollgate_owner:tollgate_owner@127.0.0.1:5432/tollgate}
 export TOLLGATE_ENV=development RATE_LIMIT_STORE=memory RATE_LIMIT_IP=4000000000/s TRUSTED_PROXIES=127.0.0.1
 export RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s
 # Cache refreshes and readiness rounds come with time, not with requests.
@@ -44,22 +48,27 @@ irefs() {
 }
 # Hash seeds differ between runs (a few instructions per request): each
 # count is the median of ROUNDS runs.
-echo "| stack | instructions per request | over bare |"
+echo "| stack | instructions per request | over its reference |"
 echo "|---|---|---|"
 bare=
-for stack in bare ratelimit governor metrics prometheus server tenant; do
+plain=
+db_n=$(( N < 1000 ? N : 1000 ))
+for stack in bare ratelimit governor metrics prometheus server plain tenant; do
     n=$N
-    [ "$stack" = tenant ] && n=$(( N < 1000 ? N : 1000 ))
+    case $stack in plain | tenant) n=$db_n ;; esac
     per=$(for _ in $(seq "$ROUNDS"); do
         one=$(irefs "$stack" "$n"); three=$(irefs "$stack" $((3 * n)))
         echo $(( (three - one) / (2 * n) ))
     done | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-    [ -z "$bare" ] && bare=$per
-    # The tenant route is another route: its reference is the plain
-    # transaction in the load harness, not bare axum's ping.
-    over="+$(( per - bare ))"
-    [ "$stack" = tenant ] && over="—"
+    # The database routes are measured against the plain transaction,
+    # the others against bare axum's ping.
+    case $stack in
+        bare) bare=$per; over="(reference)" ;;
+        plain) plain=$per; over="(reference of the tenant route)" ;;
+        tenant) over="+$(( per - plain )) over plain ($(awk -v a="$per" -v b="$plain" 'BEGIN { printf "%.2f", a / b }')×)" ;;
+        *) over="+$(( per - bare )) over bare" ;;
+    esac
     echo "| $stack | $per | $over |"
 done
 echo
-echo "$(date -u +%F), N=$N and 3N requests (tenant: N=$(( N < 1000 ? N : 1000 ))), median of $ROUNDS, callgrind, request path only, current-thread runtime"
+echo "$(date -u +%F), N=$N and 3N requests (plain and tenant: N=$db_n), median of $ROUNDS, callgrind, request path only, current-thread runtime"
