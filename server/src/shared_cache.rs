@@ -80,7 +80,8 @@ struct Inner<K, V> {
     name: &'static str,
     /// The NOTIFY channel of its changes.
     channel: &'static str,
-    cache: Cache<K, V>,
+    /// foldhash, as the token cache: every request looks a key up.
+    cache: Cache<K, V, foldhash::fast::RandomState>,
     origin: Uuid,
     /// Bumped by every invalidation; read and compared under `writes`, so
     /// "check the generation, then insert" is atomic.
@@ -142,7 +143,7 @@ where
                 cache: Cache::builder()
                     .max_capacity(MAX_ENTRIES)
                     .time_to_live(ttl)
-                    .build(),
+                    .build_with_hasher(foldhash::fast::RandomState::default()),
                 origin: Uuid::new_v4(),
                 generation: AtomicU64::new(0),
                 writes: Mutex::new(()),

@@ -154,8 +154,10 @@ pub struct KeyedConcurrencyLimitLayer {
 #[derive(Debug, Default)]
 struct Shared {
     policies: Vec<ConcurrencyPolicy>,
-    /// In-flight count per (policy index, key); a key at zero is removed.
-    in_flight: Mutex<HashMap<(usize, Key), u32>>,
+    /// In-flight count per (policy index, key); a key at zero is removed,
+    /// so it holds only the requests in flight. foldhash (seeded per
+    /// process), as the stores' maps: SipHash was most of a lookup.
+    in_flight: Mutex<InFlight>,
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<Vec<PolicyMetrics>>,
 }
@@ -217,7 +219,7 @@ impl<S> Layer<S> for KeyedConcurrencyLimitLayer {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(usize, Key), u32>> {
+    fn lock(&self) -> MutexGuard<'_, InFlight> {
         // Counts are changed in single statements; a panic cannot leave
         // one half-written.
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
@@ -275,8 +277,11 @@ impl Shared {
     }
 }
 
+/// In-flight requests per (policy index, key).
+type InFlight = HashMap<(usize, Key), u32, foldhash::fast::RandomState>;
+
 /// Gives back `slot` (if `taken`), removing its key at zero.
-fn give_back(map: &mut HashMap<(usize, Key), u32>, slot: &(usize, Key), taken: bool) {
+fn give_back(map: &mut InFlight, slot: &(usize, Key), taken: bool) {
     if let Entry::Occupied(mut n) = map.entry(slot.clone()) {
         if taken {
             *n.get_mut() -= 1;

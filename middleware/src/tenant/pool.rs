@@ -64,7 +64,7 @@ struct Inner {
     connections: Arc<Semaphore>,
     /// Per tenant: permits up to its cap. Entries exist only while the
     /// tenant holds or waits for a connection.
-    tenants: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+    tenants: Mutex<HashMap<TenantId, Arc<Semaphore>, foldhash::fast::RandomState>>,
     /// Waiting at their tenant's cap.
     waiting_for_tenant: AtomicUsize,
     /// Waiting for the pool.
@@ -91,7 +91,7 @@ impl TenantPool {
                 size,
                 tenant_max: size,
                 acquire_timeout,
-                tenants: Mutex::new(HashMap::new()),
+                tenants: Mutex::new(HashMap::default()),
                 waiting_for_tenant: AtomicUsize::new(0),
                 waiting_for_pool: AtomicUsize::new(0),
             }),
@@ -228,7 +228,10 @@ impl TenantPool {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Arc<Semaphore>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TenantId, Arc<Semaphore>, foldhash::fast::RandomState>>
+    {
         // Entries are inserted or removed whole.
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
