@@ -25,6 +25,7 @@ use crate::openapi::ApiDoc;
 use crate::plans;
 use crate::routes::{self, Class, Route};
 use crate::state::AppState;
+use crate::step::StepLayer;
 use crate::trust::{self, CurrentTrust};
 
 /// Largest request body the API reads (413 above): room for the largest
@@ -96,25 +97,26 @@ pub fn app(
     // and boxes every future per request.
     let authenticated = authenticated.route_layer(
         ServiceBuilder::new()
-            .layer(axum::middleware::from_fn_with_state(
-                state.tokens.clone(),
-                auth::require_auth,
-            ))
+            // Steps rather than `from_fn`: see `step.rs`.
+            .layer(StepLayer::new({
+                let tokens = state.tokens.clone();
+                move |req| std::future::ready(auth::require_auth(&tokens, req))
+            }))
             // The tenant's plan sets its concurrency and quotas.
-            .layer(axum::middleware::from_fn_with_state(
-                state.plans.clone(),
-                plans::current_plan,
-            ))
+            .layer(StepLayer::new({
+                let plans = state.plans.clone();
+                move |req| plans::current_plan(plans.clone(), req)
+            }))
             .layer(limits.concurrency())
             // The level in the token may be stale: limits and shedding use
             // the current one.
-            .layer(axum::middleware::from_fn_with_state(
-                CurrentTrust {
+            .layer(StepLayer::new({
+                let current = CurrentTrust {
                     levels: state.trust.clone(),
                     table: limits.trust().clone(),
-                },
-                trust::current_trust,
-            ))
+                };
+                move |req| trust::current_trust(current.clone(), req)
+            }))
             .layer(limits.shed(state.tenant_pool.clone()))
             .layer(TenantLayer::new(
                 state.tenant_pool.clone(),

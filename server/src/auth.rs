@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Argon2, password_hash::rand_core::OsRng};
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -146,8 +145,11 @@ impl Tokens {
 }
 
 /// Rejects requests without a valid bearer token (401 problem+json with
-/// `WWW-Authenticate: Bearer`); puts [`Claims`] in request extensions.
-pub async fn require_auth(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
+/// `WWW-Authenticate: Bearer`); puts [`Claims`] in request extensions. A
+/// [`StepLayer`](crate::step::StepLayer) step.
+// A step's result; the request (the larger variant) is moved on anyway.
+#[allow(clippy::result_large_err)]
+pub fn require_auth(tokens: &Tokens, mut req: Request) -> Result<Request, Response> {
     let token = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -157,16 +159,16 @@ pub async fn require_auth(State(tokens): State<Tokens>, mut req: Request, next: 
                 .or_else(|| v.strip_prefix("bearer "))
         });
     let Some(token) = token else {
-        return AppError::Unauthorized("a bearer token is required").into_response();
+        return Err(AppError::Unauthorized("a bearer token is required").into_response());
     };
     match tokens.verify(token.trim()) {
         Ok(claims) => {
             req.extensions_mut().insert(claims);
-            next.run(req).await
+            Ok(req)
         }
         Err(err) => {
             tracing::debug!(%err, "token rejected");
-            AppError::Unauthorized("the token is invalid or expired").into_response()
+            Err(AppError::Unauthorized("the token is invalid or expired").into_response())
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod serve;
 mod server;
 pub mod shared_cache;
 pub mod state;
+pub mod step;
 pub mod trust;
 
 pub use app::{BODY_LIMIT, app};

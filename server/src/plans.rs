@@ -16,8 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -469,15 +468,18 @@ async fn changed(
 
 /// Puts the tenant's [`TenantLimits`] in the request; 401 when the tenant
 /// is gone. If the database cannot say and nothing is cached, the default
-/// plan's limits apply (fail safe: never unlimited, never a 500).
-pub async fn current_plan(State(plans): State<Plans>, mut req: Request, next: Next) -> Response {
+/// plan's limits apply (fail safe: never unlimited, never a 500). A
+/// [`StepLayer`](crate::step::StepLayer) step.
+pub async fn current_plan(plans: Plans, mut req: Request) -> Result<Request, Response> {
     let Some(claims) = req.extensions().get::<Claims>() else {
-        return next.run(req).await;
+        return Ok(req);
     };
     let limits = match plans.current(claims.tenant).await {
         Ok(Some(limits)) => limits,
         Ok(None) => {
-            return AppError::Unauthorized("the token's tenant no longer exists").into_response();
+            return Err(
+                AppError::Unauthorized("the token's tenant no longer exists").into_response(),
+            );
         }
         Err(err) => {
             tracing::warn!(%err, "plan lookup failed; the default plan applies");
@@ -485,7 +487,7 @@ pub async fn current_plan(State(plans): State<Plans>, mut req: Request, next: Ne
         }
     };
     req.extensions_mut().insert(limits);
-    next.run(req).await
+    Ok(req)
 }
 
 #[cfg(test)]

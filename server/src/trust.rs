@@ -13,8 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -207,19 +206,18 @@ pub struct CurrentTrust {
 /// database cannot say, the lowest level applies (fail closed): a level
 /// read from the token could be one the user no longer has. A stored level
 /// this build does not know (say, one removed from `TRUST_LEVELS`) also
-/// counts as the lowest.
+/// counts as the lowest. A [`StepLayer`](crate::step::StepLayer) step.
 pub async fn current_trust(
-    State(CurrentTrust { levels, table }): State<CurrentTrust>,
+    CurrentTrust { levels, table }: CurrentTrust,
     mut req: Request,
-    next: Next,
-) -> Response {
+) -> Result<Request, Response> {
     let Some(claims) = req.extensions().get::<Claims>() else {
-        return next.run(req).await;
+        return Ok(req);
     };
     let trust = match levels.current(claims).await {
         Ok(Some(level)) => table.find(&level).unwrap_or_else(|| table.lowest()),
         Ok(None) => {
-            return AppError::Unauthorized("the token's user no longer exists").into_response();
+            return Err(AppError::Unauthorized("the token's user no longer exists").into_response());
         }
         Err(err) => {
             tracing::warn!(%err, "trust level lookup failed; the lowest level applies");
@@ -227,7 +225,7 @@ pub async fn current_trust(
         }
     };
     req.extensions_mut().insert(trust);
-    next.run(req).await
+    Ok(req)
 }
 
 #[cfg(test)]
@@ -263,7 +261,9 @@ mod tests {
                 "/",
                 get(|Extension(trust): Extension<Trust>| async move { trust.name.to_string() }),
             )
-            .route_layer(axum::middleware::from_fn_with_state(state, current_trust));
+            .route_layer(crate::step::StepLayer::new(move |req| {
+                current_trust(state.clone(), req)
+            }));
         let mut req = http::Request::get("/")
             .body(axum::body::Body::empty())
             .unwrap();
