@@ -24,6 +24,28 @@ use tower::{Layer, Service};
 
 /// Runs `step` on each request: `Ok(request)` continues to the inner
 /// service, `Err(response)` answers without it.
+///
+/// ```
+/// use axum::{Router, extract::Request, response::IntoResponse, routing::get};
+/// use http::StatusCode;
+/// use tollgate_server::step::StepLayer;
+///
+/// // Only requests that name a region get through; the handler reads it.
+/// #[derive(Clone)]
+/// struct Region(String);
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|axum::Extension(Region(r)): axum::Extension<Region>| async move { r }))
+///     .route_layer(StepLayer::new(|mut req: Request| async move {
+///         let region = req.headers().get("x-region").and_then(|v| v.to_str().ok());
+///         let Some(region) = region.map(str::to_owned) else {
+///             return Err(StatusCode::BAD_REQUEST.into_response());
+///         };
+///         req.extensions_mut().insert(Region(region));
+///         Ok(req)
+///     }));
+/// # let _ = app;
+/// ```
 #[derive(Debug, Clone)]
 pub struct StepLayer<F> {
     step: F,
