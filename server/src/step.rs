@@ -172,6 +172,7 @@ where
 #[cfg(test)]
 mod tests {
     use axum::Router;
+    use axum::response::IntoResponse;
     use axum::routing::get;
     use http::StatusCode;
     use tower::ServiceExt;
@@ -209,6 +210,4 @@ mod tests {
         let res = app.oneshot(stopped).await.unwrap();
         assert_eq!(res.status(), StatusCode::IM_A_TEAPOT);
     }
-
-    use axum::response::IntoResponse;
 }

@@ -53,6 +53,10 @@ pub struct TenantPool {
     inner: Arc<Inner>,
 }
 
+/// Each tenant's cap on connections; foldhash (seeded per process), as
+/// the stores' maps: every request looks its tenant up here.
+type Caps = HashMap<TenantId, Arc<Semaphore>, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
@@ -64,7 +68,7 @@ struct Inner {
     connections: Arc<Semaphore>,
     /// Per tenant: permits up to its cap. Entries exist only while the
     /// tenant holds or waits for a connection.
-    tenants: Mutex<HashMap<TenantId, Arc<Semaphore>, foldhash::fast::RandomState>>,
+    tenants: Mutex<Caps>,
     /// Waiting at their tenant's cap.
     waiting_for_tenant: AtomicUsize,
     /// Waiting for the pool.
@@ -228,10 +232,7 @@ impl TenantPool {
 }
 
 impl Inner {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TenantId, Arc<Semaphore>, foldhash::fast::RandomState>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Caps> {
         // Entries are inserted or removed whole.
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
