@@ -22,10 +22,14 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
+
+/// The request id the request-id layer set (a constant, not parsed per
+/// request).
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The target access lines are logged under (`RUST_LOG=access=warn`
 /// silences them alone).
@@ -206,7 +210,7 @@ where
                 Line {
                     method: req.method().clone(),
                     uri: req.uri().clone(),
-                    request_id: req.headers().get("x-request-id").cloned(),
+                    request_id: req.headers().get(&X_REQUEST_ID).cloned(),
                     start: Instant::now(),
                 }
             });

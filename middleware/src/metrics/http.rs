@@ -166,8 +166,9 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-/// Duration histograms by route, then by method index and status.
-type Durations = HashMap<Box<str>, Vec<(usize, u16, Histogram)>>;
+/// Duration histograms by route, then by method index and status;
+/// foldhash, as the route is hashed on every response.
+type Durations = HashMap<Box<str>, Vec<(usize, u16, Histogram)>, foldhash::fast::RandomState>;
 
 /// Metric handles, made on first use. The label sets are bounded (route
 /// templates × methods × status codes), so the maps stay small.
@@ -186,29 +187,31 @@ impl Handles {
         })
     }
 
-    fn duration(&self, method: usize, route: &str, status: u16) -> Histogram {
+    /// Records `seconds` in the duration histogram of `method`, `route`
+    /// and `status`, registering it on first use.
+    fn record_duration(&self, method: usize, route: &str, status: u16, seconds: f64) {
         let found = |routes: &Durations| {
             routes.get(route).and_then(|by_status| {
                 by_status
                     .iter()
                     .find(|(m, s, _)| (*m, *s) == (method, status))
-                    .map(|(_, _, histogram)| histogram.clone())
+                    .map(|(_, _, histogram)| histogram.record(seconds))
             })
         };
         let read = self
             .durations
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(histogram) = found(&read) {
-            return histogram;
+        if found(&read).is_some() {
+            return;
         }
         drop(read);
         let mut write = self
             .durations
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(histogram) = found(&write) {
-            return histogram;
+        if found(&write).is_some() {
+            return;
         }
         let histogram = metrics::histogram!(
             HTTP_SERVER_REQUEST_DURATION,
@@ -216,11 +219,11 @@ impl Handles {
             "http_route" => route.to_owned(),
             "http_response_status_code" => status.to_string(),
         );
+        histogram.record(seconds);
         write
             .entry(route.into())
             .or_default()
-            .push((method, status, histogram.clone()));
-        histogram
+            .push((method, status, histogram));
     }
 }
 
@@ -308,10 +311,10 @@ where
                     .map(|(index, routes)| &*routes.templates[index]),
             }
             .unwrap_or("unmatched");
+            let seconds = record.started.elapsed().as_secs_f64();
             record
                 .handles
-                .duration(record.method, route, status)
-                .record(record.started.elapsed().as_secs_f64());
+                .record_duration(record.method, route, status, seconds);
         }
         Poll::Ready(result)
     }
