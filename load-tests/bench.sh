@@ -112,6 +112,7 @@ configs=(
   "memory store, over-limit flood|server|RATE_LIMIT_STORE=memory RATE_LIMIT_IP=10/h||/api/v1/ping|"
   "redis store, over-limit flood|server|RATE_LIMIT_STORE=redis RATE_LIMIT_IP=10/h||/api/v1/ping|"
   "plain transaction (bare axum, c$TENANT_CONNECTIONS)|baseline|$plain_env||/api/v1/items|"
+  "plain transaction, sqlx's default pool (a ping per acquire)|baseline|$plain_env SQLX_DEFAULT_POOL=1||/api/v1/items|"
   "tenant route: token, limits, RLS transaction (c$TENANT_CONNECTIONS)|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|"
   "tenant route, direct, no statement cache [pooler]|server|RATE_LIMIT_STORE=memory $unlimited DB_STATEMENT_CACHE=0|AUTH|/api/v1/items|"
   "tenant route through PgBouncer (transaction mode) [pooler]|server|RATE_LIMIT_STORE=memory $unlimited $pooler_env|AUTH|/api/v1/items|"
@@ -286,13 +287,15 @@ for i in "${!configs[@]}"; do
     if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" || "$name" == *" [plans]" ]]; then
         ratio="(see below)"
     elif [ "$path" = /api/v1/items ]; then
-        # Database rows compare with the plain transaction, not with ping.
-        # Each plain row is the reference of the tenant row after it.
-        if [ -z "$plain" ]; then plain="$rps $p50 $p99"; ratio="(reference)"; else
+        # Database rows compare with the plain transaction, not with ping:
+        # each "plain transaction (…)" or "… at N req/s" row is the
+        # reference of the database rows after it.
+        if [[ "$name" == "plain transaction ("* || "$name" == "plain transaction at"* ]]; then
+            plain="$rps $p50 $p99"; ratio="(reference)"
+        else
             read -r prps pp50 pp99 <<<"$plain"
             ratio=$(awk -v a="$rps" -v b="$prps" -v l="$p50" -v m="$pp50" -v q="$p99" -v r="$pp99" \
                 'BEGIN { printf "%.2f× plain req/s; latency p50 %.2f×, p99 %.2f× plain", a / b, l / m, q / r }')
-            plain=
         fi
     fi
     printf '| %s | %.0f | %s | %.3f | %.3f | %.1f | %.1f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$cpu" "$pg_cpu" "$per" "$non2xx"

@@ -58,7 +58,10 @@ fn main() {
             let (tenant, _) = seed_tenant(&server_state(None)).await;
             let url = std::env::var("MIGRATION_DATABASE_URL").expect("the owner's URL");
             // Sized as the baseline's pool.
-            let pool = sqlx::postgres::PgPoolOptions::new()
+            let pool = // Tested as the server's pool is (only after a second idle):
+            // sqlx's default pings before every acquire, a round trip per
+            // request the tenant route does not make.
+            tollgate_server::db::tested_when_idle()
                 .max_connections(20)
                 .connect(&url)
                 .await

@@ -125,12 +125,11 @@ pub fn pooler_fallbacks(config: &DatabaseConfig, listening: bool) -> Vec<&'stati
 /// idea, at 500 ms).
 pub const TEST_IDLE_AFTER: Duration = Duration::from_secs(1);
 
-/// The server's pool, sized from `DB_*`. Connections are opened lazily,
-/// so a database that is down at start makes readiness fail, not the
-/// process.
-pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
-    let options = app_options(config)?.application_name("tollgate-server");
-    Ok(PgPoolOptions::new()
+/// Pool options that test a connection before a request gets it only
+/// when it has been idle [`TEST_IDLE_AFTER`] or longer (sqlx's default
+/// tests every one, a round trip per request).
+pub fn tested_when_idle() -> PgPoolOptions {
+    PgPoolOptions::new()
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
@@ -140,6 +139,14 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
                 Ok(true)
             })
         })
+}
+
+/// The server's pool, sized from `DB_*`. Connections are opened lazily,
+/// so a database that is down at start makes readiness fail, not the
+/// process.
+pub fn pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let options = app_options(config)?.application_name("tollgate-server");
+    Ok(tested_when_idle()
         .max_connections(config.max_connections)
         .min_connections(config.min_connections)
         .idle_timeout(Some(config.idle_timeout).filter(|d| !d.is_zero()))

@@ -4,7 +4,7 @@
 //! tells Postgres which tenant it serves:
 //!
 //! ```sql
-//! BEGIN READ ONLY; SELECT set_config('app.tenant_id', '<uuid>', true)
+//! BEGIN READ ONLY; SET LOCAL app.tenant_id = '<uuid>'
 //! ```
 //!
 //! and the tables' row-level security policies do the isolation, so a

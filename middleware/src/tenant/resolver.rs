@@ -13,7 +13,7 @@ use crate::problem::Problem;
 
 /// A validated tenant id: a UUID, or a text id of a documented character
 /// set, so it is safe to hand to Postgres (it is written into the
-/// transaction's `set_config`) and to use as a rate-limit key.
+/// transaction's `SET LOCAL`) and to use as a rate-limit key.
 ///
 /// Text ids are 1 to [`TenantId::MAX_TEXT_LEN`] characters of `A-Z a-z 0-9`
 /// and `_ - . :` (slugs like `acme-corp`, integers like `4711`, prefixed
