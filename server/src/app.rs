@@ -25,7 +25,7 @@ use crate::openapi::ApiDoc;
 use crate::plans;
 use crate::routes::{self, Class, Route};
 use crate::state::AppState;
-use crate::step::StepLayer;
+use crate::step::{Now, StepLayer};
 use crate::trust::{self, CurrentTrust};
 
 /// Largest request body the API reads (413 above): room for the largest
@@ -100,12 +100,12 @@ pub fn app(
             // Steps rather than `from_fn`: see `step.rs`.
             .layer(StepLayer::new({
                 let tokens = state.tokens.clone();
-                move |req| std::future::ready(auth::require_auth(&tokens, req))
+                move |req| Now::Now(auth::require_auth(&tokens, req))
             }))
             // The tenant's plan sets its concurrency and quotas.
             .layer(StepLayer::new({
                 let plans = state.plans.clone();
-                move |req| plans::current_plan(plans.clone(), req)
+                move |req| plans::current_plan(&plans, req)
             }))
             .layer(limits.concurrency())
             // The level in the token may be stale: limits and shedding use
@@ -115,7 +115,7 @@ pub fn app(
                     levels: state.trust.clone(),
                     table: limits.trust().clone(),
                 };
-                move |req| trust::current_trust(current.clone(), req)
+                move |req| trust::current_trust(&current, req)
             }))
             .layer(limits.shed(state.tenant_pool.clone()))
             .layer(TenantLayer::new(

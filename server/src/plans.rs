@@ -13,6 +13,7 @@
 //! unlimited.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use uuid::Uuid;
 use crate::auth::Claims;
 use crate::error::AppError;
 use crate::shared_cache::SharedCache;
+use crate::step::Next;
 
 /// The channel plan changes are announced on.
 pub const PLAN_CHANNEL: &str = "tollgate_plans";
@@ -470,7 +472,23 @@ async fn changed(
 /// is gone. If the database cannot say and nothing is cached, the default
 /// plan's limits apply (fail safe: never unlimited, never a 500). A
 /// [`StepLayer`](crate::step::StepLayer) step.
-pub async fn current_plan(plans: Plans, mut req: Request) -> Result<Request, Response> {
+pub fn current_plan(
+    plans: &Plans,
+    mut req: Request,
+) -> Next<impl Future<Output = Result<Request, Response>> + Send + use<>> {
+    let cached = match req.extensions().get::<Claims>() {
+        None => return Next::Now(Ok(req)),
+        Some(claims) => plans.cache.hit(&claims.tenant),
+    };
+    let Some(limits) = cached else {
+        return Next::Later(look_up_plan(plans.clone(), req));
+    };
+    req.extensions_mut().insert(limits);
+    Next::Now(Ok(req))
+}
+
+/// [`current_plan`] on a cache miss.
+async fn look_up_plan(plans: Plans, mut req: Request) -> Result<Request, Response> {
     let Some(claims) = req.extensions().get::<Claims>() else {
         return Ok(req);
     };

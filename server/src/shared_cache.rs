@@ -156,6 +156,19 @@ where
         }
     }
 
+    /// The cached value of `key`, if there is one, counted as a hit (the
+    /// fast path of [`get_with`](Self::get_with), for callers that decide
+    /// without waiting when they can).
+    pub fn hit(&self, key: &K) -> Option<V> {
+        let inner = &*self.inner;
+        let value = inner.cache.get(key)?;
+        let hits = inner
+            .hits
+            .get_or_init(|| metrics::counter!(CACHE_HITS, "cache" => inner.name));
+        hits.increment(1);
+        Some(value)
+    }
+
     /// The cached value of `key`, else `load`'s answer (cached unless an
     /// invalidation came after the lookup started). `Ok(None)`: no such
     /// key (not cached). An error counts in
@@ -165,14 +178,10 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, sqlx::Error>>,
     {
-        let inner = &*self.inner;
-        if let Some(value) = inner.cache.get(key) {
-            let hits = inner
-                .hits
-                .get_or_init(|| metrics::counter!(CACHE_HITS, "cache" => inner.name));
-            hits.increment(1);
+        if let Some(value) = self.hit(key) {
             return Ok(Some(value));
         }
+        let inner = &*self.inner;
         metrics::counter!(CACHE_MISSES, "cache" => inner.name).increment(1);
         let generation = inner.generation.load(Ordering::Acquire);
         // Keyed by generation too: a miss after an invalidation never joins

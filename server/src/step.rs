@@ -2,13 +2,14 @@
 //! tenant's plan, the current trust level) before the rest of it.
 //!
 //! A step looks at the request, adds to its extensions, and either lets
-//! it continue or answers it. `axum::middleware::from_fn` does the same
-//! at three allocations a step on every request (its future, the rest of
-//! the stack boxed into `Next`, and that box's future) plus a clone of
-//! its state; this layer keeps the step's future inline in its response
-//! future instead. (That only pays while the futures are small: when
-//! `tollgate::tenant::begin`'s future held sqlx's connect path, 13 KB,
-//! moving the bigger futures cost more than the boxes.)
+//! it continue or answers it, now or (on a cache miss) later.
+//! `axum::middleware::from_fn` does the same at three allocations a step
+//! on every request (its future, the rest of the stack boxed into `Next`,
+//! and that box's future) plus a clone of its state. This layer calls the
+//! inner service at once when the step decided at once, and keeps a
+//! step that must wait inline in its response future; only then does it
+//! clone the inner service, which behind axum's routes is an allocation
+//! for every route box inside it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,13 +23,29 @@ use axum::response::Response;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-/// Runs `step` on each request: `Ok(request)` continues to the inner
-/// service, `Err(response)` answers without it.
+/// What a step decided about a request: `Ok(request)` continues to the
+/// inner service, `Err(response)` answers without it.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned and matched at once, never stored: boxing the request would cost what the layer saves"
+)]
+pub enum Next<Fut> {
+    /// Decided now (say, from a cache).
+    Now(Result<Request, Response>),
+    /// Decided when `Fut` is ready (say, after a lookup in Postgres).
+    Later(Fut),
+}
+
+/// A step that always decides at once.
+pub type Now = Next<std::future::Ready<Result<Request, Response>>>;
+
+/// Runs `step` on each request and continues or answers as it decides.
 ///
 /// ```
 /// use axum::{Router, extract::Request, response::IntoResponse, routing::get};
 /// use http::StatusCode;
-/// use tollgate_server::step::StepLayer;
+/// use tollgate_server::step::{Next, StepLayer};
 ///
 /// // Only requests that name a region get through; the handler reads it.
 /// #[derive(Clone)]
@@ -36,13 +53,14 @@ use tower::{Layer, Service};
 ///
 /// let app: Router = Router::new()
 ///     .route("/", get(|axum::Extension(Region(r)): axum::Extension<Region>| async move { r }))
-///     .route_layer(StepLayer::new(|mut req: Request| async move {
+///     .route_layer(StepLayer::new(|mut req: Request| {
 ///         let region = req.headers().get("x-region").and_then(|v| v.to_str().ok());
 ///         let Some(region) = region.map(str::to_owned) else {
-///             return Err(StatusCode::BAD_REQUEST.into_response());
+///             return Next::Now(Err(StatusCode::BAD_REQUEST.into_response()));
 ///         };
 ///         req.extensions_mut().insert(Region(region));
-///         Ok(req)
+///         // A step that must wait returns `Next::Later(future)`.
+///         Next::<std::future::Ready<_>>::Now(Ok(req))
 ///     }));
 /// # let _ = app;
 /// ```
@@ -52,8 +70,8 @@ pub struct StepLayer<F> {
 }
 
 impl<F> StepLayer<F> {
-    /// A layer running `step`, a `Fn(Request) -> impl Future<Output =
-    /// Result<Request, Response>>`.
+    /// A layer running `step`, a `Fn(Request) -> Next<impl Future<Output =
+    /// Result<Request, Response>>>`.
     pub fn new(step: F) -> Self {
         Self { step }
     }
@@ -82,7 +100,7 @@ where
     S: Service<Request, Response = http::Response<B>, Error = Infallible> + Clone,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    F: Fn(Request) -> Fut,
+    F: Fn(Request) -> Next<Fut>,
     Fut: Future<Output = Result<Request, Response>>,
 {
     type Response = Response;
@@ -94,15 +112,24 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // Take the service that was driven to readiness, leave a clone.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        StepFuture {
-            state: State::Step {
-                step: (self.step)(req),
-                inner: Some(inner),
+        let state = match (self.step)(req) {
+            Next::Now(Ok(req)) => State::Inner {
+                future: self.inner.call(req),
             },
-        }
+            Next::Now(Err(res)) => State::Answered {
+                response: Some(res),
+            },
+            Next::Later(step) => {
+                // Called later: take the service that was driven to
+                // readiness, leave a clone.
+                let clone = self.inner.clone();
+                State::Step {
+                    step,
+                    inner: Some(std::mem::replace(&mut self.inner, clone)),
+                }
+            }
+        };
+        StepFuture { state }
     }
 }
 
@@ -123,7 +150,7 @@ pin_project! {
     where
         S: Service<Request>,
     {
-        /// The step is running.
+        /// The step is waiting.
         Step {
             #[pin]
             step: Fut,
@@ -133,6 +160,10 @@ pin_project! {
         Inner {
             #[pin]
             future: S::Future,
+        },
+        /// The step answered.
+        Answered {
+            response: Option<Response>,
         },
     }
 }
@@ -164,6 +195,10 @@ where
                     let res = ready!(future.poll(cx))?;
                     return Poll::Ready(Ok(res.map(Body::new)));
                 }
+                StateProj::Answered { response } => {
+                    let res = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(res));
+                }
             }
         }
     }
@@ -179,15 +214,31 @@ mod tests {
 
     use super::*;
 
-    /// A step adds an extension the handler reads, or answers alone.
+    /// A step adds an extension the handler reads, or answers alone, at
+    /// once or after waiting.
     #[tokio::test]
-    async fn a_step_continues_or_answers() {
-        let step = StepLayer::new(|mut req: Request| async move {
+    async fn a_step_continues_or_answers_now_or_later() {
+        type Later = Pin<Box<dyn Future<Output = Result<Request, Response>> + Send>>;
+        let step = StepLayer::new(|mut req: Request| -> Next<Later> {
+            let later = req.headers().contains_key("x-later");
             if req.headers().contains_key("x-stop") {
-                return Err(StatusCode::IM_A_TEAPOT.into_response());
+                if later {
+                    return Next::Later(Box::pin(async {
+                        tokio::task::yield_now().await;
+                        Err(StatusCode::GONE.into_response())
+                    }));
+                }
+                return Next::Now(Err(StatusCode::IM_A_TEAPOT.into_response()));
+            }
+            if later {
+                return Next::Later(Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    req.extensions_mut().insert(8_u32);
+                    Ok(req)
+                }));
             }
             req.extensions_mut().insert(7_u32);
-            Ok(req)
+            Next::Now(Ok(req))
         });
         let app = Router::new()
             .route(
@@ -195,19 +246,24 @@ mod tests {
                 get(|axum::Extension(n): axum::Extension<u32>| async move { n.to_string() }),
             )
             .route_layer(step);
-        let res = app
-            .clone()
-            .oneshot(Request::get("/").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(res.into_body(), 64).await.unwrap();
-        assert_eq!(&body[..], b"7");
-        let stopped = Request::get("/")
-            .header("x-stop", "1")
-            .body(Body::empty())
-            .unwrap();
-        let res = app.oneshot(stopped).await.unwrap();
-        assert_eq!(res.status(), StatusCode::IM_A_TEAPOT);
+        for (headers, status, body) in [
+            (&[][..], StatusCode::OK, "7"),
+            (&["x-later"][..], StatusCode::OK, "8"),
+            (&["x-stop"][..], StatusCode::IM_A_TEAPOT, ""),
+            (&["x-stop", "x-later"][..], StatusCode::GONE, ""),
+        ] {
+            let mut req = Request::get("/");
+            for name in headers {
+                req = req.header(*name, "1");
+            }
+            let res = app
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), status, "{headers:?}");
+            let got = axum::body::to_bytes(res.into_body(), 64).await.unwrap();
+            assert_eq!(&got[..], body.as_bytes(), "{headers:?}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! transaction as the `UPDATE`. Lookups fail closed: when Postgres cannot
 //! say, the request gets the lowest level, never the one in its token.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use uuid::Uuid;
 use crate::auth::Claims;
 use crate::error::AppError;
 use crate::shared_cache::{SharedCache, announce};
+use crate::step::Next;
 
 /// The configured levels (`TRUST_LEVELS`), lowest first, each with its
 /// quota (`RATE_LIMIT_TRUST_<LEVEL>`; `None` is unlimited). Never empty.
@@ -207,7 +209,25 @@ pub struct CurrentTrust {
 /// read from the token could be one the user no longer has. A stored level
 /// this build does not know (say, one removed from `TRUST_LEVELS`) also
 /// counts as the lowest. A [`StepLayer`](crate::step::StepLayer) step.
-pub async fn current_trust(
+pub fn current_trust(
+    current: &CurrentTrust,
+    mut req: Request,
+) -> Next<impl Future<Output = Result<Request, Response>> + Send + use<>> {
+    let cached = match req.extensions().get::<Claims>() {
+        None => return Next::Now(Ok(req)),
+        Some(claims) => current.levels.cache.hit(&claims.sub),
+    };
+    let Some(level) = cached else {
+        return Next::Later(look_up_trust(current.clone(), req));
+    };
+    let table = &current.table;
+    let trust = table.find(&level).unwrap_or_else(|| table.lowest());
+    req.extensions_mut().insert(trust);
+    Next::Now(Ok(req))
+}
+
+/// [`current_trust`] on a cache miss.
+async fn look_up_trust(
     CurrentTrust { levels, table }: CurrentTrust,
     mut req: Request,
 ) -> Result<Request, Response> {
@@ -262,7 +282,7 @@ mod tests {
                 get(|Extension(trust): Extension<Trust>| async move { trust.name.to_string() }),
             )
             .route_layer(crate::step::StepLayer::new(move |req| {
-                current_trust(state.clone(), req)
+                current_trust(&state, req)
             }));
         let mut req = http::Request::get("/")
             .body(axum::body::Body::empty())

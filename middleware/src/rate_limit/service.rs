@@ -300,21 +300,22 @@ where
         let label = self.shared.label.as_ref().map_or(0, |l| l.index(&parts));
         let req = Request::from_parts(parts, body);
 
-        // Take the service that was driven to readiness, leave a clone.
-        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-
         if checks.is_empty() {
-            return ResponseFuture::calling(inner.call(req), None);
+            return ResponseFuture::calling(self.inner.call(req), None);
         }
-        // A store that answers at once is decided here: no state to keep.
+        // A store that answers at once is decided here, and the inner
+        // service called now: no state to keep, no clone of it.
         if let Some(result) = self.shared.store.check_now(&checks) {
             return match verdict(&self.shared, &index, &checks, label, result) {
-                Verdict::Allow(fields) => ResponseFuture::calling(inner.call(req), fields),
+                Verdict::Allow(fields) => ResponseFuture::calling(self.inner.call(req), fields),
                 Verdict::Reject(res) => ResponseFuture::answered(res),
             };
         }
+        // Called later: take the service that was driven to readiness,
+        // leave a clone (behind axum's routes a clone is an allocation).
+        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         let check = self.shared.store.check(&checks);
         ResponseFuture::checking(check, req, inner, checks, index, label, self.shared.clone())
     }
