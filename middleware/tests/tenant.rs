@@ -673,3 +673,40 @@ async fn text_tenant_ids_isolate_on_a_text_column() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     db.drop_now().await;
 }
+
+/// The layer counts each transaction by how it ended and times each
+/// `BEGIN`, with handles registered once per pool (a recorder in place
+/// before the first request sees them all).
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn transactions_are_counted_by_outcome() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let db = TestDb::create("tenant_outcomes", SCHEMA).await;
+    let pool = pool(&db, 2).await;
+    let app = app(pool.clone());
+
+    assert_eq!(call(&app, req("POST", "/notes", A, "a1")).await.0, 201);
+    assert_eq!(call(&app, req("GET", "/notes", A, "")).await.0, 200);
+    assert_eq!(call(&app, req("POST", "/conflict", A, "a2")).await.0, 409);
+    assert_eq!(call(&app, req("POST", "/duplicate", A, "")).await.0, 500);
+    // The plain function is timed too.
+    drop(
+        begin(&pool, A.parse().unwrap(), Access::ReadOnly)
+            .await
+            .unwrap(),
+    );
+
+    let text = handle.render();
+    for line in [
+        r#"tollgate_tenant_transactions_total{outcome="commit"} 2"#,
+        r#"tollgate_tenant_transactions_total{outcome="rollback"} 1"#,
+        r#"tollgate_tenant_transactions_total{outcome="commit_error"} 1"#,
+        "tollgate_tenant_begin_duration_seconds_count 5",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+    pool.close().await;
+    db.drop_now().await;
+}

@@ -132,13 +132,30 @@ pub fn tested_when_idle() -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
+            if meta.idle_for < TEST_IDLE_AFTER {
+                return Box::pin(UsedRecently);
+            }
             Box::pin(async move {
-                if meta.idle_for >= TEST_IDLE_AFTER {
-                    sqlx::Connection::ping(conn).await?;
-                }
+                sqlx::Connection::ping(conn).await?;
                 Ok(true)
             })
         })
+}
+
+/// The answer for a connection used within [`TEST_IDLE_AFTER`]: keep it.
+/// Zero-sized, so the box sqlx asks for allocates nothing (this is every
+/// request's acquire).
+struct UsedRecently;
+
+impl std::future::Future for UsedRecently {
+    type Output = Result<bool, sqlx::Error>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(true))
+    }
 }
 
 /// The server's pool, sized from `DB_*`. Connections are opened lazily,

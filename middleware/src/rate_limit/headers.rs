@@ -128,8 +128,13 @@ pub(crate) fn fields(
         ([i], [check]) => policies[*i].fixed_quota() == Some(check.quota),
         _ => false,
     });
-    // One allocation each: an item is a name and two short numbers.
-    let mut policy_line = String::new();
+    // One allocation each: an item is a name and two short numbers (the
+    // policy line is made only when it is not the layer's fixed one).
+    let mut policy_line = String::with_capacity(if single.is_none() {
+        40 * index.len()
+    } else {
+        0
+    });
     let mut limit_line = String::with_capacity(32 * index.len());
     for ((&i, check), decision) in index.iter().zip(checks).zip(&decisions.each) {
         if !check.enforce {

@@ -14,7 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::pool::{PoolPermit, TenantPool};
-use super::transaction::{Access, TenantError, begin, record_outcome};
+use super::transaction::{Access, Outcome, TenantError, begin_recorded};
 use super::{TenantId, TenantResolver};
 use crate::body::ResponseBody;
 use crate::problem::Problem;
@@ -135,6 +135,8 @@ pub(crate) struct Held {
     pub(crate) tx: Transaction<'static, Postgres>,
     access: Access,
     _permit: PoolPermit,
+    /// Where its outcome is counted.
+    pool: TenantPool,
 }
 
 impl Slot {
@@ -156,11 +158,13 @@ impl Slot {
 
     async fn begin(&self) -> Result<Held, TenantError> {
         let permit = self.pool.acquire(self.tenant).await?;
-        let tx = begin(self.pool.pool(), self.tenant, self.access).await?;
+        let pool = &self.pool;
+        let tx = begin_recorded(pool.pool(), self.tenant, self.access, pool.tx_metrics()).await?;
         Ok(Held {
             tx,
             access: self.access,
             _permit: permit,
+            pool: pool.clone(),
         })
     }
 
@@ -302,8 +306,8 @@ where
                     let hooks = slot.take_after_commit();
                     match (result, tx) {
                         (Err(err), tx) => {
-                            if tx.is_some() {
-                                record_outcome("rollback");
+                            if let Some(held) = tx {
+                                held.pool.tx_metrics().ended(Outcome::Rollback);
                             }
                             return Poll::Ready(Err(err));
                         }
@@ -354,13 +358,15 @@ async fn finish<B, E>(
         mut tx,
         access,
         _permit,
+        pool,
     } = held;
+    let metrics = pool.tx_metrics();
     if res.status().as_u16() >= 400 {
         if let Err(err) = tx.rollback().await {
             // The connection is closed rather than reused; nothing to undo.
             tracing::warn!(%err, "tenant transaction rollback failed");
         }
-        record_outcome("rollback");
+        metrics.ended(Outcome::Rollback);
         return Ok(res.map(ResponseBody::inner));
     }
     // An aborted transaction (the handler swallowed a database error)
@@ -379,12 +385,12 @@ async fn finish<B, E>(
     };
     match commit {
         Ok(()) => {
-            record_outcome("commit");
+            metrics.ended(Outcome::Commit);
             after_commit.into_iter().for_each(|hook| hook());
             Ok(res.map(ResponseBody::inner))
         }
         Err(err) => {
-            record_outcome("commit_error");
+            metrics.ended(Outcome::CommitError);
             tracing::error!(%err, status = %res.status(), "tenant transaction commit failed");
             let problem = Problem::new(http::StatusCode::INTERNAL_SERVER_ERROR, "Commit failed")
                 .with_detail("the change was not saved");

@@ -71,6 +71,8 @@ struct Inner {
     tenants: Mutex<Caps>,
     /// Waiting at their tenant's cap.
     waiting_for_tenant: AtomicUsize,
+    /// Its transactions' metric handles, registered on first use.
+    tx_metrics: std::sync::OnceLock<super::transaction::TxMetrics>,
     /// Waiting for the pool.
     waiting_for_pool: AtomicUsize,
 }
@@ -97,6 +99,7 @@ impl TenantPool {
                 acquire_timeout,
                 tenants: Mutex::new(HashMap::default()),
                 waiting_for_tenant: AtomicUsize::new(0),
+                tx_metrics: std::sync::OnceLock::new(),
                 waiting_for_pool: AtomicUsize::new(0),
             }),
         }
@@ -118,6 +121,12 @@ impl TenantPool {
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    pub(crate) fn tx_metrics(&self) -> &super::transaction::TxMetrics {
+        self.inner
+            .tx_metrics
+            .get_or_init(super::transaction::TxMetrics::register)
     }
 
     /// Connections one tenant may hold at once.

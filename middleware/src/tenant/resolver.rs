@@ -102,6 +102,21 @@ impl TenantId {
     }
 }
 
+impl TenantId {
+    /// Appends the id as [`Display`](fmt::Display) writes it, without
+    /// `fmt` (the tenant transaction's statement is made per request).
+    pub(crate) fn push_to(&self, out: &mut String) {
+        match &self.0 {
+            Repr::Uuid(id) => {
+                out.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            }
+            Repr::Text { len, bytes } => {
+                out.push_str(std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default());
+            }
+        }
+    }
+}
+
 impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {

@@ -70,24 +70,67 @@ pub async fn begin(
     tenant: TenantId,
     access: Access,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    // Safe to interpolate: see above.
-    let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     #[cfg(feature = "metrics")]
     let started = tokio::time::Instant::now();
+    let result = begin_unrecorded(pool, tenant, access).await;
+    #[cfg(feature = "metrics")]
+    record_begin(
+        &metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION),
+        &metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS),
+        started,
+        &result,
+    );
+    result
+}
+
+/// [`begin`], recorded with the handles of `recorded` (registered once,
+/// not on every request).
+pub(crate) async fn begin_recorded(
+    pool: &PgPool,
+    tenant: TenantId,
+    access: Access,
+    recorded: &TxMetrics,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    #[cfg(feature = "metrics")]
+    let started = tokio::time::Instant::now();
+    let result = begin_unrecorded(pool, tenant, access).await;
+    #[cfg(feature = "metrics")]
+    record_begin(
+        &recorded.begin_duration,
+        &recorded.acquire_timeouts,
+        started,
+        &result,
+    );
+    #[cfg(not(feature = "metrics"))]
+    let _ = recorded;
+    result
+}
+
+async fn begin_unrecorded(
+    pool: &PgPool,
+    tenant: TenantId,
+    access: Access,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    // Safe to interpolate: see above.
+    let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     // Boxed: sqlx's `acquire` future holds the whole connect path (TLS
     // included), about 13 KB, which would otherwise be inline in every
     // future that awaits this one (handlers, extractors) and be copied
     // each time one of them is moved or boxed.
-    let result = Box::pin(pool.begin_with(sql)).await;
-    #[cfg(feature = "metrics")]
-    {
-        metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION)
-            .record(started.elapsed().as_secs_f64());
-        if let Err(sqlx::Error::PoolTimedOut) = &result {
-            metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS).increment(1);
-        }
+    Box::pin(pool.begin_with(sql)).await
+}
+
+#[cfg(feature = "metrics")]
+fn record_begin(
+    duration: &metrics::Histogram,
+    timeouts: &metrics::Counter,
+    started: tokio::time::Instant,
+    result: &Result<Transaction<'static, Postgres>, sqlx::Error>,
+) {
+    duration.record(started.elapsed().as_secs_f64());
+    if let Err(sqlx::Error::PoolTimedOut) = result {
+        timeouts.increment(1);
     }
-    result
 }
 
 fn begin_sql(tenant: TenantId, access: Access) -> String {
@@ -95,16 +138,63 @@ fn begin_sql(tenant: TenantId, access: Access) -> String {
         Access::ReadWrite => "READ WRITE",
         Access::ReadOnly => "READ ONLY",
     };
-    format!("BEGIN {mode}; SET LOCAL {TENANT_SETTING} = '{tenant}'")
+    // Pieces pushed, not `format!`: this runs on every tenant request.
+    let mut sql = String::with_capacity(112);
+    for piece in ["BEGIN ", mode, "; SET LOCAL ", TENANT_SETTING, " = '"] {
+        sql.push_str(piece);
+    }
+    tenant.push_to(&mut sql);
+    sql.push('\'');
+    sql
 }
 
-/// Records how a tenant transaction ended
-/// (`tollgate_tenant_transactions_total{outcome}`).
-pub(crate) fn record_outcome(outcome: &'static str) {
+/// How a tenant transaction ended (`tollgate_tenant_transactions_total`'s
+/// `outcome`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Commit,
+    Rollback,
+    CommitError,
+}
+
+/// The tenant transactions' metric handles, registered on a pool's first
+/// transaction rather than on every one.
+#[derive(Debug)]
+pub(crate) struct TxMetrics {
     #[cfg(feature = "metrics")]
-    metrics::counter!(crate::metrics::TENANT_TRANSACTIONS, "outcome" => outcome).increment(1);
-    #[cfg(not(feature = "metrics"))]
-    let _ = outcome;
+    begin_duration: metrics::Histogram,
+    #[cfg(feature = "metrics")]
+    acquire_timeouts: metrics::Counter,
+    /// By [`Outcome`].
+    #[cfg(feature = "metrics")]
+    outcomes: [metrics::Counter; 3],
+}
+
+impl TxMetrics {
+    pub(crate) fn register() -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            use crate::metrics::{
+                DB_POOL_ACQUIRE_TIMEOUTS, TENANT_BEGIN_DURATION, TENANT_TRANSACTIONS,
+            };
+            Self {
+                begin_duration: metrics::histogram!(TENANT_BEGIN_DURATION),
+                acquire_timeouts: metrics::counter!(DB_POOL_ACQUIRE_TIMEOUTS),
+                outcomes: ["commit", "rollback", "commit_error"]
+                    .map(|outcome| metrics::counter!(TENANT_TRANSACTIONS, "outcome" => outcome)),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        Self {}
+    }
+
+    /// Counts a transaction that ended as `outcome`.
+    pub(crate) fn ended(&self, outcome: Outcome) {
+        #[cfg(feature = "metrics")]
+        self.outcomes[outcome as usize].increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = outcome;
+    }
 }
 
 /// A database error met in a tenant transaction, answered as problem
@@ -181,6 +271,16 @@ mod tests {
             begin_sql(tenant, Access::ReadOnly),
             "BEGIN READ ONLY; SET LOCAL app.tenant_id = '0b9e3d4c-7c0e-4a55-9d8e-3f0a1b2c3d4e'"
         );
+        let text = TenantId::parse_any("org:42").unwrap();
+        assert_eq!(
+            begin_sql(text, Access::ReadWrite),
+            "BEGIN READ WRITE; SET LOCAL app.tenant_id = 'org:42'"
+        );
+        for id in [tenant, text] {
+            let mut pushed = String::new();
+            id.push_to(&mut pushed);
+            assert_eq!(pushed, id.to_string());
+        }
         assert_eq!(Access::for_method(&http::Method::HEAD), Access::ReadOnly);
         assert_eq!(Access::for_method(&http::Method::PATCH), Access::ReadWrite);
     }
