@@ -159,7 +159,13 @@ impl Slot {
     async fn begin(&self) -> Result<Held, TenantError> {
         let permit = self.pool.acquire(self.tenant).await?;
         let pool = &self.pool;
-        let tx = begin_recorded(pool.pool(), self.tenant, self.access, pool.tx_metrics()).await?;
+        let tx = begin_recorded(
+            pool.pool(),
+            self.tenant,
+            self.access,
+            Some(pool.tx_metrics()),
+        )
+        .await?;
         Ok(Held {
             tx,
             access: self.access,

@@ -70,54 +70,44 @@ pub async fn begin(
     tenant: TenantId,
     access: Access,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    #[cfg(feature = "metrics")]
-    let started = tokio::time::Instant::now();
-    let result = begin_unrecorded(pool, tenant, access).await;
-    #[cfg(feature = "metrics")]
-    record_begin(
-        &metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION),
-        &metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS),
-        started,
-        &result,
-    );
-    result
+    begin_recorded(pool, tenant, access, None).await
 }
 
-/// [`begin`], recorded with the handles of `recorded` (registered once,
-/// not on every request).
+/// [`begin`], recorded with the handles of `registered` (a pool's,
+/// registered once) or, without them, with handles registered now.
 pub(crate) async fn begin_recorded(
     pool: &PgPool,
     tenant: TenantId,
     access: Access,
-    recorded: &TxMetrics,
+    registered: Option<&TxMetrics>,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     #[cfg(feature = "metrics")]
     let started = tokio::time::Instant::now();
-    let result = begin_unrecorded(pool, tenant, access).await;
-    #[cfg(feature = "metrics")]
-    record_begin(
-        &recorded.begin_duration,
-        &recorded.acquire_timeouts,
-        started,
-        &result,
-    );
-    #[cfg(not(feature = "metrics"))]
-    let _ = recorded;
-    result
-}
-
-async fn begin_unrecorded(
-    pool: &PgPool,
-    tenant: TenantId,
-    access: Access,
-) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     // Safe to interpolate: see above.
     let sql = sqlx::AssertSqlSafe(begin_sql(tenant, access));
     // Boxed: sqlx's `acquire` future holds the whole connect path (TLS
     // included), about 13 KB, which would otherwise be inline in every
     // future that awaits this one (handlers, extractors) and be copied
     // each time one of them is moved or boxed.
-    Box::pin(pool.begin_with(sql)).await
+    let result = Box::pin(pool.begin_with(sql)).await;
+    #[cfg(feature = "metrics")]
+    match registered {
+        Some(handles) => record_begin(
+            &handles.begin_duration,
+            &handles.acquire_timeouts,
+            started,
+            &result,
+        ),
+        None => record_begin(
+            &metrics::histogram!(crate::metrics::TENANT_BEGIN_DURATION),
+            &metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS),
+            started,
+            &result,
+        ),
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = registered;
+    result
 }
 
 #[cfg(feature = "metrics")]
