@@ -691,6 +691,8 @@ async fn transactions_are_counted_by_outcome() {
     assert_eq!(call(&app, req("GET", "/notes", A, "")).await.0, 200);
     assert_eq!(call(&app, req("POST", "/conflict", A, "a2")).await.0, 409);
     assert_eq!(call(&app, req("POST", "/duplicate", A, "")).await.0, 500);
+    // A read that answers 500: rolled back, after the response.
+    assert_eq!(call(&app, req("GET", "/write-on-get", A, "")).await.0, 500);
     // The plain function is timed too.
     drop(
         begin(&pool, A.parse().unwrap(), Access::ReadOnly)
@@ -698,15 +700,17 @@ async fn transactions_are_counted_by_outcome() {
             .unwrap(),
     );
 
+    // Read-only transactions end after their response: closing the pool
+    // waits for their connections to come back.
+    pool.close().await;
     let text = handle.render();
     for line in [
         r#"tollgate_tenant_transactions_total{outcome="commit"} 2"#,
-        r#"tollgate_tenant_transactions_total{outcome="rollback"} 1"#,
+        r#"tollgate_tenant_transactions_total{outcome="rollback"} 2"#,
         r#"tollgate_tenant_transactions_total{outcome="commit_error"} 1"#,
-        "tollgate_tenant_begin_duration_seconds_count 5",
+        "tollgate_tenant_begin_duration_seconds_count 6",
     ] {
         assert!(text.contains(line), "no {line} in\n{text}");
     }
-    pool.close().await;
     db.drop_now().await;
 }

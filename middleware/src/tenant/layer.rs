@@ -36,12 +36,16 @@ use crate::problem::Problem;
 /// `READ ONLY` unless
 /// [`read_only_safe_methods(false)`](Self::read_only_safe_methods).
 ///
-/// If the commit fails, or the transaction was aborted by a database error
-/// the handler caught and answered 2xx anyway (Postgres then turns `COMMIT`
-/// into a silent `ROLLBACK`), the client gets a 500 problem, never the
-/// handler's 2xx. Read-write transactions pay one `SELECT 1` before
-/// `COMMIT` to tell. If the handler panics or the request is dropped, the transaction is
-/// rolled back.
+/// If a read-write transaction's commit fails, or the transaction was
+/// aborted by a database error the handler caught and answered 2xx anyway
+/// (Postgres then turns `COMMIT` into a silent `ROLLBACK`), the client
+/// gets a 500 problem, never the handler's 2xx; such a transaction pays
+/// one `SELECT 1` before `COMMIT` to tell. A `READ ONLY` transaction
+/// wrote nothing, so its `COMMIT` (or rollback) cannot change what its
+/// response says: the response goes first and the transaction ends in a
+/// task of its own, its connection and the tenant's share held until
+/// then, so a read is answered a round trip sooner. If the handler panics
+/// or the request is dropped, the transaction is rolled back.
 ///
 /// See the [module docs](super) for an example.
 #[derive(Debug, Clone)]
@@ -324,6 +328,18 @@ where
                             }
                             return Poll::Ready(Ok(res.map(ResponseBody::inner)));
                         }
+                        // A read-only transaction's COMMIT cannot change
+                        // what the response says: it ends in a task of its
+                        // own and the response goes now, a round trip
+                        // sooner. The connection and the tenant's permit
+                        // are held until it has ended, as before.
+                        (Ok(res), Some(held))
+                            if hooks.is_empty() && held.access == Access::ReadOnly =>
+                        {
+                            let commit = res.status().as_u16() < 400;
+                            tokio::spawn(end_read_only(held, commit));
+                            return Poll::Ready(Ok(res.map(ResponseBody::inner)));
+                        }
                         (Ok(res), Some(tx)) if hooks.is_empty() => State::Finishing {
                             future: Box::pin(finish(tx, res, hooks)),
                         },
@@ -349,6 +365,30 @@ where
                 }
             };
             self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+/// Ends a read-only transaction after its response has gone: commits
+/// when `commit`, else rolls back; the pool permit goes back after.
+async fn end_read_only(held: Held, commit: bool) {
+    let Held {
+        tx, _permit, pool, ..
+    } = held;
+    let metrics = pool.tx_metrics();
+    if !commit {
+        if let Err(err) = tx.rollback().await {
+            tracing::warn!(%err, "tenant transaction rollback failed");
+        }
+        metrics.ended(Outcome::Rollback);
+        return;
+    }
+    match tx.commit().await {
+        Ok(()) => metrics.ended(Outcome::Commit),
+        Err(err) => {
+            // Nothing was written, and what was read has been answered.
+            metrics.ended(Outcome::CommitError);
+            tracing::warn!(%err, "read-only tenant transaction commit failed");
         }
     }
 }
