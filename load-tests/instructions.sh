@@ -4,7 +4,9 @@
 # requests (server/examples/instructions.rs, current-thread runtime),
 # difference over 2N. Only the request path is counted: the instructions
 # run while `main`'s future is polled (--toggle-collect), not the
-# recorders' upkeep thread, the access log's writer thread or start-up.
+# recorders' upkeep thread, the access log's writer thread or start-up;
+# plus the task a read-only tenant transaction ends in after its response
+# (tollgate's `end_read_only`), which is the request's work too.
 # Needs valgrind (Debian's package).
 #
 #   bash load-tests/instructions.sh            # N = 3000
@@ -43,6 +45,7 @@ trap 'rm -f "$out"' EXIT
 irefs() {
     valgrind --tool=callgrind --toggle-collect='instructions::main::{{closure}}' \
         --toggle-collect='sqlx_core::pool::inner::PoolInner<DB>::connect::{{closure}}' \
+        --toggle-collect='tollgate::tenant::layer::end_read_only::{{closure}}' \
         --callgrind-out-file="$out" "$bin" "$1" "$2" >/dev/null 2>&1
     callgrind_annotate "$out" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
 }
