@@ -121,6 +121,7 @@ configs=(
 if [ "$LOADGEN" = oha ]; then
   configs+=(
     "plain transaction at $LATENCY_RATE req/s|baseline|$plain_env||/api/v1/items|$LATENCY_RATE"
+    "plain, COMMIT after the response (as the tenant route's reads), at $LATENCY_RATE req/s|baseline|$plain_env COMMIT_AFTER_RESPONSE=1||/api/v1/items|$LATENCY_RATE"
     "tenant route at $LATENCY_RATE req/s|server|RATE_LIMIT_STORE=memory $unlimited|AUTH|/api/v1/items|$LATENCY_RATE"
   )
 fi

@@ -42,6 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .connect(&url)
             .await?,
             tenant: tenant.parse()?,
+            commit_after_response: std::env::var_os("COMMIT_AFTER_RESPONSE").is_some(),
         }),
         _ => None,
     };

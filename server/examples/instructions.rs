@@ -68,7 +68,11 @@ fn main() {
                 .expect("the owner's pool");
             let app = Router::new()
                 .route("/api/v1/items", get(plain::items))
-                .with_state(Some(plain::Plain { pool, tenant }));
+                .with_state(Some(plain::Plain {
+                    pool,
+                    tenant,
+                    commit_after_response: false,
+                }));
             let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 4000)));
             drive(app, n, "/api/v1/items", peer, None, None).await;
         } else if let Some(metrics) = metrics {
