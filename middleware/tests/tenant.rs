@@ -714,3 +714,48 @@ async fn transactions_are_counted_by_outcome() {
     }
     db.drop_now().await;
 }
+
+/// A read is answered before its `COMMIT`, but its connection and its
+/// tenant's share stay held until the transaction has ended: a tenant
+/// reading in a loop never holds more than its cap, and another tenant is
+/// served meanwhile.
+#[tokio::test]
+async fn a_read_holds_its_connection_and_share_until_its_commit() {
+    use tollgate::tenant::TenantPool;
+    let db = TestDb::create("tenant_read_commit", SCHEMA).await;
+    let fair = TenantPool::new(pool(&db, 2).await).with_tenant_max(1);
+    let app = Router::new()
+        .route(
+            "/notes",
+            get(|mut tx: Tx| async move {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+                    .fetch_one(tx.conn().await?)
+                    .await?;
+                Ok::<_, TenantError>(n.to_string())
+            }),
+        )
+        .layer(TenantLayer::new(
+            fair.clone(),
+            FromHeader::new(http::HeaderName::from_static("x-tenant-id")),
+        ));
+
+    assert_eq!(call(&app, req("GET", "/notes", A, "")).await.0, 200);
+    // Answered; the transaction ends in a task that has not run yet (this
+    // runtime has one thread): A's one connection is still held.
+    assert_eq!(fair.load(), 0.5);
+    // B is served meanwhile, from the pool's other connection.
+    assert_eq!(call(&app, req("GET", "/notes", B, "")).await.0, 200);
+    // A's next read waits for A's first to end, within A's cap, and then
+    // gets its turn.
+    assert_eq!(call(&app, req("GET", "/notes", A, "")).await.0, 200);
+    // Once the commits have run, nothing is held.
+    for _ in 0..200 {
+        if fair.load() == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(fair.load(), 0.0);
+    fair.pool().close().await;
+    db.drop_now().await;
+}
