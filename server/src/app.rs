@@ -25,7 +25,7 @@ use crate::openapi::ApiDoc;
 use crate::plans;
 use crate::routes::{self, Class, Route};
 use crate::state::AppState;
-use crate::step::{Now, StepLayer};
+use crate::step::{Decided, StepLayer};
 use crate::trust::{self, CurrentTrust};
 
 /// Largest request body the API reads (413 above): room for the largest
@@ -100,7 +100,7 @@ pub fn app(
             // Steps rather than `from_fn`: see `step.rs`.
             .layer(StepLayer::new({
                 let tokens = state.tokens.clone();
-                move |req| Now::Now(auth::require_auth(&tokens, req))
+                move |req| Decided::Now(auth::require_auth(&tokens, req))
             }))
             // The tenant's plan sets its concurrency and quotas.
             .layer(StepLayer::new({

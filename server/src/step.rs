@@ -37,15 +37,16 @@ pub enum Next<Fut> {
     Later(Fut),
 }
 
-/// A step that always decides at once.
-pub type Now = Next<std::future::Ready<Result<Request, Response>>>;
+/// The [`Next`] of a step that always decides at once:
+/// `Decided::Now(result)`.
+pub type Decided = Next<std::future::Ready<Result<Request, Response>>>;
 
 /// Runs `step` on each request and continues or answers as it decides.
 ///
 /// ```
 /// use axum::{Router, extract::Request, response::IntoResponse, routing::get};
 /// use http::StatusCode;
-/// use tollgate_server::step::{Next, StepLayer};
+/// use tollgate_server::step::{Decided, StepLayer};
 ///
 /// // Only requests that name a region get through; the handler reads it.
 /// #[derive(Clone)]
@@ -56,11 +57,11 @@ pub type Now = Next<std::future::Ready<Result<Request, Response>>>;
 ///     .route_layer(StepLayer::new(|mut req: Request| {
 ///         let region = req.headers().get("x-region").and_then(|v| v.to_str().ok());
 ///         let Some(region) = region.map(str::to_owned) else {
-///             return Next::Now(Err(StatusCode::BAD_REQUEST.into_response()));
+///             return Decided::Now(Err(StatusCode::BAD_REQUEST.into_response()));
 ///         };
 ///         req.extensions_mut().insert(Region(region));
 ///         // A step that must wait returns `Next::Later(future)`.
-///         Next::<std::future::Ready<_>>::Now(Ok(req))
+///         Decided::Now(Ok(req))
 ///     }));
 /// # let _ = app;
 /// ```

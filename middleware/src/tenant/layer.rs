@@ -14,7 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::pool::{PoolPermit, TenantPool};
-use super::transaction::{Access, Outcome, TenantError, begin_recorded};
+use super::transaction::{Access, Outcome, TenantError, TxMetrics, begin_recorded};
 use super::{TenantId, TenantResolver};
 use crate::body::ResponseBody;
 use crate::problem::Problem;
@@ -377,11 +377,7 @@ async fn end_read_only(held: Held, commit: bool) {
     } = held;
     let metrics = pool.tx_metrics();
     if !commit {
-        if let Err(err) = tx.rollback().await {
-            tracing::warn!(%err, "tenant transaction rollback failed");
-        }
-        metrics.ended(Outcome::Rollback);
-        return;
+        return roll_back(tx, metrics).await;
     }
     match tx.commit().await {
         Ok(()) => metrics.ended(Outcome::Commit),
@@ -391,6 +387,15 @@ async fn end_read_only(held: Held, commit: bool) {
             tracing::warn!(%err, "read-only tenant transaction commit failed");
         }
     }
+}
+
+/// Rolls `tx` back and counts it.
+async fn roll_back(tx: Transaction<'static, Postgres>, metrics: &TxMetrics) {
+    if let Err(err) = tx.rollback().await {
+        // The connection is closed rather than reused; nothing to undo.
+        tracing::warn!(%err, "tenant transaction rollback failed");
+    }
+    metrics.ended(Outcome::Rollback);
 }
 
 /// Commits below 400, rolls back from 400 up; the pool permit goes back
@@ -408,11 +413,7 @@ async fn finish<B, E>(
     } = held;
     let metrics = pool.tx_metrics();
     if res.status().as_u16() >= 400 {
-        if let Err(err) = tx.rollback().await {
-            // The connection is closed rather than reused; nothing to undo.
-            tracing::warn!(%err, "tenant transaction rollback failed");
-        }
-        metrics.ended(Outcome::Rollback);
+        roll_back(tx, metrics).await;
         return Ok(res.map(ResponseBody::inner));
     }
     // An aborted transaction (the handler swallowed a database error)
