@@ -759,3 +759,51 @@ async fn a_read_holds_its_connection_and_share_until_its_commit() {
     fair.pool().close().await;
     db.drop_now().await;
 }
+
+/// Every wait for a connection is timed, and the two ways it can give up
+/// are counted apart: at the tenant's share and at the pool.
+#[tokio::test]
+async fn pool_waits_are_timed_and_their_give_ups_counted() {
+    use tollgate::tenant::TenantPool;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let db = TestDb::create("tenant_pool_metrics", SCHEMA).await;
+    let raw = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(50))
+        // The waits are for the fair pool's permits: no connection is
+        // opened (a connect could outlast the short timeout).
+        .connect_lazy(&db.app_url())
+        .unwrap();
+    let fair = TenantPool::new(raw).with_tenant_max(1);
+    let (a, b): (TenantId, TenantId) = (A.parse().unwrap(), B.parse().unwrap());
+    let other: TenantId = "11111111-2222-4333-8444-555555555555".parse().unwrap();
+
+    let held = [
+        fair.acquire(a).await.unwrap(),
+        fair.acquire(b).await.unwrap(),
+    ];
+    let at_share = fair.acquire(a).await.unwrap_err();
+    assert!(
+        matches!(at_share, TenantError::TenantAtCapacity),
+        "{at_share:?}"
+    );
+    let at_pool = fair.acquire(other).await.unwrap_err();
+    assert!(
+        matches!(at_pool, TenantError::Database(sqlx::Error::PoolTimedOut)),
+        "{at_pool:?}"
+    );
+    drop(held);
+
+    let text = handle.render();
+    for line in [
+        "tollgate_db_pool_acquire_duration_seconds_count 4",
+        "tollgate_db_tenant_cap_rejections_total 1",
+        "tollgate_db_pool_acquire_timeouts_total 1",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+    fair.pool().close().await;
+    db.drop_now().await;
+}

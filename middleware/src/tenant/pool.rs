@@ -173,17 +173,20 @@ impl TenantPool {
             }
         });
         #[cfg(feature = "metrics")]
-        metrics::histogram!(crate::metrics::DB_POOL_ACQUIRE_DURATION)
+        let metrics = self.tx_metrics();
+        #[cfg(feature = "metrics")]
+        metrics
+            .acquire_duration
             .record(started.elapsed().as_secs_f64());
         result.and_then(|r| r).map_err(|stage| match stage {
             Stage::Tenant => {
                 #[cfg(feature = "metrics")]
-                metrics::counter!(crate::metrics::DB_TENANT_CAP_REJECTIONS).increment(1);
+                metrics.tenant_cap_rejections.increment(1);
                 TenantError::TenantAtCapacity
             }
             Stage::Pool => {
                 #[cfg(feature = "metrics")]
-                metrics::counter!(crate::metrics::DB_POOL_ACQUIRE_TIMEOUTS).increment(1);
+                metrics.acquire_timeouts.increment(1);
                 TenantError::Database(sqlx::Error::PoolTimedOut)
             }
         })

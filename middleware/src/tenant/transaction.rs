@@ -147,14 +147,19 @@ pub(crate) enum Outcome {
     CommitError,
 }
 
-/// The tenant transactions' metric handles, registered on a pool's first
-/// transaction rather than on every one.
+/// The tenant pool's and transactions' metric handles, registered on a
+/// pool's first use rather than on every request (each `histogram!` or
+/// `counter!` call hashes its name and searches the registry).
 #[derive(Debug)]
 pub(crate) struct TxMetrics {
     #[cfg(feature = "metrics")]
     begin_duration: metrics::Histogram,
     #[cfg(feature = "metrics")]
-    acquire_timeouts: metrics::Counter,
+    pub(crate) acquire_duration: metrics::Histogram,
+    #[cfg(feature = "metrics")]
+    pub(crate) acquire_timeouts: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    pub(crate) tenant_cap_rejections: metrics::Counter,
     /// By [`Outcome`].
     #[cfg(feature = "metrics")]
     outcomes: [metrics::Counter; 3],
@@ -165,11 +170,14 @@ impl TxMetrics {
         #[cfg(feature = "metrics")]
         {
             use crate::metrics::{
-                DB_POOL_ACQUIRE_TIMEOUTS, TENANT_BEGIN_DURATION, TENANT_TRANSACTIONS,
+                DB_POOL_ACQUIRE_DURATION, DB_POOL_ACQUIRE_TIMEOUTS, DB_TENANT_CAP_REJECTIONS,
+                TENANT_BEGIN_DURATION, TENANT_TRANSACTIONS,
             };
             Self {
                 begin_duration: metrics::histogram!(TENANT_BEGIN_DURATION),
+                acquire_duration: metrics::histogram!(DB_POOL_ACQUIRE_DURATION),
                 acquire_timeouts: metrics::counter!(DB_POOL_ACQUIRE_TIMEOUTS),
+                tenant_cap_rejections: metrics::counter!(DB_TENANT_CAP_REJECTIONS),
                 outcomes: ["commit", "rollback", "commit_error"]
                     .map(|outcome| metrics::counter!(TENANT_TRANSACTIONS, "outcome" => outcome)),
             }
