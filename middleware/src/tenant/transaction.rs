@@ -187,6 +187,7 @@ impl TxMetrics {
     }
 
     /// Counts a transaction that ended as `outcome`.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
     pub(crate) fn ended(&self, outcome: Outcome) {
         #[cfg(feature = "metrics")]
         self.outcomes[outcome as usize].increment(1);
