@@ -282,10 +282,10 @@ impl Limits {
     }
 }
 
-/// A tenant's or user's key: its id as `Uuid`'s `Display` writes it,
-/// without going through `fmt` (five keys on every tenant request).
+/// A tenant's or user's key: the key of its id's text, without making
+/// the text (four such keys on every tenant request).
 fn id_key(id: &Uuid) -> Key {
-    Key::from(&*id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+    Key::uuid(*id)
 }
 
 fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {

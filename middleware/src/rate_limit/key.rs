@@ -7,12 +7,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::StatusCode;
 use http::request::Parts;
+use uuid::Uuid;
 
 use crate::client_ip::{ClientIp, peer_addr};
 use crate::problem::Problem;
 
 /// What a policy counts against: one bucket per distinct key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A key made from a [`Uuid`] is the key of its hyphenated lower-case text
+/// (equal, same hash, same store key), kept as 16 bytes instead of a new
+/// string on every request.
+#[derive(Debug, Clone)]
 pub struct Key(Repr);
 
 impl std::hash::Hash for Key {
@@ -24,6 +29,8 @@ impl std::hash::Hash for Key {
             Repr::Ip(IpAddr::V4(v4)) => state.write_u32(u32::from(*v4)),
             Repr::Ip(IpAddr::V6(v6)) => state.write_u128(u128::from(*v6)),
             Repr::Text(text) => state.write(text.as_bytes()),
+            // As its text hashes.
+            Repr::Uuid(id) => state.write(uuid_text(id, &mut Uuid::encode_buffer()).as_bytes()),
             Repr::UnderQuota(under) => {
                 under.1.hash(state);
                 under.0.hash(state);
@@ -32,13 +39,38 @@ impl std::hash::Hash for Key {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Repr::Global, Repr::Global) => true,
+            (Repr::Ip(a), Repr::Ip(b)) => a == b,
+            (Repr::Text(a), Repr::Text(b)) => a == b,
+            (Repr::Uuid(a), Repr::Uuid(b)) => a == b,
+            (Repr::Uuid(id), Repr::Text(text)) | (Repr::Text(text), Repr::Uuid(id)) => {
+                **text == *uuid_text(id, &mut Uuid::encode_buffer())
+            }
+            (Repr::UnderQuota(a), Repr::UnderQuota(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Key {}
+
+#[derive(Debug, Clone)]
 enum Repr {
     Global,
     Ip(IpAddr),
     Text(Arc<str>),
+    /// The text of a UUID, not yet written.
+    Uuid(Uuid),
     /// A key's bucket under one quota (see [`Key::under_quota`]).
     UnderQuota(Box<(Key, super::Quota)>),
+}
+
+/// `id` as `Uuid`'s `Display` writes it, into `buffer`.
+fn uuid_text<'b>(id: &Uuid, buffer: &'b mut [u8; 45]) -> &'b str {
+    id.hyphenated().encode_lower(buffer)
 }
 
 impl Key {
@@ -55,6 +87,12 @@ impl Key {
     /// A key from any text: a tenant id, a subject, a composite.
     pub fn text(text: impl Into<Arc<str>>) -> Self {
         Self(Repr::Text(text.into()))
+    }
+
+    /// The key of `id`'s text (`Key::text(id.to_string())`), without
+    /// allocating.
+    pub const fn uuid(id: Uuid) -> Self {
+        Self(Repr::Uuid(id))
     }
 
     /// The bucket of this key under `quota`, distinct from the key's
@@ -74,6 +112,7 @@ impl fmt::Display for Key {
             Repr::Global => f.write_str("global"),
             Repr::Ip(ip) => write!(f, "ip:{ip}"),
             Repr::Text(t) => write!(f, "k:{t}"),
+            Repr::Uuid(id) => write!(f, "k:{id}"),
             // Other keys never start with `q`: no collision in a store's
             // key space.
             Repr::UnderQuota(under) => {
@@ -87,6 +126,12 @@ impl fmt::Display for Key {
 impl From<IpAddr> for Key {
     fn from(ip: IpAddr) -> Self {
         Self::ip(ip)
+    }
+}
+
+impl From<Uuid> for Key {
+    fn from(id: Uuid) -> Self {
+        Self::uuid(id)
     }
 }
 
@@ -330,6 +375,23 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_uuid_key_is_the_key_of_its_text() {
+        use std::hash::BuildHasher;
+        let id: Uuid = "6F9619FF-8B86-D011-B42D-00C04FC964FF".parse().unwrap();
+        let (uuid, text) = (Key::uuid(id), Key::text(id.to_string()));
+        assert_eq!(uuid, text);
+        assert_eq!(text, uuid);
+        assert_eq!(uuid, Key::from(id));
+        let hasher = std::hash::RandomState::new();
+        assert_eq!(hasher.hash_one(&uuid), hasher.hash_one(&text));
+        assert_eq!(uuid.to_string(), "k:6f9619ff-8b86-d011-b42d-00c04fc964ff");
+        assert_eq!(uuid.to_string(), text.to_string());
+        assert_ne!(uuid, Key::text(id.simple().to_string()));
+        assert_ne!(uuid, Key::uuid(Uuid::nil()));
+        assert_ne!(uuid, Key::global());
     }
 
     #[test]
