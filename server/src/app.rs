@@ -64,6 +64,43 @@ pub fn app(
     let mut authenticated = OpenApiRouter::new();
     // Documented but served elsewhere (`/metrics` on `METRICS_ADDR`).
     let mut elsewhere = utoipa::openapi::path::Paths::new();
+    // The authenticated stack, built once (its layers share their state
+    // across routes: the in-flight counts, the caches) and given each
+    // route with its class's limits innermost, as one `route_layer`: each
+    // `route_layer` call boxes the route again, and axum clones every box
+    // and boxes every future per request.
+    let authenticated_layers = ServiceBuilder::new()
+        // Steps rather than `from_fn`: see `step.rs`.
+        .layer(StepLayer::new({
+            let tokens = state.tokens.clone();
+            move |req| Decided::Now(auth::require_auth(&tokens, req))
+        }))
+        // The tenant's plan sets its concurrency and quotas.
+        .layer(StepLayer::new({
+            let plans = state.plans.clone();
+            move |req| plans::current_plan(&plans, req)
+        }))
+        .layer(limits.concurrency())
+        // The level in the token may be stale: limits and shedding use
+        // the current one.
+        .layer(StepLayer::new({
+            let current = CurrentTrust {
+                levels: state.trust.clone(),
+                table: limits.trust().clone(),
+            };
+            move |req| trust::current_trust(&current, req)
+        }))
+        .layer(limits.shed(state.tenant_pool.clone()))
+        .layer(TenantLayer::new(
+            state.tenant_pool.clone(),
+            FromClaims::<Claims>::new(),
+        ));
+    let authenticated_stack = |class_limits| {
+        authenticated_layers
+            .clone()
+            .layer(class_limits)
+            .map_response(IntoResponse::into_response)
+    };
     let mut layers = std::collections::HashMap::new();
     for Route {
         class,
@@ -80,8 +117,11 @@ pub fn app(
             .entry(class)
             .or_insert_with(|| limits.layer(class))
             .clone();
+        // `route_layer`: only requests that match are counted.
         let method_router = match layer {
-            // `route_layer`: only requests that match are counted.
+            Some(layer) if class.is_authenticated() => {
+                method_router.route_layer(authenticated_stack(layer))
+            }
             Some(layer) => method_router.route_layer(layer),
             None => method_router,
         };
@@ -92,38 +132,6 @@ pub fn app(
             open = open.routes(handler);
         }
     }
-    // One `route_layer` for the whole authenticated stack: each
-    // `route_layer` call boxes the route again, and axum clones every box
-    // and boxes every future per request.
-    let authenticated = authenticated.route_layer(
-        ServiceBuilder::new()
-            // Steps rather than `from_fn`: see `step.rs`.
-            .layer(StepLayer::new({
-                let tokens = state.tokens.clone();
-                move |req| Decided::Now(auth::require_auth(&tokens, req))
-            }))
-            // The tenant's plan sets its concurrency and quotas.
-            .layer(StepLayer::new({
-                let plans = state.plans.clone();
-                move |req| plans::current_plan(&plans, req)
-            }))
-            .layer(limits.concurrency())
-            // The level in the token may be stale: limits and shedding use
-            // the current one.
-            .layer(StepLayer::new({
-                let current = CurrentTrust {
-                    levels: state.trust.clone(),
-                    table: limits.trust().clone(),
-                };
-                move |req| trust::current_trust(&current, req)
-            }))
-            .layer(limits.shed(state.tenant_pool.clone()))
-            .layer(TenantLayer::new(
-                state.tenant_pool.clone(),
-                FromClaims::<Claims>::new(),
-            ))
-            .map_response(IntoResponse::into_response),
-    );
     let (router, mut doc) = open.merge(authenticated).split_for_parts();
     // Labels by the templates served here, matched outside the router.
     let metrics = HttpMetricsLayer::new()
