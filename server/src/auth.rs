@@ -16,6 +16,8 @@ use uuid::Uuid;
 use crate::error::AppError;
 
 /// What a token says, put in request extensions by [`require_auth`].
+/// Its text is shared (`Arc<str>`): the verified claims are cached, and
+/// each request gets a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The user's id.
@@ -23,15 +25,15 @@ pub struct Claims {
     /// The user's tenant (a token naming anything else does not verify).
     pub tenant: Uuid,
     /// The user's trust level when the token was issued.
-    pub trust: String,
+    pub trust: Arc<str>,
     /// Issued at (Unix seconds).
     pub iat: u64,
     /// Expires at (Unix seconds).
     pub exp: u64,
     /// Who issued it (`AUTH_ISSUER`).
-    pub iss: String,
+    pub iss: Arc<str>,
     /// Whom it is for (`AUTH_AUDIENCE`).
-    pub aud: String,
+    pub aud: Arc<str>,
 }
 
 impl TenantClaims for Claims {
@@ -115,11 +117,11 @@ impl Tokens {
         self.sign(&Claims {
             sub,
             tenant,
-            trust: trust.to_owned(),
+            trust: trust.into(),
             iat: now,
             exp: now.saturating_add(self.ttl.as_secs()),
-            iss: self.issuer.to_string(),
-            aud: self.audience.to_string(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
         })
     }
 
