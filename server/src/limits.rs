@@ -180,13 +180,11 @@ impl Limits {
             move |parts: &Parts| {
                 let claims = claims(parts)?;
                 let trust = current(parts)?;
-                Ok(key_table.quota(trust).map(|_| {
-                    // Keyed by level too: a raised level starts a fresh
-                    // allowance instead of inheriting the lower one's debt.
-                    let mut id = Uuid::encode_buffer();
-                    let id = claims.sub.hyphenated().encode_lower(&mut id);
-                    Key::from([&*id, ":", &trust.name].concat())
-                }))
+                // Keyed by level too: a raised level starts a fresh
+                // allowance instead of inheriting the lower one's debt.
+                Ok(key_table
+                    .quota(trust)
+                    .map(|_| level_key(&claims.sub, &trust.name)))
             },
             lowest,
         )
@@ -288,6 +286,20 @@ fn id_key(id: &Uuid) -> Key {
     Key::uuid(*id)
 }
 
+/// `<user id>:<level>`, written on the stack so that the key's own text
+/// is the one allocation (a `String` would be copied into it).
+fn level_key(user: &Uuid, level: &str) -> Key {
+    const ID: usize = uuid::fmt::Hyphenated::LENGTH;
+    let mut text = [0u8; 128];
+    let Some(out) = text.get_mut(..ID + 1 + level.len()) else {
+        return Key::from(format!("{user}:{level}"));
+    };
+    user.hyphenated().encode_lower(&mut out[..ID]);
+    out[ID] = b':';
+    out[ID + 1..].copy_from_slice(level.as_bytes());
+    Key::from(std::str::from_utf8(out).expect("an id and a level name"))
+}
+
 fn claims(parts: &Parts) -> Result<&Claims, KeyRejection> {
     parts
         .extensions
@@ -305,6 +317,14 @@ fn current(parts: &Parts) -> Result<&Trust, KeyRejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_level_key_is_the_id_and_the_level() {
+        let id = Uuid::new_v4();
+        assert_eq!(level_key(&id, "basic"), Key::from(format!("{id}:basic")));
+        let long = "l".repeat(200);
+        assert_eq!(level_key(&id, &long), Key::from(format!("{id}:{long}")));
+    }
 
     #[test]
     fn an_id_key_is_the_ids_display() {

@@ -116,7 +116,8 @@ pub const TRUST_CHANNEL: &str = "tollgate_trust";
 /// levels, filled from the system pool.
 #[derive(Debug, Clone)]
 pub struct TrustLevels {
-    cache: SharedCache<Uuid, String>,
+    /// Shared text: a hit copies no string.
+    cache: SharedCache<Uuid, Arc<str>>,
     pool: PgPool,
 }
 
@@ -131,7 +132,7 @@ impl TrustLevels {
     }
 
     /// The cache, for the listener.
-    pub fn cache(&self) -> &SharedCache<Uuid, String> {
+    pub fn cache(&self) -> &SharedCache<Uuid, Arc<str>> {
         &self.cache
     }
 
@@ -141,7 +142,7 @@ impl TrustLevels {
     }
 
     /// The subject's current level; `None` when the user no longer exists.
-    pub async fn current(&self, claims: &Claims) -> Result<Option<String>, String> {
+    pub async fn current(&self, claims: &Claims) -> Result<Option<Arc<str>>, String> {
         let tenant = TenantId::new(claims.tenant);
         self.cache
             .get_with(&claims.sub, || async {
@@ -152,7 +153,7 @@ impl TrustLevels {
                         .fetch_optional(&mut *tx)
                         .await?;
                 tx.commit().await?;
-                Ok(level)
+                Ok(level.map(Arc::from))
             })
             .await
     }
