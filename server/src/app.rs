@@ -118,12 +118,17 @@ pub fn app(
             .or_insert_with(|| limits.layer(class))
             .clone();
         // `route_layer`: only requests that match are counted.
-        let method_router = match layer {
-            Some(layer) if class.is_authenticated() => {
-                method_router.route_layer(authenticated_stack(layer))
-            }
-            Some(layer) => method_router.route_layer(layer),
-            None => method_router,
+        let method_router = if class.is_authenticated() {
+            // The class's limits come with the authentication: an
+            // authenticated class without them would leave its routes
+            // open, so that stops the server here (`Limits::layer` gives
+            // every authenticated class its limits).
+            let limits = layer.expect("an authenticated route class has rate limits");
+            method_router.route_layer(authenticated_stack(limits))
+        } else if let Some(layer) = layer {
+            method_router.route_layer(layer)
+        } else {
+            method_router
         };
         let handler = (schemas, paths, method_router);
         if class.is_authenticated() {
