@@ -76,7 +76,11 @@ struct Tally {
     /// The largest lead of admitted over ideal, over every prefix of the run.
     over: i64,
     /// Requests refused (429 or 503) while a bucket fed exactly the admitted
-    /// requests had had room for [`SLACK`].
+    /// requests had had room for [`SLACK`]. Each admitted request is
+    /// charged at the latest time it can have reached the store (when its
+    /// answer came back): a stall of this machine between sending and
+    /// arrival moves the store's bucket later than the send times would,
+    /// and is not the store's error.
     early: u64,
     /// 503s (a failure policy refusing).
     unavailable: u64,
@@ -108,6 +112,7 @@ async fn drive(servers: &[Server], seconds: f64, quota: Ideal, midway: impl FnOn
             .send()
             .await
             .map_or(0, |r| r.status().as_u16());
+        let answered = u64::try_from(start.elapsed().as_nanos()).unwrap();
         n += 1;
         let ideal_allows = ideal.allows(now);
         tally.offered += 1;
@@ -116,7 +121,7 @@ async fn drive(servers: &[Server], seconds: f64, quota: Ideal, midway: impl FnOn
         tally.admitted += u64::from(admitted);
         tally.unavailable += u64::from(status == 503);
         if admitted {
-            shadow.charge(now);
+            shadow.charge(answered);
         } else if shadow.has_room(now.saturating_sub(SLACK.as_nanos() as u64)) {
             // It had room for SLACK already: not a matter of clocks.
             tally.early += 1;
