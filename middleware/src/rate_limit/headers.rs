@@ -70,6 +70,19 @@ pub(crate) mod syntax {
         }
     }
 
+    /// [`limit_item`] alone on its line, allocated at its exact length:
+    /// `Bytes` takes such a `String` as it is, where spare capacity costs
+    /// it a second allocation. The line of most responses.
+    pub(crate) fn limit_line(sf_name: &str, available: u64, window: u64) -> String {
+        let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (r, t) = (r.format(available), t.format(window));
+        let mut line = String::with_capacity(sf_name.len() + 6 + r.len() + t.len());
+        for part in [sf_name, ";r=", r, ";t=", t] {
+            line.push_str(part);
+        }
+        line
+    }
+
     /// A name as a structured-field string (`"a\"b"`).
     pub(crate) fn sf_string(name: &str) -> String {
         format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
@@ -128,6 +141,13 @@ pub(crate) fn fields(
         ([i], [check]) => policies[*i].fixed_quota() == Some(check.quota),
         _ => false,
     });
+    if let (Some(field), [i], [check], [decision]) = (single, index, checks, &decisions.each[..]) {
+        let line = check.enforce.then(|| {
+            let window = effective_window(decision);
+            syntax::limit_line(&policies[*i].sf_name, decision.remaining, window)
+        })?;
+        return Some((field.clone(), HeaderValue::try_from(line).ok()?));
+    }
     // One allocation each: an item is a name and two short numbers (the
     // policy line is made only when it is not the layer's fixed one).
     let mut policy_line = String::with_capacity(if single.is_none() {
@@ -268,5 +288,17 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
         assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
         assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn a_lone_limit_line_is_its_item_at_its_exact_length() {
+        for (available, window) in [(0, 0), (9, 10), (10, 9), (99_999, 1), (u64::MAX, u64::MAX)] {
+            let mut item = String::new();
+            syntax::limit_item(&mut item, "\"ip\"", available, Some(window));
+            let line = syntax::limit_line("\"ip\"", available, window);
+            assert_eq!(line, item);
+            // Exact: `Bytes` takes it without a second allocation.
+            assert_eq!(line.capacity(), line.len(), "{line}");
+        }
     }
 }
