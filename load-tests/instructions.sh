@@ -13,7 +13,8 @@
 #   N=10000 ROUNDS=5 bash load-tests/instructions.sh
 #
 # Stacks: bare axum; one layer alone on it, ours and a peer's
-# (support/stacks.rs); `server`, the whole server's app with the defaults
+# (support/stacks.rs; `ratelimit-outside` is ours around the router
+# instead of added with `Router::layer`, without axum's box per layer); `server`, the whole server's app with the defaults
 # the load harness's "defaults" row runs (access log at INFO, memory
 # store, the client's address in X-Forwarded-For from a trusted loopback
 # peer), on `/api/v1/ping`; and `tenant`, the same app's tenant route
@@ -56,7 +57,7 @@ echo "|---|---|---|"
 bare=
 plain=
 db_n=$(( N < 1000 ? N : 1000 ))
-for stack in bare ratelimit governor metrics prometheus server plain tenant; do
+for stack in bare ratelimit ratelimit-outside governor metrics prometheus server plain tenant; do
     n=$N
     case $stack in plain | tenant) n=$db_n ;; esac
     per=$(for _ in $(seq "$ROUNDS"); do

@@ -24,6 +24,39 @@ mod stacks;
 
 use plain::{Plain, items};
 
+/// Serves the app with its stack; with the peer's address (the limiters'
+/// key) unless bare, as the reference has always been served.
+struct Serve {
+    listener: tokio::net::TcpListener,
+    connect_info: bool,
+}
+
+impl stacks::Run for Serve {
+    type Output = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>>>>;
+
+    fn run<S>(self, app: S) -> Self::Output
+    where
+        S: tower::Service<
+                http::Request<axum::body::Body>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        use axum::ServiceExt as _;
+        let listener = self.listener;
+        if self.connect_info {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            Box::pin(async move { axum::serve(listener, app).await })
+        } else {
+            Box::pin(async move { axum::serve(listener, app.into_make_service()).await })
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:8090".to_owned());
@@ -54,18 +87,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/api/v1/items", get(items))
         .with_state(plain);
     let stack = std::env::var("STACK").unwrap_or_else(|_| "bare".to_owned());
-    let app = stacks::layered(app, &stack);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening addr={}", listener.local_addr()?);
-    if stack == "bare" {
-        axum::serve(listener, app).await?;
-    } else {
-        // The peer's address, for the limiters' keys.
-        axum::serve(
+    let connect_info = stack != "bare";
+    stacks::run(
+        app,
+        &stack,
+        Serve {
             listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await?;
-    }
+            connect_info,
+        },
+    )
+    .await?;
     Ok(())
 }

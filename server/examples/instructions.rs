@@ -6,7 +6,7 @@
 //! out).
 //!
 //! `cargo run --release -p tollgate-server --example instructions -- STACK N`
-//! with STACK one of `bare`, `ratelimit`, `governor`, `metrics`,
+//! with STACK one of `bare`, `ratelimit`, `ratelimit-outside`, `governor`, `metrics`,
 //! `prometheus`; `server`: `GET /api/v1/ping` through
 //! `tollgate_server::app` as `Config::from_env` sets it up (the metrics
 //! recorder installed, access lines formatted into the binary's sink when
@@ -99,13 +99,31 @@ fn main() {
             }
         } else {
             let router = Router::new().route("/ping", get(|| async { "pong" }));
-            let app = stacks::layered(router, &stack);
-            let peer = ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000)));
-            // As `axum::serve` does per connection: handlers become routes once.
-            let app = app.with_state(()).into_service::<Body>();
-            drive(app, n, "/ping", peer, None, None).await;
+            stacks::run(router, &stack, DrivePing { n }).await;
         }
     });
+}
+
+/// `n` requests for `/ping` from 192.0.2.1.
+struct DrivePing {
+    n: u64,
+}
+
+impl stacks::Run for DrivePing {
+    type Output = std::pin::Pin<Box<dyn Future<Output = ()>>>;
+
+    fn run<S>(self, app: S) -> Self::Output
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let peer = ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000)));
+        Box::pin(drive(app, self.n, "/ping", peer, None, None))
+    }
 }
 
 /// `n` requests for `path`, one after another, as from one keep-alive

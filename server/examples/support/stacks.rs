@@ -2,45 +2,76 @@
 //! job, so the load harness (`examples/baseline.rs`, `STACK=…`) and the
 //! instruction count (`examples/instructions.rs`) measure the same stacks.
 
+use std::convert::Infallible;
+
 use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use http::Request;
 use tollgate::client_ip::{SetClientIpLayer, TrustedProxies};
 use tollgate::metrics::{HttpMetricsLayer, MetricsExporter};
 use tollgate::rate_limit::{ByClientIp, MemoryStore, Policy, Quota, RateLimitLayer};
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder};
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::SmartIpKeyExtractor;
 
 /// The stacks, `bare` first.
-pub(crate) const STACKS: [&str; 5] = ["bare", "ratelimit", "governor", "metrics", "prometheus"];
+pub(crate) const STACKS: [&str; 6] = [
+    "bare",
+    "ratelimit",
+    "ratelimit-outside",
+    "governor",
+    "metrics",
+    "prometheus",
+];
 
 /// A quota no benchmark reaches: every request is allowed and charged.
 const PER_SECOND: u32 = 1_000_000_000;
 
-/// `router` with `stack` on it:
+/// What to do with the app once its stack is on it (serve it, drive it):
+/// generic over the service, which differs per stack.
+pub(crate) trait Run {
+    type Output;
+
+    fn run<S>(self, app: S) -> Self::Output
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static;
+}
+
+/// Runs `router` (its state given) with `stack` on it:
 /// - `ratelimit`: Tollgate's client IP (X-Forwarded-For from loopback
-///   trusted) and one per-IP policy on the memory store, headers included;
+///   trusted) and one per-IP policy on the memory store, headers included,
+///   added with `Router::layer` as the README shows;
+/// - `ratelimit-outside`: the same around the router, for the instruction
+///   count of the layers without the box and clone axum adds to any
+///   `Router::layer` (the server puts its request-wide layers there);
 /// - `governor`: tower_governor, keyed by the same address
 ///   (`SmartIpKeyExtractor`), with its headers;
 /// - `metrics`: Tollgate's `HttpMetricsLayer` with its recorder installed;
 /// - `prometheus`: axum-prometheus with its recorder installed.
 ///
 /// Call within a Tokio runtime (the recorders start their upkeep).
-pub(crate) fn layered(router: Router, stack: &str) -> Router {
+pub(crate) fn run<R: Run>(router: Router, stack: &str, run: R) -> R::Output {
+    // As `axum::serve` does per connection: handlers become routes once.
+    let routes = |router: Router| router.with_state(());
     match stack {
-        "bare" => router,
-        "ratelimit" => router.layer(
+        "bare" => run.run(routes(router)),
+        "ratelimit" => run.run(routes(
+            router.layer(ServiceBuilder::new().layer(client_ip()).layer(rate_limit())),
+        )),
+        "ratelimit-outside" => run.run(
             ServiceBuilder::new()
-                .layer(SetClientIpLayer::new(
-                    "127.0.0.1".parse::<TrustedProxies>().expect("an address"),
-                ))
-                .layer(
-                    RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
-                        "ip",
-                        ByClientIp::new(),
-                        Quota::per_second(PER_SECOND),
-                    )),
-                ),
+                // axum::serve wants axum's body type.
+                .map_response(|res: Response<_>| res.map(Body::new))
+                .layer(client_ip())
+                .layer(rate_limit())
+                .service(routes(router)),
         ),
         "governor" => {
             let config = GovernorConfigBuilder::default()
@@ -50,16 +81,28 @@ pub(crate) fn layered(router: Router, stack: &str) -> Router {
                 .use_headers()
                 .finish()
                 .expect("a governor config");
-            router.layer(GovernorLayer::new(config))
+            run.run(routes(router.layer(GovernorLayer::new(config))))
         }
         "metrics" => {
             MetricsExporter::install().expect("the only recorder");
-            router.layer(HttpMetricsLayer::new())
+            run.run(routes(router.layer(HttpMetricsLayer::new())))
         }
         "prometheus" => {
             let (layer, _handle) = axum_prometheus::PrometheusMetricLayer::pair();
-            router.layer(layer)
+            run.run(routes(router.layer(layer)))
         }
         other => panic!("unknown stack {other}: one of {STACKS:?}"),
     }
+}
+
+fn client_ip() -> SetClientIpLayer {
+    SetClientIpLayer::new("127.0.0.1".parse::<TrustedProxies>().expect("an address"))
+}
+
+fn rate_limit() -> RateLimitLayer<MemoryStore> {
+    RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
+        "ip",
+        ByClientIp::new(),
+        Quota::per_second(PER_SECOND),
+    ))
 }
