@@ -171,15 +171,19 @@ pub fn app(
 }
 
 /// A random UUID per request, as tower-http's `MakeRequestUuid`, written
-/// into a stack buffer instead of through `fmt` and a `String`.
+/// into an array instead of through `fmt` and a `String`, and owned by
+/// its `Bytes`: the id is cloned into the request's extensions and the
+/// response, and a clone of such `Bytes` is a reference count where one
+/// of copied bytes allocates a shared header the first time.
 #[derive(Debug, Clone, Copy)]
 struct MakeUuid;
 
 impl MakeRequestId for MakeUuid {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let mut text = uuid::Uuid::encode_buffer();
-        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        http::HeaderValue::from_str(text).ok().map(RequestId::new)
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        let text = bytes::Bytes::from_owner(text);
+        http::HeaderValue::from_maybe_shared(text).ok().map(RequestId::new)
     }
 }
 
