@@ -784,6 +784,17 @@ async fn pool_waits_are_timed_and_their_give_ups_counted() {
         fair.acquire(a).await.unwrap(),
         fair.acquire(b).await.unwrap(),
     ];
+    // A waiter is in the gauge while it waits, and leaves it when dropped.
+    let mut waiting = Box::pin(fair.acquire(a));
+    tokio::time::timeout(Duration::from_millis(5), &mut waiting)
+        .await
+        .unwrap_err();
+    let text = handle.render();
+    assert!(text.contains("tollgate_db_pool_waiters 1\n"), "{text}");
+    drop(waiting);
+    let text = handle.render();
+    assert!(text.contains("tollgate_db_pool_waiters 0\n"), "{text}");
+
     let at_share = fair.acquire(a).await.unwrap_err();
     assert!(
         matches!(at_share, TenantError::TenantAtCapacity),

@@ -183,7 +183,9 @@ impl MakeRequestId for MakeUuid {
         let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
         let text = bytes::Bytes::from_owner(text);
-        http::HeaderValue::from_maybe_shared(text).ok().map(RequestId::new)
+        http::HeaderValue::from_maybe_shared(text)
+            .ok()
+            .map(RequestId::new)
     }
 }
 

@@ -218,7 +218,7 @@ impl TenantPool {
         let tenant_permit = match semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let _waiting = Waiting::new(&self.inner.waiting_for_tenant);
+                let _waiting = Waiting::new(self, &self.inner.waiting_for_tenant);
                 semaphore.acquire_owned().await.map_err(|_| Stage::Tenant)?
             }
         };
@@ -227,7 +227,7 @@ impl TenantPool {
         let connection_permit = match connections.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let _waiting = Waiting::new(&self.inner.waiting_for_pool);
+                let _waiting = Waiting::new(self, &self.inner.waiting_for_pool);
                 connections
                     .clone()
                     .acquire_owned()
@@ -256,23 +256,35 @@ enum Stage {
     Pool,
 }
 
-/// Counts a waiter while it waits (cancellation included).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts a waiter while it waits (cancellation included), in `count` and
+/// in the waiters gauge of `metrics`.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    #[cfg(feature = "metrics")]
+    metrics: &'a super::transaction::TxMetrics,
+}
 
 impl<'a> Waiting<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn new(pool: &'a TenantPool, count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        let waiting = Self {
+            count,
+            #[cfg(feature = "metrics")]
+            metrics: pool.tx_metrics(),
+        };
         #[cfg(feature = "metrics")]
-        metrics::gauge!(crate::metrics::DB_POOL_WAITERS).increment(1.0);
-        Self(counter)
+        waiting.metrics.waiters.increment(1.0);
+        #[cfg(not(feature = "metrics"))]
+        let _ = pool;
+        waiting
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::gauge!(crate::metrics::DB_POOL_WAITERS).decrement(1.0);
+        self.metrics.waiters.decrement(1.0);
     }
 }
 

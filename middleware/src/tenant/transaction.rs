@@ -160,6 +160,9 @@ pub(crate) struct TxMetrics {
     pub(crate) acquire_timeouts: metrics::Counter,
     #[cfg(feature = "metrics")]
     pub(crate) tenant_cap_rejections: metrics::Counter,
+    /// Requests waiting at their tenant's cap or for the pool.
+    #[cfg(feature = "metrics")]
+    pub(crate) waiters: metrics::Gauge,
     /// By [`Outcome`].
     #[cfg(feature = "metrics")]
     outcomes: [metrics::Counter; 3],
@@ -170,14 +173,15 @@ impl TxMetrics {
         #[cfg(feature = "metrics")]
         {
             use crate::metrics::{
-                DB_POOL_ACQUIRE_DURATION, DB_POOL_ACQUIRE_TIMEOUTS, DB_TENANT_CAP_REJECTIONS,
-                TENANT_BEGIN_DURATION, TENANT_TRANSACTIONS,
+                DB_POOL_ACQUIRE_DURATION, DB_POOL_ACQUIRE_TIMEOUTS, DB_POOL_WAITERS,
+                DB_TENANT_CAP_REJECTIONS, TENANT_BEGIN_DURATION, TENANT_TRANSACTIONS,
             };
             Self {
                 begin_duration: metrics::histogram!(TENANT_BEGIN_DURATION),
                 acquire_duration: metrics::histogram!(DB_POOL_ACQUIRE_DURATION),
                 acquire_timeouts: metrics::counter!(DB_POOL_ACQUIRE_TIMEOUTS),
                 tenant_cap_rejections: metrics::counter!(DB_TENANT_CAP_REJECTIONS),
+                waiters: metrics::gauge!(DB_POOL_WAITERS),
                 outcomes: ["commit", "rollback", "commit_error"]
                     .map(|outcome| metrics::counter!(TENANT_TRANSACTIONS, "outcome" => outcome)),
             }
