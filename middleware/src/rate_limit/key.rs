@@ -16,7 +16,8 @@ use crate::problem::Problem;
 ///
 /// A key made from a [`Uuid`] is the key of its hyphenated lower-case text
 /// (equal, same hash, same store key), kept as 16 bytes instead of a new
-/// string on every request.
+/// string on every request: [`Key::text`] keeps such a text as its UUID,
+/// so the two forms are one.
 #[derive(Debug, Clone)]
 pub struct Key(Repr);
 
@@ -29,8 +30,8 @@ impl std::hash::Hash for Key {
             Repr::Ip(IpAddr::V4(v4)) => state.write_u32(u32::from(*v4)),
             Repr::Ip(IpAddr::V6(v6)) => state.write_u128(u128::from(*v6)),
             Repr::Text(text) => state.write(text.as_bytes()),
-            // As its text hashes.
-            Repr::Uuid(id) => state.write(uuid_text(id, &mut Uuid::encode_buffer()).as_bytes()),
+            // Its 16 bytes: no text holds a UUID's own text (`Key::text`).
+            Repr::Uuid(id) => state.write_u128(id.as_u128()),
             Repr::UnderQuota(under) => {
                 under.1.hash(state);
                 under.0.hash(state);
@@ -46,9 +47,6 @@ impl PartialEq for Key {
             (Repr::Ip(a), Repr::Ip(b)) => a == b,
             (Repr::Text(a), Repr::Text(b)) => a == b,
             (Repr::Uuid(a), Repr::Uuid(b)) => a == b,
-            (Repr::Uuid(id), Repr::Text(text)) | (Repr::Text(text), Repr::Uuid(id)) => {
-                **text == *uuid_text(id, &mut Uuid::encode_buffer())
-            }
             (Repr::UnderQuota(a), Repr::UnderQuota(b)) => a == b,
             _ => false,
         }
@@ -62,15 +60,23 @@ enum Repr {
     Global,
     Ip(IpAddr),
     Text(Arc<str>),
-    /// The text of a UUID, not yet written.
+    /// A UUID, and the key of its hyphenated lower-case text: a `Text`
+    /// never holds that text (see [`Key::text`]).
     Uuid(Uuid),
     /// A key's bucket under one quota (see [`Key::under_quota`]).
     UnderQuota(Box<(Key, super::Quota)>),
 }
 
-/// `id` as `Uuid`'s `Display` writes it, into `buffer`.
-fn uuid_text<'b>(id: &Uuid, buffer: &'b mut [u8; 45]) -> &'b str {
-    id.hyphenated().encode_lower(buffer)
+/// The UUID whose hyphenated lower-case text (as `Uuid`'s `Display` writes
+/// it) `text` is.
+fn uuid_of_text(text: &str) -> Option<Uuid> {
+    if text.len() != uuid::fmt::Hyphenated::LENGTH {
+        return None;
+    }
+    let id = Uuid::try_parse(text).ok()?;
+    // Not another form of it (upper case, braces): those are other texts.
+    let mut buffer = Uuid::encode_buffer();
+    (id.hyphenated().encode_lower(&mut buffer) == text).then_some(id)
 }
 
 impl Key {
@@ -86,7 +92,11 @@ impl Key {
 
     /// A key from any text: a tenant id, a subject, a composite.
     pub fn text(text: impl Into<Arc<str>>) -> Self {
-        Self(Repr::Text(text.into()))
+        let text = text.into();
+        match uuid_of_text(&text) {
+            Some(id) => Self::uuid(id),
+            None => Self(Repr::Text(text)),
+        }
     }
 
     /// The key of `id`'s text (`Key::text(id.to_string())`), without
@@ -390,6 +400,11 @@ mod tests {
         assert_eq!(uuid.to_string(), "k:6f9619ff-8b86-d011-b42d-00c04fc964ff");
         assert_eq!(uuid.to_string(), text.to_string());
         assert_ne!(uuid, Key::text(id.simple().to_string()));
+        // Other forms of it are other texts.
+        let upper = id.hyphenated().to_string().to_uppercase();
+        assert_ne!(uuid, Key::text(upper.as_str()));
+        assert_eq!(Key::text(upper.as_str()).to_string(), format!("k:{upper}"));
+        assert_ne!(uuid, Key::text(id.braced().to_string()));
         assert_ne!(uuid, Key::uuid(Uuid::nil()));
         assert_ne!(uuid, Key::global());
     }
