@@ -34,18 +34,7 @@ struct Serve {
 impl stacks::Run for Serve {
     type Output = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>>>>;
 
-    fn run<S>(self, app: S) -> Self::Output
-    where
-        S: tower::Service<
-                http::Request<axum::body::Body>,
-                Response = axum::response::Response,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn run<S: stacks::App>(self, app: S) -> Self::Output {
         use axum::ServiceExt as _;
         let listener = self.listener;
         if self.connect_info {

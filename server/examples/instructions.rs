@@ -112,15 +112,7 @@ struct DrivePing {
 impl stacks::Run for DrivePing {
     type Output = std::pin::Pin<Box<dyn Future<Output = ()>>>;
 
-    fn run<S>(self, app: S) -> Self::Output
-    where
-        S: Service<Request<Body>, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn run<S: stacks::App>(self, app: S) -> Self::Output {
         let peer = ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000)));
         Box::pin(drive(app, self.n, "/ping", peer, None, None))
     }

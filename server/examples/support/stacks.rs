@@ -29,19 +29,30 @@ pub(crate) const STACKS: [&str; 6] = [
 /// A quota no benchmark reaches: every request is allowed and charged.
 const PER_SECOND: u32 = 1_000_000_000;
 
-/// What to do with the app once its stack is on it (serve it, drive it):
-/// generic over the service, which differs per stack.
+/// An app with its stack on it: the service type differs per stack.
+pub(crate) trait App:
+    Service<Request<Body>, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: Service<Request<Body>, Response = Response, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// What to do with the app once its stack is on it (serve it, drive it).
 pub(crate) trait Run {
     type Output;
 
-    fn run<S>(self, app: S) -> Self::Output
-    where
-        S: Service<Request<Body>, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static;
+    fn run<S: App>(self, app: S) -> Self::Output;
 }
 
 /// Runs `router` (its state given) with `stack` on it:
