@@ -27,9 +27,15 @@ pgbench=$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null
 [ -x "$pgbench" ] || { echo "pgbench not found (Debian: postgresql-15)" >&2; exit 1; }
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-# A tenant of its own with 20 items, written as the route writes them.
+# A tenant of its own with 20 items, written as the route writes them,
+# removed at the end.
 tenant=$(cat /proc/sys/kernel/random/uuid)
+cleanup() {
+    psql -q "$OWNER_URL" -c "DELETE FROM items WHERE tenant_id = '$tenant'" \
+        -c "DELETE FROM tenants WHERE id = '$tenant'" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
 psql -q -v ON_ERROR_STOP=1 "$APP_URL" >/dev/null <<SQL
 BEGIN;
 SET LOCAL app.tenant_id = '$tenant';
