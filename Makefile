@@ -53,6 +53,7 @@ bench: services
 	$(CARGO) run --release -p tollgate --example memory_footprint
 	bash load-tests/bench.sh
 	bash load-tests/instructions.sh
+	bash load-tests/connection_instructions.sh
 
 # The docker-compose topology as local processes (three replicas, Caddy,
 # Prometheus); `server/tests/lb_cluster.rs` tests the same topology.

@@ -105,8 +105,10 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpConfig {
     /// `HTTP_HEADER_READ_TIMEOUT`: the request head must arrive within
-    /// this; a slowloris client is disconnected after it. `None` (`off`):
-    /// no deadline, for a proxy in front that enforces one.
+    /// this, counted from the connection's start or the end of its last
+    /// response; a slowloris client, or a keep-alive connection left idle,
+    /// is disconnected after it. `None` (`off`): no deadline, for a proxy
+    /// in front that enforces one.
     pub header_read_timeout: Option<Duration>,
     /// `HTTP_BODY_READ_TIMEOUT`: the whole request body must arrive within
     /// this (408 after).
@@ -597,7 +599,7 @@ pub const VARIABLES: &[Variable] = &[
         "HTTP_HEADER_READ_TIMEOUT",
         Text("10s"),
         DURATION_OR_OFF_FORMAT,
-        "the request head must arrive within this, else the connection is closed (slowloris); off for a proxy that enforces one",
+        "the request head must arrive within this, from the connection's start or the end of its last response, else the connection is closed (slowloris, idle keep-alive); off for a proxy that enforces one",
     ),
     var(
         "HTTP_BODY_READ_TIMEOUT",
