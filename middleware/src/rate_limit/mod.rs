@@ -66,6 +66,44 @@
 //! # }
 //! ```
 //!
+//! # Around the router, or inside it
+//!
+//! `Router::layer` (as above) wraps every route: for each request axum
+//! clones the layered route and boxes its future and its body, about a
+//! thousand instructions on top of the layer's own cost
+//! (`load-tests/instructions.sh`). A layer that applies to every route
+//! can wrap the router instead, as the reference server does:
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use axum::{Router, body::Body, routing::get, extract::connect_info::MockConnectInfo};
+//! use tollgate::client_ip::{SetClientIpLayer, TrustedProxies};
+//! use tollgate::rate_limit::{ByClientIp, MemoryStore, Policy, Quota, RateLimitLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let router = Router::new().route("/", get(|| async { "ok" }));
+//! let app = ServiceBuilder::new()
+//!     // `axum::serve` inserts the peer's address with
+//!     // `app.into_make_service_with_connect_info::<SocketAddr>()`.
+//!     .layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 1], 1))))
+//!     // `axum::serve` wants axum's body type.
+//!     .map_response(|res: http::Response<_>| res.map(Body::new))
+//!     .layer(SetClientIpLayer::new(TrustedProxies::none()))
+//!     .layer(RateLimitLayer::new(MemoryStore::new()).with_policy(Policy::new(
+//!         "ip",
+//!         ByClientIp::new(),
+//!         Quota::per_minute(60),
+//!     )))
+//!     .service(router);
+//!
+//! let req = http::Request::get("/").body(Body::empty()).unwrap();
+//! let res = app.oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()["ratelimit"], r#""ip";r=59;t=1"#);
+//! # }
+//! ```
+//!
 //! # Concurrency
 //!
 //! A rate does not bound what requests *hold*. [`KeyedConcurrencyLimitLayer`]
