@@ -7,12 +7,14 @@
 //!
 //! The head deadline is kept per connection, not per request: hyper's own
 //! header read timeout boxes a timer for every request head and registers
-//! it in tokio's timer wheel while the connection waits (about 1 000
+//! it in tokio's timer wheel while the connection waits (about 1 300
 //! instructions a request, measured under callgrind). Here each connection
-//! has one timer, moved only when it fires; a request marks the connection
-//! busy, and its response body, once dropped, marks when the wait for the
-//! next head began.
-
+//! has one timer, moved only when it fires. A request marks the connection
+//! busy until its response body is dropped (hyper drops it once it has
+//! taken the last of it) and the connection's writes are then flushed to
+//! the socket: only from then does the wait for the next head count. So a
+//! client slow to read a large response is not taken for a late head.
+//!
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -88,7 +90,11 @@ pub async fn serve<S>(
                 }
             }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = FlushMarked {
+            io: TokioIo::new(stream),
+            clock: clock.as_ref().map(|(clock, _)| clock.clone()),
+        };
+        let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             let ended = match clock {
                 Some((clock, limit)) => clock.guard(connection, limit).await,
@@ -112,12 +118,13 @@ pub async fn serve<S>(
 #[derive(Debug)]
 struct HeadClock {
     origin: Instant,
-    /// Nanoseconds from `origin` to the end of the last response (0: the
-    /// connection's start).
+    /// Nanoseconds from `origin` to when the last response was flushed
+    /// (0: the connection's start).
     waiting_since: AtomicU64,
-    /// Requests being answered (hyper answers one at a time on HTTP/1.1;
-    /// a count keeps the clock right whatever the order of the marks).
+    /// Requests whose response body hyper has not let go of yet.
     busy: AtomicU32,
+    /// Responses hyper has let go of whose bytes may not be flushed yet.
+    unflushed: AtomicU32,
 }
 
 impl HeadClock {
@@ -126,6 +133,7 @@ impl HeadClock {
             origin: Instant::now(),
             waiting_since: AtomicU64::new(0),
             busy: AtomicU32::new(0),
+            unflushed: AtomicU32::new(0),
         }
     }
 
@@ -134,18 +142,27 @@ impl HeadClock {
         self.busy.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A response was written (or abandoned): the wait for the next head
-    /// starts now.
-    fn response_done(&self) {
+    /// hyper let go of the response's body (or the request was given up).
+    fn response_taken(&self) {
+        self.unflushed.fetch_add(1, Ordering::AcqRel);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The connection's writes were flushed to the socket: a response let
+    /// go of before is out, and the wait for the next head starts now.
+    fn flushed(&self) {
+        if self.unflushed.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let since = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.waiting_since.store(since, Ordering::Release);
-        self.busy.fetch_sub(1, Ordering::AcqRel);
+        self.unflushed.store(0, Ordering::Release);
     }
 
     /// When the head being waited for is overdue; `None` while a request
     /// is being answered.
     fn deadline(&self, limit: Duration) -> Option<Instant> {
-        if self.busy.load(Ordering::Acquire) > 0 {
+        if self.busy.load(Ordering::Acquire) > 0 || self.unflushed.load(Ordering::Acquire) > 0 {
             return None;
         }
         let since = Duration::from_nanos(self.waiting_since.load(Ordering::Acquire));
@@ -176,9 +193,9 @@ impl HeadClock {
 }
 
 /// A request being answered: marks its connection busy, and the response
-/// done when dropped (hyper drops a response's body once it has written
-/// it, or given up on it; a request abandoned before its response drops
-/// it with the service's future).
+/// taken when dropped (hyper drops a response's body once it has taken
+/// the last of it, or given up on it; a request abandoned before its
+/// response drops it with the service's future).
 #[derive(Debug)]
 struct Answered(Arc<HeadClock>);
 
@@ -191,13 +208,12 @@ impl Answered {
 
 impl Drop for Answered {
     fn drop(&mut self) {
-        self.0.response_done();
+        self.0.response_taken();
     }
 }
 
 pin_project! {
-    /// A response body that marks its connection waiting for a head again
-    /// when dropped.
+    /// A response body that marks its response taken when dropped.
     #[derive(Debug)]
     struct AnsweredBody {
         #[pin]
@@ -226,6 +242,59 @@ impl HttpBody for AnsweredBody {
     }
 }
 
+/// The connection's socket, marking its [`HeadClock`] when hyper's writes
+/// are flushed (hyper flushes the socket only once its write buffer is
+/// empty: everything it was given is in the kernel).
+#[derive(Debug)]
+struct FlushMarked<T> {
+    io: T,
+    clock: Option<Arc<HeadClock>>,
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for FlushMarked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for FlushMarked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if let (Poll::Ready(Ok(())), Some(clock)) = (&flushed, &self.clock) {
+            clock.flushed();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -239,10 +308,13 @@ mod tests {
     use super::*;
 
     const LIMIT: Duration = Duration::from_millis(300);
+    /// More than loopback's socket buffers hold.
+    const BIG: usize = 32 << 20;
 
     /// The server on a loopback port with a `LIMIT` head deadline: `/`
     /// answers at once, `/slow` after twice the limit, `/trickle` sends
-    /// its body in three parts over twice the limit.
+    /// its body in three parts over twice the limit, `/big` answers `BIG`
+    /// bytes.
     async fn start() -> SocketAddr {
         let app = Router::new()
             .route("/", get(|| async { "ok" }))
@@ -253,7 +325,8 @@ mod tests {
                     "slow"
                 }),
             )
-            .route("/trickle", get(|| async { Body::new(Trickle::default()) }));
+            .route("/trickle", get(|| async { Body::new(Trickle::default()) }))
+            .route("/big", get(|| async { vec![b'x'; BIG] }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(listener, app, Some(LIMIT), std::future::pending()));
@@ -377,6 +450,41 @@ mod tests {
         assert!(get_on(&mut stream, "/").await.is_some());
         let closed = closed_while_trickling_a_head(&mut stream).await;
         assert!(closed < LIMIT * 3);
+    }
+
+    #[tokio::test]
+    async fn a_client_slow_to_read_a_large_response_is_not_cut_off() {
+        let addr = start().await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Nothing read for twice the limit: the socket's buffers fill and
+        // the rest of the body waits in hyper's.
+        sleep(LIMIT * 2).await;
+        let mut buf = vec![0; 1 << 16];
+        let (mut read, mut expected) = (0, usize::MAX);
+        while read < expected {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("no bytes within 5 s")
+                .unwrap();
+            assert!(n > 0, "closed after {read} bytes of a {BIG}-byte response");
+            if read == 0 {
+                let head = buf[..n].windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                expected = head + 4 + BIG;
+            }
+            read += n;
+        }
+        assert_eq!(read, expected);
+        // The connection serves its next request.
+        assert!(
+            get_on(&mut stream, "/")
+                .await
+                .unwrap()
+                .starts_with("HTTP/1.1 200")
+        );
     }
 
     /// A body of three one-byte parts, one every two thirds of the limit.
