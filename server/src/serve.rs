@@ -14,7 +14,7 @@
 //! taken the last of it) and the connection's writes are then flushed to
 //! the socket: only from then does the wait for the next head count. So a
 //! client slow to read a large response is not taken for a late head.
-//!
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -160,7 +160,7 @@ impl HeadClock {
     }
 
     /// When the head being waited for is overdue; `None` while a request
-    /// is being answered.
+    /// is being answered or its response is not flushed yet.
     fn deadline(&self, limit: Duration) -> Option<Instant> {
         if self.busy.load(Ordering::Acquire) > 0 || self.unflushed.load(Ordering::Acquire) > 0 {
             return None;
