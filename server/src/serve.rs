@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::BoxError;
 use axum::body::{Body, HttpBody};
 use axum::extract::ConnectInfo;
 use axum::response::Response;
@@ -74,44 +75,81 @@ pub async fn serve<S>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // Only with a deadline: without one a response is not marked.
-        let clock = header_read_timeout.map(|limit| (Arc::new(HeadClock::new()), limit));
         let app = app.clone();
-        let service = hyper::service::service_fn({
-            let clock = clock.as_ref().map(|(clock, _)| clock.clone());
-            move |req: Request<Incoming>| {
-                let answered = clock.as_ref().map(|clock| Answered::start(clock.clone()));
-                let mut req = req.map(Body::new);
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                let app = app.clone();
-                async move {
-                    let res = app.oneshot(req).await?;
-                    Ok::<_, Infallible>(res.map(|body| AnsweredBody { body, answered }))
-                }
+        match header_read_timeout {
+            // No clock, no wrappers: nothing to mark.
+            None => {
+                let service = hyper::service::service_fn(move |req| {
+                    app.clone().oneshot(with_peer(req, peer))
+                });
+                spawn_connection(&http, &graceful, TokioIo::new(stream), service, None, peer);
             }
-        });
-        let io = FlushMarked {
-            io: TokioIo::new(stream),
-            clock: clock.as_ref().map(|(clock, _)| clock.clone()),
-        };
-        let connection = graceful.watch(http.serve_connection(io, service));
-        tokio::spawn(async move {
-            let ended = match clock {
-                Some((clock, limit)) => clock.guard(connection, limit).await,
-                None => Some(connection.await),
-            };
-            match ended {
-                None => {
-                    metrics::counter!(HEADER_TIMEOUTS).increment(1);
-                    tracing::debug!(%peer, "request head not sent in time; connection closed");
-                }
-                Some(Err(err)) => tracing::debug!(%peer, %err, "connection ended with an error"),
-                Some(Ok(())) => {}
+            Some(limit) => {
+                let clock = Arc::new(HeadClock::new());
+                let service = hyper::service::service_fn({
+                    let clock = clock.clone();
+                    move |req| {
+                        let answered = Answered::start(clock.clone());
+                        let (app, req) = (app.clone(), with_peer(req, peer));
+                        async move {
+                            let res = app.oneshot(req).await?;
+                            Ok::<_, Infallible>(res.map(|body| AnsweredBody { body, answered }))
+                        }
+                    }
+                });
+                let io = FlushMarked {
+                    io: TokioIo::new(stream),
+                    clock: clock.clone(),
+                };
+                let deadline = Some((clock, limit));
+                spawn_connection(&http, &graceful, io, service, deadline, peer);
             }
-        });
+        }
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// axum's body, and the peer's address where `axum::serve` puts it.
+fn with_peer(req: Request<Incoming>, peer: SocketAddr) -> Request<Body> {
+    let mut req = req.map(Body::new);
+    req.extensions_mut().insert(ConnectInfo(peer));
+    req
+}
+
+/// Serves one connection on a task of its own; with a `deadline`, closes
+/// it when a request head is late.
+fn spawn_connection<I, S>(
+    http: &http1::Builder,
+    graceful: &GracefulShutdown,
+    io: I,
+    service: S,
+    deadline: Option<(Arc<HeadClock>, Duration)>,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as HttpBody>::Data: Send,
+    <S::ResBody as HttpBody>::Error: Into<BoxError>,
+{
+    let connection = graceful.watch(http.serve_connection(io, service));
+    tokio::spawn(async move {
+        let ended = match deadline {
+            Some((clock, limit)) => clock.guard(connection, limit).await,
+            None => Some(connection.await),
+        };
+        match ended {
+            None => {
+                metrics::counter!(HEADER_TIMEOUTS).increment(1);
+                tracing::debug!(%peer, "request head not sent in time; connection closed");
+            }
+            Some(Err(err)) => tracing::debug!(%peer, %err, "connection ended with an error"),
+            Some(Ok(())) => {}
+        }
+    });
 }
 
 /// When a connection began waiting for its next request head.
@@ -218,7 +256,7 @@ pin_project! {
     struct AnsweredBody {
         #[pin]
         body: Body,
-        answered: Option<Answered>,
+        answered: Answered,
     }
 }
 
@@ -248,7 +286,7 @@ impl HttpBody for AnsweredBody {
 #[derive(Debug)]
 struct FlushMarked<T> {
     io: T,
-    clock: Option<Arc<HeadClock>>,
+    clock: Arc<HeadClock>,
 }
 
 impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for FlushMarked<T> {
@@ -284,8 +322,8 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for FlushMarked<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let flushed = Pin::new(&mut self.io).poll_flush(cx);
-        if let (Poll::Ready(Ok(())), Some(clock)) = (&flushed, &self.clock) {
-            clock.flushed();
+        if let Poll::Ready(Ok(())) = flushed {
+            self.clock.flushed();
         }
         flushed
     }
@@ -311,11 +349,15 @@ mod tests {
     /// More than loopback's socket buffers hold.
     const BIG: usize = 32 << 20;
 
-    /// The server on a loopback port with a `LIMIT` head deadline: `/`
-    /// answers at once, `/slow` after twice the limit, `/trickle` sends
-    /// its body in three parts over twice the limit, `/big` answers `BIG`
-    /// bytes.
+    /// The server on a loopback port with a `LIMIT` head deadline.
     async fn start() -> SocketAddr {
+        start_with(Some(LIMIT)).await
+    }
+
+    /// The server on a loopback port: `/` answers at once, `/slow` after
+    /// twice the limit, `/trickle` sends its body in three parts over
+    /// twice the limit, `/big` answers `BIG` bytes.
+    async fn start_with(head_deadline: Option<Duration>) -> SocketAddr {
         let app = Router::new()
             .route("/", get(|| async { "ok" }))
             .route(
@@ -329,7 +371,7 @@ mod tests {
             .route("/big", get(|| async { vec![b'x'; BIG] }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, Some(LIMIT), std::future::pending()));
+        tokio::spawn(serve(listener, app, head_deadline, std::future::pending()));
         addr
     }
 
@@ -450,6 +492,25 @@ mod tests {
         assert!(get_on(&mut stream, "/").await.is_some());
         let closed = closed_while_trickling_a_head(&mut stream).await;
         assert!(closed < LIMIT * 3);
+    }
+
+    #[tokio::test]
+    async fn without_a_deadline_an_idle_connection_stays_open() {
+        let addr = start_with(None).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            get_on(&mut stream, "/")
+                .await
+                .unwrap()
+                .starts_with("HTTP/1.1 200")
+        );
+        sleep(LIMIT * 3).await;
+        assert!(
+            get_on(&mut stream, "/")
+                .await
+                .unwrap()
+                .starts_with("HTTP/1.1 200")
+        );
     }
 
     #[tokio::test]

@@ -26,6 +26,11 @@ const GENEROUS: &[(&str, &str)] = &[
     ("RATE_LIMIT_TRUST_BASIC", "1000000/min"),
 ];
 
+/// Taken by the tests that load the machine (a login storm, an overload)
+/// and by the one that compares latencies: two cores shared with a storm
+/// would make a latency comparison measure the storm.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     GENEROUS.iter().chain(extra).copied().collect()
 }
@@ -99,6 +104,7 @@ async fn timed_reads(
 /// holds no connection: B keeps its latency and readiness stays 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_bodies_of_one_tenant_leave_other_tenants_and_readiness_alone() {
+    let _machine = MACHINE.lock().await;
     let server = Server::process(&env(&[
         ("DB_MAX_CONNECTIONS", "4"),
         ("HTTP_BODY_READ_TIMEOUT", "60s"),
@@ -379,6 +385,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// routes keep answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_logins_stay_bounded() {
+    let _machine = MACHINE.lock().await;
     let server = Server::process(&env(&[
         ("AUTH_HASH_WORKERS", "2"),
         ("AUTH_HASH_QUEUE", "4"),
@@ -523,6 +530,7 @@ async fn a_demoted_staff_user_cannot_restore_its_own_level() {
 /// traffic, are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_the_lowest_trust_level_first() {
+    let _machine = MACHINE.lock().await;
     let server = Server::process(&env(&[
         ("DB_MAX_CONNECTIONS", "2"),
         ("DB_TENANT_MAX_CONNECTIONS", "2"),
