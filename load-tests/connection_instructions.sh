@@ -57,7 +57,7 @@ count() {
 }
 
 axum_task='axum::serve::handle_connection::{{closure}}::{{closure}}'
-server_task='tollgate_server::serve::serve::{{closure}}::{{closure}}'
+server_task='tollgate_server::serve::spawn_connection::{{closure}}'
 echo "| row | instructions per request | over bare |"
 echo "|---|---|---|"
 bare=
