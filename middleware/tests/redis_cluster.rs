@@ -229,9 +229,10 @@ async fn killing_a_master_fails_only_its_keys() {
         assert!(result.is_err(), "{result:?}");
     }
     assert!(!store.is_available());
+    // At once: well under the store's 200 ms timeout.
     let started = Instant::now();
     assert!(store.check(&dead).await.is_err());
-    assert!(started.elapsed() < Duration::from_millis(20));
+    assert!(started.elapsed() < Duration::from_millis(100));
     // The live masters' keys: exactly the quota, from Redis.
     for key in &keys[..2] {
         let c = [check("ip", key.as_str(), quota, 1)];

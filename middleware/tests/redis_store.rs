@@ -289,11 +289,12 @@ async fn a_dead_redis_opens_the_breaker_and_a_restarted_one_is_used_again() {
     }
     assert_eq!(errors, 10);
     assert!(!store.is_available(), "the breaker did not open");
-    // With the breaker open a check fails at once, without a timeout.
+    // With the breaker open a check fails at once, without a timeout (the
+    // store's is 50 ms; half of it leaves room for a busy test machine).
     let started = Instant::now();
     let err = store.check(&c).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Connection);
-    assert!(started.elapsed() < Duration::from_millis(5));
+    assert!(started.elapsed() < Duration::from_millis(25));
     assert!(store.stats().short_circuited > 0);
 
     let _redis = OwnRedis::start(Some(port));
