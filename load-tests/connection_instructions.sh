@@ -13,7 +13,12 @@
 #   ROWS='bare server' ROUNDS=1 bash load-tests/connection_instructions.sh
 #
 # Rows: `bare`, axum::serve of the bare app (examples/baseline.rs);
+# `bare-connect-info`, the same served with the peer's address
+# (`into_make_service_with_connect_info`), as the stacks below are;
 # `ratelimit`, the same with Tollgate's client IP + rate-limit layer;
+# `governor`, with tower_governor instead (per client address, its
+# headers); `metrics` and `prometheus`, Tollgate's metrics layer and
+# axum-prometheus (the harness's "… alone" stacks, examples/support/stacks.rs);
 # `server`, tollgate-server with its defaults (access log at INFO, memory
 # store, the client in X-Forwarded-For from a trusted loopback peer, as
 # `instructions.sh`'s server row); `server-no-head-deadline`, the same
@@ -23,7 +28,7 @@ cd "$(dirname "$0")/.."
 N=${N:-2000}
 ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-3995}
-ROWS=${ROWS:-bare ratelimit server server-no-head-deadline}
+ROWS=${ROWS:-bare bare-connect-info ratelimit governor metrics prometheus server server-no-head-deadline}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
 cargo build --release -q -p tollgate-server --bin tollgate-server --example baseline
 export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
@@ -64,7 +69,8 @@ bare=
 for row in $ROWS; do
     case $row in
         bare) args=("$axum_task" target/release/examples/baseline) ;;
-        ratelimit) args=("$axum_task" target/release/examples/baseline STACK=ratelimit) ;;
+        bare-connect-info) args=("$axum_task" target/release/examples/baseline CONNECT_INFO=1) ;;
+        ratelimit | governor | metrics | prometheus) args=("$axum_task" target/release/examples/baseline "STACK=$row") ;;
         server) args=("$server_task" target/release/tollgate-server) ;;
         server-no-head-deadline) args=("$server_task" target/release/tollgate-server HTTP_HEADER_READ_TIMEOUT=off) ;;
         *) echo "unknown row $row" >&2; exit 2 ;;

@@ -11,6 +11,8 @@
 //! `STACK` puts one layer alone on the app (`support/stacks.rs`): Tollgate's
 //! rate limit or metrics layer, or a peer's (tower_governor,
 //! axum-prometheus), so the harness compares them on the same bare app.
+//! Those are served with the peer's address (`ConnectInfo`), bare without
+//! it unless `CONNECT_INFO` is set.
 //!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
@@ -78,7 +80,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stack = std::env::var("STACK").unwrap_or_else(|_| "bare".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening addr={}", listener.local_addr()?);
-    let connect_info = stack != "bare";
+    // `CONNECT_INFO=1` serves bare with it too (what the peer's address
+    // alone costs, for the instruction count of a whole connection).
+    let connect_info = stack != "bare" || std::env::var_os("CONNECT_INFO").is_some();
     stacks::run(
         app,
         &stack,
