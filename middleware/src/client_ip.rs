@@ -165,27 +165,37 @@ impl TrustedProxies {
         if !self.is_trusted(peer) {
             return peer;
         }
-        let mut client = peer;
         match self.header {
-            ForwardedHeader::XForwardedFor => {
-                for hop in rev_list(headers, &X_FORWARDED_FOR) {
-                    match hop.and_then(parse_node) {
-                        Some(ip) if self.is_trusted(ip) => client = ip,
-                        Some(ip) => return ip,
-                        // Unreadable where an address should be: keying it
-                        // as the nearest proxy would make every such client
-                        // share (and spend) that proxy's bucket.
-                        None => return UNKNOWN_CLIENT,
-                    }
-                }
-            }
-            ForwardedHeader::Forwarded => {
-                for element in rev_list(headers, &FORWARDED) {
-                    match element.and_then(forwarded_for).and_then(parse_node) {
-                        Some(ip) if self.is_trusted(ip) => client = ip,
-                        Some(ip) => return ip,
-                        None => return UNKNOWN_CLIENT,
-                    }
+            ForwardedHeader::XForwardedFor => self.walk(peer, headers, &X_FORWARDED_FOR, whole),
+            ForwardedHeader::Forwarded => self.walk(peer, headers, &FORWARDED, forwarded_for),
+        }
+    }
+
+    /// The comma-separated entries of every `name` header line, last
+    /// first: the first address not trusted, or the farthest trusted one.
+    /// `node_of` takes the address out of an entry. Loops rather than a
+    /// flattened iterator: this runs on every request behind a proxy.
+    fn walk(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+        name: &HeaderName,
+        node_of: impl Fn(&str) -> Option<&str>,
+    ) -> IpAddr {
+        let mut client = peer;
+        // A `HeaderName`, not a `&str`: no name parsing per request.
+        for line in headers.get_all(name).iter().rev() {
+            for entry in line.as_bytes().rsplit(|b| *b == b',') {
+                // An entry that is not UTF-8 leaves the line's other
+                // entries readable.
+                let node = std::str::from_utf8(entry).ok();
+                match node.and_then(&node_of).and_then(parse_node) {
+                    Some(ip) if self.is_trusted(ip) => client = ip,
+                    Some(ip) => return ip,
+                    // Unreadable where an address should be: keying it
+                    // as the nearest proxy would make every such client
+                    // share (and spend) that proxy's bucket.
+                    None => return UNKNOWN_CLIENT,
                 }
             }
         }
@@ -223,21 +233,6 @@ impl fmt::Display for TrustedProxies {
     }
 }
 
-/// The comma-separated entries of every `name` header line, last first;
-/// `None` for an entry that is not UTF-8 (the line's other entries stay
-/// readable).
-fn rev_list<'a>(
-    headers: &'a HeaderMap,
-    name: &HeaderName,
-) -> impl Iterator<Item = Option<&'a str>> {
-    // A `HeaderName`, not a `&str`: no name parsing per request.
-    headers.get_all(name).iter().rev().flat_map(|line| {
-        line.as_bytes()
-            .rsplit(|b| *b == b',')
-            .map(|entry| std::str::from_utf8(entry).ok().map(str::trim))
-    })
-}
-
 /// `X-Forwarded-For` (not among `http`'s standard names).
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -246,13 +241,18 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// apart from every real address.
 pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
+/// An `X-Forwarded-For` entry is the address itself.
+fn whole(entry: &str) -> Option<&str> {
+    Some(entry)
+}
+
 /// The `for=` parameter of one `Forwarded` element.
 fn forwarded_for(element: &str) -> Option<&str> {
     element.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        k.trim()
+        let (k, v) = pair.trim_ascii().split_once('=')?;
+        k.trim_ascii()
             .eq_ignore_ascii_case("for")
-            .then(|| v.trim().trim_matches('"'))
+            .then(|| v.trim_ascii().trim_matches('"'))
     })
 }
 
@@ -260,7 +260,7 @@ fn forwarded_for(element: &str) -> Option<&str> {
 /// `[2001:db8::1]` or `[2001:db8::1]:80`. Obfuscated (`_hidden`) and
 /// `unknown` nodes are `None`.
 fn parse_node(node: &str) -> Option<IpAddr> {
-    let node = node.trim();
+    let node = node.trim_ascii();
     let ip = node
         .parse::<IpAddr>()
         .ok()
@@ -388,6 +388,12 @@ mod tests {
             ("x-forwarded-for", "192.168.0.1, 10.1.2.3"),
         ]);
         assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("198.51.100.2"));
+        // The last line is the nearest proxy's: read first.
+        let h = headers(&[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-for", "203.0.113.9, 10.1.2.3"),
+        ]);
+        assert_eq!(proxies.resolve(ip("10.0.0.1"), &h), ip("203.0.113.9"));
     }
 
     #[test]
