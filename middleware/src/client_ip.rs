@@ -260,6 +260,7 @@ fn forwarded_for(element: &str) -> Option<&str> {
 /// `[2001:db8::1]` or `[2001:db8::1]:80`. Obfuscated (`_hidden`) and
 /// `unknown` nodes are `None`.
 fn parse_node(node: &str) -> Option<IpAddr> {
+    // HTTP's whitespace is ASCII: no need for `str::trim`'s Unicode tables.
     let node = node.trim_ascii();
     let ip = node
         .parse::<IpAddr>()
