@@ -73,7 +73,8 @@ load_cpu=$(( cores > 1 ? 1 : 0 ))
 # stdout (here a file), as users run it. Quotas are raised in both so the
 # limiter allows.
 # The "… alone" rows put one layer on the bare app (examples/baseline.rs,
-# STACK=…): ours, and a peer's for the same job beside it.
+# STACK=…): ours, and a peer's for the same job beside it; the do-nothing
+# layer shows what axum's `Router::layer` costs by itself.
 # name | binary | env | XFF (many client addresses, wrk only) or AUTH (the
 # tenant user's token) | path | fixed rate (req/s; empty: as fast as possible)
 unlimited="RATE_LIMIT_TENANT=4000000000/s RATE_LIMIT_CLASS_READ=4000000000/s"
@@ -93,6 +94,7 @@ plans_env="TENANT_PLANS=free,pro RATE_LIMIT_PLAN_FREE_TENANT=4000000000/s RATE_L
 no_capacity="RATE_LIMIT_TENANT_CONCURRENCY=unlimited RATE_LIMIT_SUBJECT_CONCURRENCY=unlimited HTTP_HEADER_READ_TIMEOUT=off HTTP_BODY_READ_TIMEOUT=off HTTP_REQUEST_TIMEOUT=off"
 configs=(
   "bare axum|baseline|||/api/v1/ping|"
+  "a layer that does nothing, with Router::layer (axum's cost of any layer)|baseline|STACK=noop||/api/v1/ping|"
   "Tollgate rate-limit layer alone (client IP + per-IP policy, headers)|baseline|STACK=ratelimit|XFF|/api/v1/ping|"
   "tower_governor alone (per IP, headers)|baseline|STACK=governor|XFF|/api/v1/ping|"
   "Tollgate metrics layer alone|baseline|STACK=metrics||/api/v1/ping|"

@@ -15,6 +15,8 @@
 # Rows: `bare`, axum::serve of the bare app (examples/baseline.rs);
 # `bare-connect-info`, the same served with the peer's address
 # (`into_make_service_with_connect_info`), as the stacks below are;
+# `noop`, the same with a layer that does nothing added with
+# `Router::layer` (axum's own cost of any layer added that way);
 # `ratelimit`, the same with Tollgate's client IP + rate-limit layer;
 # `governor`, with tower_governor instead (per client address, its
 # headers); `metrics` and `prometheus`, Tollgate's metrics layer and
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 N=${N:-2000}
 ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-3995}
-ROWS=${ROWS:-bare bare-connect-info ratelimit governor metrics prometheus server server-no-head-deadline}
+ROWS=${ROWS:-bare bare-connect-info noop ratelimit governor metrics prometheus server server-no-head-deadline}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
 cargo build --release -q -p tollgate-server --bin tollgate-server --example baseline
 export DATABASE_URL=${DATABASE_URL:-postgres://tollgate_app:tollgate_app@127.0.0.1:5432/tollgate}
@@ -70,7 +72,7 @@ for row in $ROWS; do
     case $row in
         bare) args=("$axum_task" target/release/examples/baseline) ;;
         bare-connect-info) args=("$axum_task" target/release/examples/baseline CONNECT_INFO=1) ;;
-        ratelimit | governor | metrics | prometheus) args=("$axum_task" target/release/examples/baseline "STACK=$row") ;;
+        noop | ratelimit | governor | metrics | prometheus) args=("$axum_task" target/release/examples/baseline "STACK=$row") ;;
         server) args=("$server_task" target/release/tollgate-server) ;;
         server-no-head-deadline) args=("$server_task" target/release/tollgate-server HTTP_HEADER_READ_TIMEOUT=off) ;;
         *) echo "unknown row $row" >&2; exit 2 ;;

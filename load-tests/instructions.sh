@@ -12,7 +12,9 @@
 #   bash load-tests/instructions.sh            # N = 3000
 #   N=10000 ROUNDS=5 bash load-tests/instructions.sh
 #
-# Stacks: bare axum; one layer alone on it, ours and a peer's
+# Stacks: bare axum; `noop`, a layer that does nothing added with
+# `Router::layer` (what axum charges for any layer added that way); one
+# layer alone on it, ours and a peer's
 # (support/stacks.rs; `ratelimit-outside` is ours around the router
 # instead of added with `Router::layer`, without axum's box per layer); `server`, the whole server's app with the defaults
 # the load harness's "defaults" row runs (access log at INFO, memory
@@ -57,7 +59,7 @@ echo "|---|---|---|"
 bare=
 plain=
 db_n=$(( N < 1000 ? N : 1000 ))
-for stack in bare ratelimit ratelimit-outside governor metrics prometheus server plain tenant; do
+for stack in bare noop ratelimit ratelimit-outside governor metrics prometheus server plain tenant; do
     n=$N
     case $stack in plain | tenant) n=$db_n ;; esac
     per=$(for _ in $(seq "$ROUNDS"); do

@@ -6,7 +6,7 @@
 //! out).
 //!
 //! `cargo run --release -p tollgate-server --example instructions -- STACK N`
-//! with STACK one of `bare`, `ratelimit`, `ratelimit-outside`, `governor`, `metrics`,
+//! with STACK one of `bare`, `noop`, `ratelimit`, `ratelimit-outside`, `governor`, `metrics`,
 //! `prometheus`; `server`: `GET /api/v1/ping` through
 //! `tollgate_server::app` as `Config::from_env` sets it up (the metrics
 //! recorder installed, access lines formatted into the binary's sink when

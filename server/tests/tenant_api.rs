@@ -509,6 +509,50 @@ async fn the_app_role_cannot_get_around_row_level_security() {
     assert!(err.to_string().contains("row-level security"), "{err}");
 }
 
+/// Postgres plans a prepared statement again on every execution for as
+/// long as it keeps choosing custom plans. Under row-level security the
+/// list's statements must still reach the generic plan, as a plain
+/// statement does after five executions, or every request pays the
+/// planner.
+#[tokio::test]
+async fn the_list_statements_are_not_planned_again_on_every_request() {
+    use tollgate::tenant::{Access, TenantId, begin};
+    use tollgate_server::routes::items::{LIST_AFTER, LIST_FIRST_PAGE};
+
+    let _server = Server::start(&[]); // migrated
+    let pool = app_pool().await;
+    let (tenant, _) = seed_tenant(&pool, &[], 3).await;
+    let mut tx = begin(&pool, TenantId::new(tenant), Access::ReadOnly)
+        .await
+        .unwrap();
+    let cursor: uuid::Uuid = sqlx::query_scalar("SELECT id FROM items ORDER BY created_at, id")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    for (statement, after) in [(LIST_FIRST_PAGE, None), (LIST_AFTER, Some(cursor))] {
+        for _ in 0..8 {
+            let query = sqlx::query(statement).bind(21_i64);
+            let query = match after {
+                Some(after) => query.bind(after),
+                None => query,
+            };
+            let rows = query.fetch_all(&mut *tx).await.unwrap();
+            assert_eq!(rows.len(), if after.is_some() { 2 } else { 3 });
+        }
+        let (generic, custom): (i64, i64) = sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+        )
+        .bind(statement)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert!(
+            generic > 0,
+            "planned on every execution ({custom} custom plans, no generic one): {statement}"
+        );
+    }
+}
+
 #[test]
 fn a_role_that_could_bypass_row_level_security_stops_the_server() {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate-server"))

@@ -32,19 +32,15 @@ pub(crate) async fn items(
         .begin_with("BEGIN READ ONLY")
         .await
         .map_err(fail)?;
-    // The server's list query for a first page of 20, with the tenant as
-    // a parameter instead of row-level security.
-    let after: Option<Uuid> = None;
+    // The server's query for a first page of 20 (`items::LIST_FIRST_PAGE`),
+    // with the tenant as a parameter instead of row-level security.
     let mut items: Vec<Item> = sqlx::query_as(
         "SELECT id, name, body, created_at, updated_at FROM items
-          WHERE tenant_id = $3 AND deleted_at IS NULL
-            AND ($2::uuid IS NULL
-                 OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
+          WHERE tenant_id = $2 AND deleted_at IS NULL
           ORDER BY created_at, id
           LIMIT $1",
     )
     .bind(21_i64)
-    .bind(after)
     .bind(plain.tenant)
     .fetch_all(&mut *tx)
     .await

@@ -17,8 +17,9 @@ use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::SmartIpKeyExtractor;
 
 /// The stacks, `bare` first.
-pub(crate) const STACKS: [&str; 6] = [
+pub(crate) const STACKS: [&str; 7] = [
     "bare",
+    "noop",
     "ratelimit",
     "ratelimit-outside",
     "governor",
@@ -56,6 +57,10 @@ pub(crate) trait Run {
 }
 
 /// Runs `router` (its state given) with `stack` on it:
+/// - `noop`: a layer that does nothing (`Identity`), added with
+///   `Router::layer`: what axum charges for any layer added that way (it
+///   boxes the route again, clones the box and boxes the future per
+///   request), the floor of every `Router::layer` row;
 /// - `ratelimit`: Tollgate's client IP (X-Forwarded-For from loopback
 ///   trusted) and one per-IP policy on the memory store, headers included,
 ///   added with `Router::layer` as the README shows;
@@ -73,6 +78,7 @@ pub(crate) fn run<R: Run>(router: Router, stack: &str, run: R) -> R::Output {
     let routes = |router: Router| router.with_state(());
     match stack {
         "bare" => run.run(routes(router)),
+        "noop" => run.run(routes(router.layer(tower::layer::util::Identity::new()))),
         "ratelimit" => run.run(routes(
             router.layer(ServiceBuilder::new().layer(client_ip()).layer(rate_limit())),
         )),

@@ -184,6 +184,30 @@ macro_rules! columns {
     };
 }
 
+/// The list's first page (`$1`: rows to read). Keyset pagination on
+/// (created_at, id): stable under inserts.
+///
+/// Two statements, not one with `$2 IS NULL OR …`: Postgres would plan
+/// that one again on every execution. Its generic plan keeps the cursor's
+/// subquery, and under row-level security a custom plan cannot see the
+/// tenant either, so the generic plan never looks cheaper and Postgres
+/// never switches to it.
+pub const LIST_FIRST_PAGE: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM items WHERE deleted_at IS NULL ORDER BY created_at, id LIMIT $1"
+);
+
+/// The list's page after the item `$2` (`$1`: rows to read). An unknown
+/// cursor (another tenant's item, say) reads nothing.
+pub const LIST_AFTER: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM items WHERE deleted_at IS NULL
+        AND (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2)
+      ORDER BY created_at, id LIMIT $1"
+);
+
 /// Lists the tenant's items.
 #[utoipa::path(
     get, path = "/api/v1/items", tag = "items",
@@ -206,21 +230,13 @@ pub async fn list(
         return Err(AppError::Invalid(vec![format!("limit: 1 to {PAGE_MAX}")]));
     }
     // Input checked: only now take a connection.
-    // Keyset pagination on (created_at, id): stable under inserts.
-    let mut items: Vec<Item> = sqlx::query_as(concat!(
-        "SELECT ",
-        columns!(),
-        " FROM items
-          WHERE deleted_at IS NULL
-            AND ($2::uuid IS NULL
-                 OR (created_at, id) > (SELECT created_at, id FROM items WHERE id = $2))
-          ORDER BY created_at, id
-          LIMIT $1"
-    ))
-    .bind(i64::from(limit) + 1)
-    .bind(query.after)
-    .fetch_all(tx.conn().await?)
-    .await?;
+    let page = match query.after {
+        None => sqlx::query_as(LIST_FIRST_PAGE).bind(i64::from(limit) + 1),
+        Some(after) => sqlx::query_as(LIST_AFTER)
+            .bind(i64::from(limit) + 1)
+            .bind(after),
+    };
+    let mut items: Vec<Item> = page.fetch_all(tx.conn().await?).await?;
     let next = if items.len() > limit as usize {
         items.truncate(limit as usize);
         items.last().map(|i| i.id)
