@@ -28,6 +28,13 @@
 //! - `is_local = true` ties the setting to the transaction: it cannot leak
 //!   into another request through the pool. See [`begin`] for how the
 //!   transaction is made safe against a client going away mid-`BEGIN`.
+//! - Plans: the planner cannot see the setting's value, so it expects a
+//!   policy to keep about one row, and a prepared statement's custom plans
+//!   look cheap. A statement whose generic plan carries more (an
+//!   optional filter written `$2 IS NULL OR …`) then never gets one:
+//!   Postgres plans it again on every execution. Write such a query as
+//!   two statements; `pg_prepared_statements` shows `generic_plans`
+//!   growing once it is right.
 //!
 //! The pieces:
 //! - [`TenantResolver`] finds the tenant: [`FromClaims`] (the verified

@@ -189,9 +189,10 @@ macro_rules! columns {
 ///
 /// Two statements, not one with `$2 IS NULL OR …`: Postgres would plan
 /// that one again on every execution. Its generic plan keeps the cursor's
-/// subquery, and under row-level security a custom plan cannot see the
-/// tenant either, so the generic plan never looks cheaper and Postgres
-/// never switches to it.
+/// subquery, which a custom plan for a first page drops; and the planner
+/// cannot see the tenant the policy filters on, so it expects one row and
+/// every custom plan looks cheaper than the generic one, which Postgres
+/// then never switches to.
 pub const LIST_FIRST_PAGE: &str = concat!(
     "SELECT ",
     columns!(),
