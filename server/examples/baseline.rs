@@ -1,7 +1,8 @@
 //! Bare axum: the same routes and runtime as `tollgate-server`, no layers.
 //! The load harness measures every configuration against it.
 //!
-//! - `GET /api/v1/ping`: the public route, no layers at all;
+//! - `GET /api/v1/ping`: the public route, no layers at all, answering as
+//!   the server does (its `Pong`, serialized the same way);
 //! - `GET /api/v1/items`: the tenant route's list query and response in a
 //!   plain transaction (no token, no limits, no tenant setting: the tenant
 //!   is a query parameter, run as the owner role that row-level security
@@ -16,8 +17,10 @@
 //!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
+use std::net::IpAddr;
+
 use axum::{Json, Router, routing::get};
-use serde_json::json;
+use tollgate_server::routes::api::Pong;
 
 #[path = "support/plain.rs"]
 mod plain;
@@ -73,7 +76,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route(
             "/api/v1/ping",
-            get(|| async { Json(json!({ "pong": true, "client_ip": "127.0.0.1" })) }),
+            // The server's answer, serialized the same way, so bare axum
+            // does the handler's work the server does.
+            get(|| async {
+                Json(Pong {
+                    pong: true,
+                    client_ip: Some(IpAddr::from([127, 0, 0, 1])),
+                })
+            }),
         )
         .route("/api/v1/items", get(items))
         .with_state(plain);
