@@ -17,10 +17,7 @@
 //!
 //! Run with `LISTEN_ADDR=127.0.0.1:8090 cargo run --release -p tollgate-server --example baseline`.
 
-use std::net::IpAddr;
-
-use axum::{Json, Router, routing::get};
-use tollgate_server::routes::api::Pong;
+use axum::{Router, routing::get};
 
 #[path = "support/plain.rs"]
 mod plain;
@@ -74,17 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let app = Router::new()
-        .route(
-            "/api/v1/ping",
-            // The server's answer, serialized the same way, so bare axum
-            // does the handler's work the server does.
-            get(|| async {
-                Json(Pong {
-                    pong: true,
-                    client_ip: Some(IpAddr::from([127, 0, 0, 1])),
-                })
-            }),
-        )
+        .route("/api/v1/ping", get(stacks::pong))
         .route("/api/v1/items", get(items))
         .with_state(plain);
     let stack = std::env::var("STACK").unwrap_or_else(|_| "bare".to_owned());

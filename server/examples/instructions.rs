@@ -98,19 +98,10 @@ fn main() {
                 drive(app, n, "/api/v1/ping", peer, Some("192.0.2.1"), None).await;
             }
         } else {
-            let router = Router::new().route("/ping", get(pong));
+            let router = Router::new().route("/ping", get(stacks::pong));
             stacks::run(router, &stack, DrivePing { n }).await;
         }
     });
-}
-
-/// The server's ping answer (`routes::api::ping`), so bare axum does the
-/// handler's work the server does: only the stacks differ.
-async fn pong() -> axum::Json<tollgate_server::routes::api::Pong> {
-    axum::Json(tollgate_server::routes::api::Pong {
-        pong: true,
-        client_ip: Some(std::net::IpAddr::from([192, 0, 2, 1])),
-    })
 }
 
 /// `n` requests for `/ping` from 192.0.2.1.

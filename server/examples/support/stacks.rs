@@ -27,6 +27,16 @@ pub(crate) const STACKS: [&str; 7] = [
     "prometheus",
 ];
 
+/// `GET /api/v1/ping`'s answer as the server gives it (`routes::api::ping`:
+/// its `Pong`, serialized the same way), so bare axum does the handler's
+/// work the server does and only the stacks differ.
+pub(crate) async fn pong() -> axum::Json<tollgate_server::routes::api::Pong> {
+    axum::Json(tollgate_server::routes::api::Pong {
+        pong: true,
+        client_ip: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+    })
+}
+
 /// A quota no benchmark reaches: every request is allowed and charged.
 const PER_SECOND: u32 = 1_000_000_000;
 
