@@ -100,9 +100,10 @@ async fn the_quick_start_works_through_pgbouncer() {
 
     // With sqlx's default statement cache, a command leaves its named
     // statements on the one server connection and the next one meets them
-    // ("sqlx_s_1 already exists"); the error says what to set. PgBouncer
-    // may replace that connection between two commands (when a client of
-    // the same pool, the server here, goes away mid-query), so a few tries.
+    // ("sqlx_s_1 already exists"); the error says what to set. Once in CI
+    // two commands in a row both passed: PgBouncer can hand the second a
+    // fresh server connection (it closes one a client left mid-query, say),
+    // so a few tries until one meets the statements.
     let set_trust = ["user", "set-trust", "--email", &email, "--level", "basic"];
     let cached = [("DATABASE_URL", through.as_str())];
     let failed = (0..4)
