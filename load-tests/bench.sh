@@ -2,7 +2,9 @@
 # The benchmark harness: every configuration of the reference server against
 # bare axum, in one run, on loopback. Builds in release, pins the server and
 # the load generator to different cores, runs each configuration ROUNDS
-# times interleaved, and prints a markdown table of medians.
+# times interleaved, and prints a markdown table of medians. Each ratio is
+# printed twice: of the medians, and (in brackets) the median of the rounds'
+# own ratios, each against its reference in the same round.
 #
 #   bash load-tests/bench.sh                 # oha (installed when missing), 3 rounds of 5 s
 #   LOADGEN=wrk bash load-tests/bench.sh     # wrk from Debian; many client addresses via xff.lua
@@ -266,6 +268,15 @@ done
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 bare=$(awk -F'|' '$1 == 0 { print $3 }' "$tmp/results" | median)
+# per_round I REF: the median over rounds of row I's req/s divided by row
+# REF's of the same round. Rows of one round ran minutes apart at most, so
+# this follows the machine's drift, which a ratio of medians over the
+# whole run does not (both are printed).
+per_round() {
+    awk -F'|' -v i="$1" -v ref="$2" '
+        $1 == ref { r[$2] = $3 } $1 == i { x[$2] = $3 }
+        END { for (k in x) if (r[k] > 0) print x[k] / r[k] }' "$tmp/results" | median
+}
 echo
 if [ "$LOADGEN" = oha ]; then
     tool="$(oha --version) -c$CONNECTIONS -z${DURATION}s, one client address"
@@ -274,9 +285,9 @@ else
 fi
 echo "$(date -u +%Y-%m-%d), $(nproc) cores, server on CPU $server_cpu, load on CPU $load_cpu, $tool; database rows c$TENANT_CONNECTIONS; median of $ROUNDS interleaved rounds (\`LOADGEN=$LOADGEN bash load-tests/bench.sh\`):"
 echo
-echo "| configuration | req/s | × bare axum | p50 ms | p99 ms | server CPU µs/request | Postgres CPU µs/request | Redis script calls per request | non-2xx |"
+echo "| configuration | req/s | × bare axum (median of per-round ratios) | p50 ms | p99 ms | server CPU µs/request | Postgres CPU µs/request | Redis script calls per request | non-2xx |"
 echo "|---|---|---|---|---|---|---|---|---|"
-plain=
+plain= plain_i=
 for i in "${!configs[@]}"; do
     IFS="|" read -r name _ _ _ path _ <<<"${configs[$i]}"
     rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
@@ -286,7 +297,7 @@ for i in "${!configs[@]}"; do
     non2xx=$(awk -F'|' -v i="$i" '$1 == i { print $8 }' "$tmp/results" | sort -n | tail -1)
     cpu=$(awk -F'|' -v i="$i" '$1 == i { print $9 }' "$tmp/results" | median)
     pg_cpu=$(awk -F'|' -v i="$i" '$1 == i { print $10 }' "$tmp/results" | median)
-    ratio=$(awk -v a="$rps" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
+    ratio=$(awk -v a="$rps" -v b="$bare" -v r="$(per_round "$i" 0)" 'BEGIN { printf "%.2f (%.2f)", a / b, r }')
     if [[ "$name" == "tenant route, c"* || "$name" == *" [pooler]" || "$name" == *" [plans]" ]]; then
         ratio="(see below)"
     elif [ "$path" = /api/v1/items ]; then
@@ -294,11 +305,12 @@ for i in "${!configs[@]}"; do
         # each "plain transaction (…)" or "… at N req/s" row is the
         # reference of the database rows after it.
         if [[ "$name" == "plain transaction ("* || "$name" == "plain transaction at"* ]]; then
-            plain="$rps $p50 $p99"; ratio="(reference)"
+            plain="$rps $p50 $p99"; plain_i=$i; ratio="(reference)"
         else
             read -r prps pp50 pp99 <<<"$plain"
             ratio=$(awk -v a="$rps" -v b="$prps" -v l="$p50" -v m="$pp50" -v q="$p99" -v r="$pp99" \
-                'BEGIN { printf "%.2f× plain req/s; latency p50 %.2f×, p99 %.2f× plain", a / b, l / m, q / r }')
+                -v pr="$(per_round "$i" "$plain_i")" \
+                'BEGIN { printf "%.2f× (%.2f) plain req/s; latency p50 %.2f×, p99 %.2f× plain", a / b, pr, l / m, q / r }')
         fi
     fi
     printf '| %s | %.0f | %s | %.3f | %.3f | %.1f | %.1f | %.3f | %s |\n' "$name" "$rps" "$ratio" "$p50" "$p99" "$cpu" "$pg_cpu" "$per" "$non2xx"
@@ -307,7 +319,7 @@ done
 # The capacity layers' cost: each "[no capacity layers]" row against the
 # row of the same name with them (the defaults).
 echo
-echo "| stack | with capacity layers req/s | without req/s | with / without | p50 ms with / without |"
+echo "| stack | with capacity layers req/s | without req/s | with / without (per round) | p50 ms with / without |"
 echo "|---|---|---|---|---|"
 for i in "${!configs[@]}"; do
     IFS="|" read -r name _ _ _ _ _ <<<"${configs[$i]}"
@@ -320,8 +332,9 @@ for i in "${!configs[@]}"; do
         with=$(awk -F'|' -v i="$j" '$1 == i { print $3 }' "$tmp/results" | median)
         p50_without=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
         p50_with=$(awk -F'|' -v i="$j" '$1 == i { print $4 }' "$tmp/results" | median)
-        printf '| %s | %.0f | %.0f | %.3f | %.3f / %.3f |\n' "$base_name" "$with" "$without" \
-            "$(awk -v a="$with" -v b="$without" 'BEGIN { print a / b }')" "$p50_with" "$p50_without"
+        printf '| %s | %.0f | %.0f | %.3f (%.3f) | %.3f / %.3f |\n' "$base_name" "$with" "$without" \
+            "$(awk -v a="$with" -v b="$without" 'BEGIN { print a / b }')" "$(per_round "$j" "$i")" \
+            "$p50_with" "$p50_without"
     done
 done
 
@@ -338,7 +351,7 @@ if [ -n "$direct" ] && [ -n "$pooled" ]; then
     direct_rps=$(awk -F'|' -v i="$direct" '$1 == i { print $3 }' "$tmp/results" | median)
     direct_p50=$(awk -F'|' -v i="$direct" '$1 == i { print $4 }' "$tmp/results" | median)
     echo
-    echo "| tenant route (c$TENANT_CONNECTIONS) | req/s | × direct with statement cache | p50 ms | × direct p50 |"
+    echo "| tenant route (c$TENANT_CONNECTIONS) | req/s | × direct with statement cache (per round) | p50 ms | × direct p50 |"
     echo "|---|---|---|---|---|"
     printf '| direct, statement cache on (the default) | %.0f | 1.00 | %.3f | 1.00 |\n' "$direct_rps" "$direct_p50"
     for i in "${!configs[@]}"; do
@@ -347,8 +360,8 @@ if [ -n "$direct" ] && [ -n "$pooled" ]; then
         rps=$(awk -F'|' -v i="$i" '$1 == i { print $3 }' "$tmp/results" | median)
         p50=$(awk -F'|' -v i="$i" '$1 == i { print $4 }' "$tmp/results" | median)
         label=${name% \[pooler\]}
-        printf '| %s | %.0f | %.3f | %.3f | %.3f |\n' "${label% \[plans\]}" "$rps" \
-            "$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { print a / b }')" "$p50" \
+        printf '| %s | %.0f | %.3f (%.3f) | %.3f | %.3f |\n' "${label% \[plans\]}" "$rps" \
+            "$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN { print a / b }')" "$(per_round "$i" "$direct")" "$p50" \
             "$(awk -v a="$p50" -v b="$direct_p50" 'BEGIN { print a / b }')"
     done
 fi
